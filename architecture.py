@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable, Sequence
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class CheckpointError(ValueError):
@@ -136,3 +144,367 @@ class ResidueTokenizer:
         special = set(self.special_ids)
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i in special))
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class StudentConfig:
+    """Sizes of the student plus the teacher's vocabulary, so a checkpoint needs no teacher."""
+    vocab: list[str]
+    pad_token_id: int
+    mask_token_id: int
+    cls_token_id: int
+    eos_token_id: int
+    d_model: int = 384
+    num_heads: int = 6
+    num_layers: int = 4
+    d_ff: int | None = None  # None: 4 * d_model
+    dropout: float = 0.1
+    rope_base: float = 10000.0
+    layer_norm_eps: float = 1e-5  # torch's and ESM-2's default; BERT's 1e-12 buys nothing in fp32
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        self.vocab = list(self.vocab)
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if not self.vocab:
+            raise ValueError("vocab is empty: build the config from the teacher's tokenizer")
+        for name in ("d_model", "num_heads", "num_layers", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension d_model/num_heads = {self.head_dim} must be even "
+                             f"for rotary embeddings (they rotate pairs of dimensions)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_base <= 0 or self.layer_norm_eps <= 0:
+            raise ValueError(f"rope_base ({self.rope_base}) and layer_norm_eps "
+                             f"({self.layer_norm_eps}) must be positive")
+        for name in ("pad_token_id", "mask_token_id", "cls_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} {value} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: ResidueTokenizer, **sizes) -> "StudentConfig":
+        """Config whose vocabulary and special ids are the teacher tokenizer's."""
+        return cls(vocab=tokenizer.vocab, pad_token_id=tokenizer.pad_id,
+                   mask_token_id=tokenizer.mask_id, cls_token_id=tokenizer.cls_id,
+                   eos_token_id=tokenizer.eos_id, **sizes)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021; ESM-2's rotary_embedding.py).
+
+    Rotating q and k by position-dependent angles makes q_m . k_n depend on m - n only. The
+    cos/sin table is a non-persistent buffer (not in state_dict) that grows to the longest
+    sequence seen, so the model runs on sequences longer than any it was trained on.
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("cos", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim), persistent=False)
+
+    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [length, head_dim]."""
+        if length > self.cos.shape[0]:
+            self._grow(length)
+        return self.cos[:length], self.sin[:length]
+
+    def _grow(self, length: int) -> None:
+        # Built outside inference mode: a table first made under torch.inference_mode would be an
+        # inference tensor, which autograd refuses to save when the model is trained afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            device = self.cos.device
+            inv_freq = self.base ** -(torch.arange(0, self.head_dim, 2, device=device) / self.head_dim)
+            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
+            self.cos = angles.cos().to(self.cos.dtype)
+            self.sin = angles.sin().to(self.sin.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., L, head_dim] by the angles of positions 0..L-1."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.num_heads, self.dropout = config.num_heads, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+        self.out_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, key_mask, cos, sin, need_weights=False):
+        """x [B, L, D]; key_mask [B, 1, 1, L] bool, True = real token. -> (out, weights or None)."""
+        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            # The explicit path, for inspection; it returns the weights before attention dropout.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            weights = scores.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
+            y = F.dropout(weights, dropout_p, self.training) @ v
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(batch, length, d_model)
+        return self.out_dropout(self.out(y)), weights
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = SelfAttention(config)
+        self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff), nn.GELU(),
+            nn.Linear(config.d_ff, config.d_model), nn.Dropout(config.dropout))
+
+    def forward(self, x, key_mask, cos, sin, need_weights=False):
+        attended, weights = self.attn(self.attn_norm(x), key_mask, cos, sin, need_weights)
+        x = x + attended
+        return x + self.ffn(self.ffn_norm(x)), weights
+
+
+class MaskedLMHead(nn.Module):
+    """BERT / ESM-2 RobertaLMHead: dense, GELU, LayerNorm, then a decoder onto the vocabulary."""
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Kept apart from the decoder so the bias stays the head's own when the weight is tied.
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x):
+        return self.decoder(self.norm(F.gelu(self.dense(x)))) + self.bias
+
+
+class Student(nn.Module):
+    """RoPE transformer encoder with a masked-LM head; predicts the teacher's tokens.
+
+    Token embeddings (no learned positions: rotary embeddings in every attention layer carry
+    position), num_layers pre-LayerNorm blocks, a final LayerNorm and a BERT-style MLM head whose
+    decoder shares the embedding matrix when tie_embeddings.
+
+    The default config (d_model 384, 6 heads, 4 layers, d_ff 1536) with ProtBert's 30-token
+    vocabulary has exactly 7,258,782 parameters (tied embeddings; 11,520 of them in the
+    embedding).
+    """
+
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model,
+                                         padding_idx=config.pad_token_id)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.rotary = Rotary(config.head_dim, config.rope_base)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.lm_head = MaskedLMHead(config)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.decoder.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """BERT's initialisation: N(0, 0.02) weights, zero biases, identity LayerNorms."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None,
+                output_hidden_states: bool = False,
+                output_attentions: bool = False) -> dict:
+        """Masked-LM logits for a padded batch.
+
+        input_ids [B, L]; attention_mask [B, L] (1 = real token) defaults to input_ids != pad.
+        inputs_embeds [B, L, D] replaces the embedding lookup (Captum); the mask must then come
+        from input_ids or attention_mask.
+
+        Returns {"logits": [B, L, V]}, plus on request "hidden_states", a tuple of num_layers + 1
+        [B, L, D] tensors: the embedding output, then each block's output, where (as in ESM) the
+        LAST entry is taken after the final LayerNorm; and "attentions", a tuple of num_layers
+        [B, H, L, L] softmax weights (computed by an explicit softmax instead of the fused kernel).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed_tokens(input_ids)
+        if attention_mask is None:
+            if input_ids is None:
+                raise ValueError("with inputs_embeds alone, pass attention_mask (or input_ids)")
+            attention_mask = input_ids != self.config.pad_token_id
+        key_mask = attention_mask.bool()
+        # A row with no real token attends to every key rather than to none (softmax of all -inf
+        # is NaN); its outputs are meaningless but finite.
+        key_mask = (key_mask | ~key_mask.any(dim=-1, keepdim=True))[:, None, None, :]
+        cos, sin = self.rotary(inputs_embeds.shape[1])
+
+        x = self.embed_dropout(inputs_embeds)
+        hidden_states, attentions = [x], []
+        for block in self.blocks:
+            x, weights = block(x, key_mask, cos, sin, need_weights=output_attentions)
+            hidden_states.append(x)
+            attentions.append(weights)
+        x = self.final_norm(x)
+        hidden_states[-1] = x
+
+        output = {"logits": self.lm_head(x)}
+        if output_hidden_states:
+            output["hidden_states"] = tuple(hidden_states)
+        if output_attentions:
+            output["attentions"] = tuple(attentions)
+        return output
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied tensors counted once); optionally without the token embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed_tokens.weight.numel() if exclude_embeddings else total
+
+    def summary(self) -> str:
+        c = self.config
+        return (f"Student: {c.num_layers} layers, d_model {c.d_model}, {c.num_heads} heads, "
+                f"d_ff {c.d_ff}, vocab {c.vocab_size}, {self.num_parameters() / 1e6:.1f}M parameters")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "pepemb-student"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class StudentCheckpoint(NamedTuple):
+    model: Student
+    tokenizer: ResidueTokenizer
+    metadata: dict
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """write(file) into a temp file beside path, fsync, then rename: readers never see half a file."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _reason(err: Exception, limit: int = 300) -> str:
+    """Exception type and message on one line, clipped: CheckpointError messages stay one line."""
+    # Of torch's weights-only failure keep the cause, not its advice to retry unsafely.
+    message = str(err).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0]
+    message = " ".join(message.split())
+    message = message if len(message) <= limit else message[:limit] + "..."
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def save_student(model: Student, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write directory/model.pt (config + weights + metadata) and a readable directory/config.json.
+
+    metadata must hold JSON values only (numbers, strings, lists, dicts...), which keeps the
+    checkpoint loadable with torch.load(weights_only=True). Returns the model.pt path.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every key
+    try:
+        metadata = json.loads(json.dumps(metadata or {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint metadata must be JSON-serialisable: {err}") from err
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = asdict(model.config)
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+               "config": config, "state_dict": model.state_dict(), "metadata": metadata}
+    summary = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+               "num_parameters": model.num_parameters(), "config": config, "metadata": metadata}
+    model_path = directory / "model.pt"
+    _atomic_write(model_path, lambda f: torch.save(payload, f))
+    _atomic_write(directory / "config.json",
+                  lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    return model_path
+
+
+def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> StudentCheckpoint:
+    """Load a checkpoint written by save_student (path: its folder or its model.pt), in eval mode.
+
+    Only tensors and plain containers are unpickled (weights_only=True). Anything that is not a
+    readable student checkpoint of a known format version raises CheckpointError naming the path.
+    """
+    path = Path(path)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such checkpoint (pass a folder written by save_student "
+                              f"or the model.pt inside it)")
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            raise CheckpointError(
+                f"{file}: refused to load: unpickling it would call {refused.group(1)}, so it "
+                f"carries Python objects beyond tensors and plain containers and could run code; "
+                f"only checkpoints written by save_student load") from err
+        raise CheckpointError(f"{file}: unreadable, truncated or not a torch file "
+                              f"({_reason(err)})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file}: not a PepEmb student checkpoint (a plain state dict or a "
+                              f"HuggingFace model file, perhaps); write one with save_student")
+    version = payload.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{file}: checkpoint format_version {version!r} is not supported "
+                              f"(this code reads version {CHECKPOINT_FORMAT_VERSION})")
+    try:
+        config = StudentConfig(**payload["config"])
+        model = Student(config)
+        model.load_state_dict(payload["state_dict"])
+        tokenizer = ResidueTokenizer.from_vocab(config.vocab)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file}: damaged student checkpoint ({_reason(err)})") from err
+    stored_ids = (config.pad_token_id, config.cls_token_id, config.eos_token_id, config.mask_token_id)
+    if stored_ids != (tokenizer.pad_id, tokenizer.cls_id, tokenizer.eos_id, tokenizer.mask_id):
+        raise CheckpointError(f"{file}: the stored special-token ids {stored_ids} do not match "
+                              f"those found in the stored vocabulary")
+    return StudentCheckpoint(model.to(map_location).eval(), tokenizer, payload.get("metadata", {}))
