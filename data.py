@@ -1,0 +1,336 @@
+"""Protein data: FASTA in and out, train/val/test splits, BERT masking and token-budget batching.
+
+Every script reads sequences through `read_fasta` / `load_splits`, so bad input fails here, once,
+with one line naming the file and line. The training-side helpers are vectorised torch:
+  - `mask_tokens`: BERT's 15% / 80-10-10 masking of residue positions,
+  - `batch_indices`: length-sorted batches under a token budget (ESM's toks_per_batch),
+  - `collate`: crop, encode, pad to the batch's longest, mask.
+"""
+from __future__ import annotations
+
+import codecs
+import gzip
+import os
+import random
+import re
+import tempfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from cli import UserError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SHIPPED_UNIPROT = DATA_DIR / "uniprot_sample.fasta"
+SHIPPED_ANTIBODIES = DATA_DIR / "antibody_sample.fasta"
+SPLIT_NAMES = ("train", "val", "test")
+
+IGNORE_INDEX = -100  # label of positions the MLM loss skips (torch's cross_entropy default)
+
+
+@dataclass(frozen=True)
+class Protein:
+    id: str
+    description: str
+    sequence: str
+
+
+# --------------------------------------------------------------------------------------------
+# FASTA
+# --------------------------------------------------------------------------------------------
+
+# ProtBert's convention: selenocysteine (U), pyrrolysine (O) and the ambiguity codes B, Z -> X.
+_RARE_TO_X = bytes.maketrans(b"UZOB", b"XXXX")
+_SEQUENCE_LINE = re.compile(rb"[A-Za-z]*\*?")
+_NOT_RESIDUE = re.compile(rb"[^A-Za-z]")
+
+
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "w"):
+    """Open a temporary file next to `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_fasta(path: str | Path, proteins: Sequence[Protein]) -> None:
+    """Write one header line and one sequence line per protein, atomically."""
+    with atomic_writer(path) as handle:
+        for p in proteins:
+            header = f"{p.id} {p.description}" if p.description else p.id
+            handle.write(f">{header}\n{p.sequence}\n")
+
+
+def read_fasta(path: str | Path, min_length: int = 1, drop_duplicates: bool = True,
+               stats: dict | None = None) -> list[Protein]:
+    """Proteins of a plain or gzipped FASTA file, in file order.
+
+    Sequences are upper-cased, a terminal '*' is dropped and U/Z/O/B become X. Sequences shorter
+    than `min_length` and (with `drop_duplicates`) repeats of an earlier sequence are skipped.
+    `stats`, when given, receives the counts: records, kept, too_short, duplicates, rare_to_x
+    (residues replaced). Anything that is not a readable protein FASTA raises `UserError`.
+    """
+    path = Path(path)
+    counts = dict(records=0, kept=0, too_short=0, duplicates=0, rare_to_x=0)
+    proteins, seen = [], set()
+    for header, residues in _records(path):
+        counts["records"] += 1
+        residues = residues.upper()
+        rare = sum(residues.count(letter) for letter in b"UZOB")
+        sequence = residues.translate(_RARE_TO_X).decode("ascii")
+        if len(sequence) < min_length:
+            counts["too_short"] += 1
+            continue
+        if drop_duplicates:
+            if sequence in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(sequence)
+        counts["rare_to_x"] += rare
+        counts["kept"] += 1
+        id_, *description = header.split(maxsplit=1)
+        proteins.append(Protein(id_, "".join(description), sequence))
+    if counts["records"] == 0:
+        raise UserError(f"{path}: no FASTA records (no line starts with '>')")
+    if stats is not None:
+        stats.update(counts)
+    return proteins
+
+
+def _records(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(header without '>', residue bytes) per record; raises UserError naming file and line."""
+    header, chunks, terminated = None, [], False
+    for lineno, line in _lines(path):
+        where = f"{path}, line {lineno}"
+        if line.startswith(b">"):
+            if header is not None:
+                yield header, b"".join(chunks)
+            header = line[1:].decode("utf-8", errors="replace").strip()
+            if not header:
+                raise UserError(f"{where}: header '>' has no sequence id")
+            chunks, terminated = [], False
+        elif line:
+            if header is None:
+                raise UserError(f"{where}: sequence data before the first '>' header "
+                                "(is this a FASTA file?)")
+            if terminated:
+                raise UserError(f"{where}: residues after the terminal '*' of {header.split()[0]}")
+            if not _SEQUENCE_LINE.fullmatch(line):
+                raise UserError(f"{where}: {_bad_character(line)} in sequence "
+                                f"{header.split()[0]}; only amino-acid letters A-Z are allowed")
+            terminated = line.endswith(b"*")
+            chunks.append(line.rstrip(b"*"))
+    if header is not None:
+        yield header, b"".join(chunks)
+
+
+def _bad_character(line: bytes) -> str:
+    char = chr(line[_NOT_RESIDUE.search(line).start()])
+    if char in "-.":
+        return f"alignment gap {char!r} (remove gaps: sequences must be unaligned)"
+    return f"invalid character {char!r}"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, stripped line) of a plain or gzipped text file, without a UTF-8 BOM.
+
+    Gzip is recognised by its magic bytes, not by the file name.
+    """
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a FASTA file")
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    corrupt_gzip = (OSError, EOFError, zlib.error) if gzipped else ()
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
+            head = handle.peek(8192)[:8192]
+            if not head:
+                raise UserError(f"{path}: file is empty")
+            if _looks_binary(head):
+                raise UserError(f"{path}: binary content, not a FASTA text file")
+            for lineno, raw in enumerate(handle, 1):
+                yield lineno, (raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw).strip()
+    except corrupt_gzip as err:
+        raise UserError(f"{path}: corrupt or truncated gzip file ({err})") from None
+
+
+def _looks_binary(head: bytes) -> bool:
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start < len(head) - 3  # a multi-byte character cut by the 8 KiB window is fine
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+def split_proteins(proteins: Sequence[Protein], val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, seed: int = 0):
+    """(train, val, test): a seeded random partition; each part keeps the input order.
+
+    A split with a positive fraction gets round(n * fraction) proteins, and at least one.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UserError(f"val/test fractions must be in [0, 1) and sum to < 1, "
+                        f"got {val_fraction} and {test_fraction}")
+    n = len(proteins)
+    n_val, n_test = (max(1, round(n * f)) if f > 0 else 0 for f in (val_fraction, test_fraction))
+    if n_val + n_test >= n:
+        raise UserError(f"{n} sequences are too few for a split with val_fraction {val_fraction} "
+                        f"and test_fraction {test_fraction}; provide more sequences")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return tuple([proteins[i] for i in sorted(part)] for part in (train, val, test))
+
+
+def load_splits(data_path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                seed: int = 0, min_length: int = 1) -> dict[str, list[Protein]]:
+    """{"train", "val", "test"} proteins from a split folder or from one FASTA file.
+
+    A folder must hold train.fasta, val.fasta and test.fasta (download_sample_data.py writes
+    them; the fraction arguments are then unused). A single file is split with
+    `split_proteins(val_fraction, test_fraction, seed)`.
+    """
+    data_path = Path(data_path)
+    if not data_path.exists():
+        raise UserError(f"{data_path}: no such file or folder; pass a FASTA file or a folder made "
+                        "by download_sample_data.py")
+    if data_path.is_file():
+        proteins = read_fasta(data_path, min_length=min_length)
+        splits = dict(zip(SPLIT_NAMES, split_proteins(proteins, val_fraction, test_fraction, seed)))
+    else:
+        files = {name: data_path / f"{name}.fasta" for name in SPLIT_NAMES}
+        missing = [f.name for f in files.values() if not f.is_file()]
+        if missing:
+            raise UserError(f"{data_path}: missing {', '.join(missing)}; a data folder needs "
+                            "train.fasta, val.fasta and test.fasta (see download_sample_data.py)")
+        # A split written with fraction 0 is an empty file, which read_fasta rightly rejects.
+        splits = {name: read_fasta(f, min_length=min_length) if f.stat().st_size else []
+                  for name, f in files.items()}
+    if not splits["train"]:
+        raise UserError(f"{data_path}: no training sequences of at least {min_length} residues")
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
+# Masking, batching, collation
+# --------------------------------------------------------------------------------------------
+
+def mask_tokens(input_ids: torch.Tensor, tokenizer, mask_prob: float = 0.15,
+                generator: torch.Generator | None = None):
+    """BERT masking of residue positions -> (masked_ids, labels).
+
+    Each residue position (never a special or pad token) is chosen with probability
+    `mask_prob`; chosen positions become the mask token (80%), a random standard residue (10%)
+    or stay unchanged (10%). labels hold the original id at chosen positions and -100 elsewhere.
+    With mask_prob > 0 every row that has a residue gets at least one chosen position (its
+    lowest random draw), so no sequence contributes an empty loss.
+    """
+    device = input_ids.device
+    specials = torch.tensor(tokenizer.special_ids, device=device)
+    candidates = ~torch.isin(input_ids, specials)
+    draws = torch.rand(input_ids.shape, generator=generator, device=device)
+    chosen = (draws < mask_prob) & candidates
+    if mask_prob > 0:
+        forced = draws.masked_fill(~candidates, 2.0).argmin(dim=1)
+        rows = candidates.any(dim=1).nonzero().squeeze(1)
+        chosen[rows, forced[rows]] = True
+
+    action = torch.rand(input_ids.shape, generator=generator, device=device)
+    residue_ids = torch.tensor(tokenizer.residue_ids, device=device)
+    random_residues = residue_ids[torch.randint(len(residue_ids), input_ids.shape,
+                                                generator=generator, device=device)]
+    masked = torch.where(chosen & (action < 0.8), tokenizer.mask_id, input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_residues, masked)
+    labels = torch.where(chosen, input_ids, IGNORE_INDEX)
+    return masked, labels
+
+
+def token_lengths(sequences: Sequence[str], max_seq_len: int) -> list[int]:
+    """Tokens per sequence after cropping to `max_seq_len`, cls and eos included."""
+    return [min(len(s), max_seq_len - 2) + 2 for s in sequences]
+
+
+def batch_indices(lengths: Sequence[int], max_tokens: int | None = None,
+                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
+                  epoch: int = 0) -> list[list[int]]:
+    """Batches of indices into `lengths` (token counts), grouped by similar length.
+
+    Indices are sorted by length and cut into batches either of `batch_size` or, with
+    `max_tokens`, as large as keeps longest-in-batch * batch-size <= max_tokens (a single longer
+    sequence gets a batch of its own). With `shuffle`, ties in length and the order of the
+    batches are shuffled by a generator seeded with (seed, epoch): the same arguments always
+    give the same batches. Every index appears exactly once.
+    """
+    if (max_tokens is None) == (batch_size is None):
+        raise UserError("give exactly one of --max_tokens and --batch_size")
+    if (max_tokens or batch_size) < 1:
+        raise UserError(f"--max_tokens / --batch_size must be positive, got {max_tokens or batch_size}")
+    lengths = [int(n) for n in lengths]
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    order.sort(key=lengths.__getitem__)  # stable: equal lengths keep the shuffled order
+
+    if batch_size is not None:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        batches, current = [], []
+        for i in order:  # ascending, so the newcomer is the longest in the batch
+            if current and (len(current) + 1) * lengths[i] > max_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Real tokens / tokens after padding each batch to its longest member (1.0 if no tokens)."""
+    real = sum(lengths[i] for batch in batches for i in batch)
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches if batch)
+    return real / padded if padded else 1.0
+
+
+def collate(sequences: Sequence[str], tokenizer, max_seq_len: int, mask_prob: float = 0.15,
+            generator: torch.Generator | None = None, random_crop: bool = True) -> dict:
+    """Crop, encode, pad to the batch's longest and mask -> dict(input_ids, attention_mask, labels).
+
+    Sequences longer than max_seq_len - 2 residues are cropped to a window: a random one
+    (drawn from `generator`) with `random_crop`, else the N-terminal one, for evaluation.
+    input_ids are the masked ids; labels come from `mask_tokens`.
+    """
+    window = max_seq_len - 2
+    if window < 1:
+        raise UserError(f"--max_seq_len must be at least 3 (cls, one residue, eos), got {max_seq_len}")
+    excess = torch.tensor([max(len(s) - window, 0) for s in sequences])
+    if random_crop:
+        starts = (torch.rand(len(sequences), generator=generator) * (excess + 1)).long().tolist()
+    else:
+        starts = [0] * len(sequences)
+    cropped = [s[start:start + window] for s, start in zip(sequences, starts)]
+    input_ids, attention_mask = tokenizer.batch_encode(cropped)
+    masked, labels = mask_tokens(input_ids, tokenizer, mask_prob, generator)
+    return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
