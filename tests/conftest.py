@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random teachers with real vocabularies, and real sequences.
+
+No test needs the network: HF_HUB_OFFLINE is set before transformers is imported, so a test that
+tried to reach the Hub would fail at once instead of retrying for a minute. The AntiBERTy
+conversion (about 100 MB) uses its default cache so that later runs reuse it.
+"""
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import data  # noqa: E402
+from teacher import save_random_teacher  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def antibody_proteins() -> list[data.Protein]:
+    """The first 200 shipped antibody V domains (heavy/light alternating, 101-136 aa)."""
+    return data.read_fasta(data.SHIPPED_ANTIBODIES)[:200]
+
+
+@pytest.fixture(scope="session")
+def uniprot_proteins() -> list[data.Protein]:
+    """All 2,000 shipped UniProtKB proteins (7..8000 aa; rare residues read as X)."""
+    return data.read_fasta(data.SHIPPED_UNIPROT)
+
+
+@pytest.fixture(scope="session")
+def protbert_teacher_dir(tmp_path_factory) -> Path:
+    """A 2-layer, d=64 random BertForMaskedLM with ProtBert's exact 30-token vocabulary, initialised
+    wider than BERT (0.2) so that its predictions are peaked and worth distilling."""
+    return save_random_teacher(tmp_path_factory.mktemp("protbert_teacher"), kind="protbert", initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def esm_teacher_dir(tmp_path_factory) -> Path:
+    """A 2-layer, d=64 random EsmForMaskedLM with ESM-2's exact 33-token vocabulary."""
+    return save_random_teacher(tmp_path_factory.mktemp("esm_teacher"), kind="esm2")
