@@ -1,0 +1,733 @@
+"""Distil a HuggingFace masked-LM teacher (ProtBert by default) into a small RoPE student.
+
+    python distill.py --data_path data/unref_50 --output_dir checkpoints \
+        --teacher_model Rostlab/prot_bert --d_model 384 --num_heads 6 --num_layers 4 \
+        --distill_weight 0.5 --task_weight 0.5 --batch_size 32 --max_seq_len 512 \
+        --learning_rate 5e-5 --num_epochs 10 --fp16 --use_wandb
+
+Loss on masked positions (masked LM at --mask_prob):
+    distill_weight * T^2 * KL(softmax(t/T) || softmax(s/T))  +  task_weight * CE(s, true residue)
+    [+ hidden_weight * (1 - cos(proj(student_hidden), teacher_hidden))]
+
+The loop is flat, top to bottom, like nanoGPT's train.py. Every batch is rebuilt from
+(seed, epoch, batch index) and checkpoints hold every RNG, so `--resume` continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import cli
+import data
+from architecture import Student, StudentConfig, save_student
+from cli import UserError
+
+TRAINING_STATE = "training_state.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", required=True,
+                   help="folder with train/val/test.fasta (download_sample_data.py) or one FASTA "
+                        "file, split deterministically")
+    g.add_argument("--output_dir", default="checkpoints", help="checkpoints, metrics and plots go here")
+    g.add_argument("--max_seq_len", type=int, default=512,
+                   help="tokens per sequence incl. start/end; longer ones are cropped "
+                        "(random window in training, fixed in evaluation)")
+    g.add_argument("--batch_size", type=int, default=32, help="sequences per batch (ignored with --max_tokens)")
+    g.add_argument("--max_tokens", type=int, default=None,
+                   help="token budget per batch (padded tokens) instead of --batch_size, like ESM's toks_per_batch")
+    g.add_argument("--mask_prob", type=float, default=0.15, help="fraction of residues masked (80/10/10)")
+    g.add_argument("--val_fraction", type=float, default=0.1, help="validation share when --data_path is one file")
+    g.add_argument("--test_fraction", type=float, default=0.1, help="test share when --data_path is one file")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes for batch building")
+
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher_model", default="Rostlab/prot_bert",
+                   help="HF masked LM: Hub id, local folder (save_pretrained), or 'antiberty' (offline)")
+    g.add_argument("--use_8bit", action="store_true",
+                   help="8-bit teacher: bitsandbytes on CUDA, torch dynamic int8 on CPU")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a Hub teacher to run its own code (off unless you trust it)")
+
+    g = p.add_argument_group("student")
+    g.add_argument("--d_model", type=int, default=384, help="hidden size")
+    g.add_argument("--num_heads", type=int, default=6, help="attention heads (must divide d_model)")
+    g.add_argument("--num_layers", type=int, default=4, help="transformer blocks")
+    g.add_argument("--d_ff", type=int, default=None, help="feed-forward size (default 4 x d_model)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the student")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--distill_weight", type=float, default=0.5, help="weight of the KL term")
+    g.add_argument("--task_weight", type=float, default=0.5, help="weight of the masked-LM cross-entropy")
+    g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
+    g.add_argument("--distill_positions", choices=["masked", "all"], default="masked",
+                   help="where the KL term is taken: masked positions or every non-pad position")
+    g.add_argument("--hidden_weight", type=float, default=0.0,
+                   help="weight of a cosine loss between projected student and teacher last hidden states")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup steps")
+    g.add_argument("--scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
+    g.add_argument("--num_epochs", type=int, default=10, help="passes over the training split")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--grad_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    g.add_argument("--max_bad_steps", type=int, default=10,
+                   help="stop after this many non-finite losses in a row (each one is skipped)")
+    g.add_argument("--seed", type=int, default=42, help="seeds data order, masks, init and dropout")
+
+    g = p.add_argument_group("precision and device")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
+    g.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (CUDA; falls back to fp32 on CPU)")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; allowed but slow on most CPUs)")
+
+    g = p.add_argument_group("evaluation, checkpoints, monitoring")
+    g.add_argument("--eval_every", type=int, default=500, help="evaluate every N steps (and at each epoch end)")
+    g.add_argument("--save_every", type=int, default=1000, help="write checkpoint-STEP/ every N steps")
+    g.add_argument("--keep_last", type=int, default=3, help="keep only the newest N checkpoint-STEP folders")
+    g.add_argument("--resume", default=None, help="'auto' (newest checkpoint in output_dir) or a checkpoint folder")
+    g.add_argument("--overwrite", action="store_true", help="allow an output_dir that holds another run")
+    g.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl record every N steps")
+    g.add_argument("--use_wandb", action="store_true", help="also log to Weights & Biases (see setup_wandb.py)")
+    g.add_argument("--wandb_project", default="pepemb-distill", help="W&B project")
+    g.add_argument("--wandb_run_name", default=None, help="W&B run name")
+    return p
+
+
+def validate_args(args) -> None:
+    """Every flag problem, found before any model is loaded."""
+    positive = ["max_seq_len", "batch_size", "num_epochs", "grad_accumulation_steps", "eval_every",
+                "save_every", "log_every", "d_model", "num_heads", "num_layers", "max_bad_steps"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in ["max_tokens", "max_steps", "d_ff"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in ["warmup_steps", "num_workers", "keep_last", "weight_decay", "max_grad_norm",
+                 "distill_weight", "task_weight", "hidden_weight"]:
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative (got {getattr(args, name)})")
+    if args.d_model % args.num_heads:
+        raise UserError(f"--num_heads {args.num_heads} does not divide --d_model {args.d_model}")
+    if (args.d_model // args.num_heads) % 2:
+        raise UserError(f"head size d_model/num_heads = {args.d_model // args.num_heads} must be even for RoPE")
+    if args.max_seq_len < 3:
+        raise UserError("--max_seq_len must leave room for start, end and one residue (>= 3)")
+    if args.max_tokens is not None and args.max_tokens < args.max_seq_len:
+        raise UserError(f"--max_tokens {args.max_tokens} is smaller than --max_seq_len {args.max_seq_len}: "
+                        "a full-length sequence would not fit in a batch")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.distill_weight == 0 and args.task_weight == 0 and args.hidden_weight == 0:
+        raise UserError("all loss weights are 0: set --distill_weight and/or --task_weight")
+    if not 0 < args.mask_prob < 1:
+        raise UserError(f"--mask_prob must be between 0 and 1 (got {args.mask_prob})")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    if args.fp16 and args.bf16:
+        raise UserError("choose one of --fp16 and --bf16")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
+
+
+# --------------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_precision(args, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the student, or None for fp32. fp16 needs CUDA: elsewhere fp32."""
+    if args.fp16:
+        if device.type == "cuda":
+            return torch.float16
+        warnings.warn(f"--fp16 needs a CUDA GPU; training in fp32 on {device.type}", stacklevel=2)
+        return None
+    if args.bf16:
+        if device.type == "cpu":
+            print("note: bf16 on CPU runs through autocast; on CPUs without AMX/AVX512-BF16 it is "
+                  "several times slower than fp32")
+        return torch.bfloat16
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Data: every batch is a pure function of (seed, epoch, index)
+# --------------------------------------------------------------------------------------------
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + (epoch + 1) * 10_007 + index) % (2**63)
+
+
+class MaskedBatches(Dataset):
+    """Batch `i` of one epoch: its sequences cropped, encoded and masked with a generator seeded
+    by (seed, epoch, i), so that any batch is rebuilt exactly, on any worker, after a resume."""
+
+    def __init__(self, sequences, tokenizer, args, epoch: int, train: bool):
+        self.sequences, self.tokenizer, self.epoch, self.train = sequences, tokenizer, epoch, train
+        self.max_seq_len, self.mask_prob, self.seed = args.max_seq_len, args.mask_prob, args.seed
+        lengths = data.token_lengths(sequences, self.max_seq_len)
+        self.batches = data.batch_indices(lengths, max_tokens=args.max_tokens,
+                                          batch_size=None if args.max_tokens else args.batch_size,
+                                          shuffle=train, seed=args.seed, epoch=epoch)
+        self.padding_efficiency = data.padding_efficiency(self.batches, lengths)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch if self.train else -1, i))
+        return data.collate([self.sequences[j] for j in self.batches[i]], self.tokenizer,
+                            self.max_seq_len, mask_prob=self.mask_prob, generator=generator,
+                            random_crop=self.train)
+
+
+def batch_loader(dataset: MaskedBatches, start: int, num_workers: int) -> DataLoader:
+    # An explicit generator keeps the DataLoader from drawing on the global RNG, which dropout
+    # uses: otherwise a resumed run would see different dropout masks.
+    return DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                      num_workers=num_workers, generator=torch.Generator(),
+                      persistent_workers=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *, temperature,
+                      distill_weight, task_weight, distill_positions="masked",
+                      student_hidden=None, teacher_hidden=None, hidden_weight=0.0):
+    """Weighted KD + MLM (+ hidden cosine) loss; each term averaged per token it covers.
+
+    kl  = T^2 * mean over positions of sum_v p_t(v) (log p_t(v) - log p_s(v)), at temperature T
+    ce  = mean over masked positions of -log p_s(true residue)
+    cos = mean over non-pad positions of 1 - cos(student_hidden, teacher_hidden)
+    Returns a dict of 0-d tensors: loss, kl, ce, cos.
+    """
+    masked = labels != -100
+    kl_positions = masked if distill_positions == "masked" else attention_mask.bool()
+    s = student_logits[kl_positions].float()
+    t = teacher_logits[kl_positions].float()
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * temperature**2
+    ce = F.cross_entropy(student_logits[masked].float(), labels[masked])
+    loss = distill_weight * kl + task_weight * ce
+    cos = torch.zeros((), device=student_logits.device)
+    if hidden_weight > 0:
+        real = attention_mask.bool()
+        cos = (1 - F.cosine_similarity(student_hidden[real].float(), teacher_hidden[real].float(), dim=-1)).mean()
+        loss = loss + hidden_weight * cos
+    return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), "cos": cos.detach()}
+
+
+def masked_metrics(student_logits, teacher_logits, labels) -> dict:
+    """Counts at masked positions: student/teacher correct, agreement, number of positions."""
+    masked = labels != -100
+    s_pred = student_logits[masked].argmax(-1)
+    t_pred = teacher_logits[masked].argmax(-1)
+    truth = labels[masked]
+    return {"n": int(masked.sum()), "student_correct": int((s_pred == truth).sum()),
+            "teacher_correct": int((t_pred == truth).sum()), "agree": int((s_pred == t_pred).sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args, device, autocast_dtype) -> dict:
+    """Loss terms, masked accuracy (student and teacher), top-1 agreement with the teacher and
+    perplexity on the validation split with fixed masks. `teacher_outputs(i, batch)` returns the
+    teacher's (logits, last hidden states) for validation batch i."""
+    was_training = student.training
+    student.eval()
+    sums = dict.fromkeys(["loss", "kl", "ce", "cos", "n", "student_correct", "teacher_correct", "agree"], 0.0)
+    for i in range(len(val_set)):
+        batch = {k: v.to(device) for k, v in val_set[i].items()}
+        with autocast(device, autocast_dtype):
+            out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
+        t_logits, t_hidden = teacher_outputs(i, batch)
+        terms = loss_terms(out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions="masked")
+        counts = masked_metrics(out["logits"], t_logits, batch["labels"])
+        for k in ("loss", "kl", "ce", "cos"):
+            sums[k] += float(terms[k]) * counts["n"]
+        for k in ("n", "student_correct", "teacher_correct", "agree"):
+            sums[k] += counts[k]
+    student.train(was_training)
+    n = max(sums["n"], 1)
+    metrics = {k: sums[k] / n for k in ("loss", "kl", "ce", "cos")}
+    metrics.update(masked_acc=sums["student_correct"] / n, teacher_masked_acc=sums["teacher_correct"] / n,
+                   agreement=sums["agree"] / n, perplexity=math.exp(min(metrics["ce"], 50.0)),
+                   masked_tokens=int(sums["n"]))
+    return metrics
+
+
+def loss_terms(student_out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions):
+    """distillation_loss with this run's weights, projecting the student's hidden states if used."""
+    s_hidden = hidden_proj(student_out["hidden_states"][-1]) if hidden_proj is not None else None
+    return distillation_loss(student_out["logits"], t_logits, batch["labels"], batch["attention_mask"],
+                             temperature=args.temperature, distill_weight=args.distill_weight,
+                             task_weight=args.task_weight, distill_positions=distill_positions,
+                             student_hidden=s_hidden, teacher_hidden=t_hidden,
+                             hidden_weight=args.hidden_weight)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-STEP folders, oldest first (a folder being written is named .tmp)."""
+    found = [p for p in output_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / TRAINING_STATE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(output_dir: Path, student, hidden_proj, optimizer, scheduler, scaler, position: dict,
+                    metadata: dict, keep_last: int) -> Path:
+    """Write checkpoint-STEP/ (student + everything needed to continue exactly) atomically:
+    into a hidden temporary folder first, renamed only once complete."""
+    final = output_dir / f"checkpoint-{position['step']}"
+    tmp = output_dir / f".checkpoint-{position['step']}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_student(student, tmp, metadata)
+    state = {"position": position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "hidden_proj": hidden_proj.state_dict() if hidden_proj else None,
+             "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    with open(tmp / TRAINING_STATE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        if not found:
+            print(f"--resume auto: no checkpoint in {output_dir}; starting fresh")
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / TRAINING_STATE).exists():
+        raise UserError(f"--resume {resume}: not a checkpoint folder (no {TRAINING_STATE})")
+    return path
+
+
+def prepare_output_dir(args) -> Path:
+    """Refuse to mix two runs in one folder unless --resume or --overwrite says so."""
+    output_dir = Path(args.output_dir)
+    holds_run = output_dir.is_dir() and ((output_dir / "metrics.jsonl").exists() or list_checkpoints(output_dir))
+    if holds_run and not args.resume and not args.overwrite:
+        raise UserError(f"{output_dir} already holds a training run; pass --resume auto to continue it, "
+                        "--overwrite to replace it, or another --output_dir")
+    if holds_run and args.overwrite and not args.resume:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for old in list_checkpoints(output_dir):
+            shutil.rmtree(old)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to --output_dir {output_dir}: {err.strerror}") from None
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring
+# --------------------------------------------------------------------------------------------
+
+def start_wandb(args, config: dict):
+    """A W&B run, or None (with one warning) when wandb is missing or not logged in."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("--use_wandb: wandb is not installed; continuing without W&B", stacklevel=2)
+        return None
+    # The mode as wandb.init will see it (environment and settings files); login() without a
+    # prompt or verification only looks for stored credentials, so this needs no network.
+    offline = wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
+    if not offline and not wandb.login(prompt=False, verify=False):
+        warnings.warn("--use_wandb: not logged in to W&B (run `python setup_wandb.py`, or set "
+                      "WANDB_MODE=offline); continuing without W&B", stacklevel=2)
+        return None
+    try:
+        return wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config,
+                          dir=str(args.output_dir))
+    except Exception as err:  # network, auth: training must not die for monitoring
+        warnings.warn(f"--use_wandb: could not start a W&B run ({err}); continuing without W&B", stacklevel=2)
+        return None
+
+
+def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in (("loss", "total"), ("kl", "KL (x T²)"), ("ce", "masked CE"), ("cos", "hidden cosine")):
+        if train and any(r[key] for r in train):
+            ax_loss.plot([r["step"] for r in train], [r[key] for r in train], label=f"train {label}", lw=1)
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val total", color="black")
+        ax_acc.plot([r["step"] for r in val], [r["masked_acc"] for r in val], "o-", label="student masked acc")
+        ax_acc.plot([r["step"] for r in val], [r["agreement"] for r in val], "s-", label="agreement with teacher")
+        ax_acc.axhline(val[-1]["teacher_masked_acc"], ls="--", color="grey", label="teacher masked acc")
+        ax_acc.set_ylim(0, 1)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Training and validation loss")
+    ax_acc.set(xlabel="optimizer step", ylabel="fraction of masked residues", title="Validation (fixed masks)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def adamw_param_groups(modules, weight_decay: float):
+    """Decay matrices only; biases, LayerNorm and embedding-free 1-D parameters are not decayed."""
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps, so a killed job writes a
+    checkpoint and exits cleanly instead of dying mid-step."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(args) -> dict:
+    """Run a distillation; returns the summary (also written to output_dir/summary.json)."""
+    from teacher import load_teacher  # transformers is heavy: import it only when training
+
+    validate_args(args)
+    output_dir = prepare_output_dir(args)
+    resume_from = resolve_resume(args.resume, output_dir)
+    device = resolve_device(args.device)
+    autocast_dtype = resolve_precision(args, device)
+
+    splits = data.load_splits(args.data_path, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, seed=args.seed)
+    train_seqs = [p.sequence for p in splits["train"]]
+    val_seqs = [p.sequence for p in splits["val"]]
+    if not train_seqs or not val_seqs:
+        raise UserError(f"{args.data_path}: need training and validation sequences "
+                        f"(got {len(train_seqs)} and {len(val_seqs)})")
+
+    teacher = load_teacher(args.teacher_model, device=device, use_8bit=args.use_8bit,
+                           half=autocast_dtype is not None and device.type == "cuda",
+                           trust_remote_code=args.trust_remote_code)
+    tokenizer = teacher.tokenizer
+    if args.max_seq_len > teacher.max_positions:
+        print(f"note: the teacher takes at most {teacher.max_positions} positions; "
+              f"--max_seq_len {args.max_seq_len} lowered to {teacher.max_positions}")
+        args.max_seq_len = teacher.max_positions
+    print(f"teacher: {teacher.name} ({teacher.num_parameters / 1e6:.1f}M parameters, {teacher.backend}, {teacher.device})")
+
+    torch.manual_seed(args.seed)
+    config = StudentConfig.from_tokenizer(tokenizer, d_model=args.d_model, num_heads=args.num_heads,
+                                          num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout)
+    student = Student(config).to(device)
+    hidden_proj = (torch.nn.Linear(args.d_model, teacher.hidden_size).to(device)
+                   if args.hidden_weight > 0 else None)
+    trainable = [student] + ([hidden_proj] if hidden_proj is not None else [])
+    print(f"student: {student.summary()}; compression {teacher.num_parameters / student.num_parameters():.1f}x")
+
+    first_epoch = MaskedBatches(train_seqs, tokenizer, args, epoch=0, train=True)
+    val_set = MaskedBatches(val_seqs, tokenizer, args, epoch=0, train=False)
+    steps_per_epoch = math.ceil(len(first_epoch) / args.grad_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    print(f"data: {len(train_seqs)} train / {len(val_seqs)} val sequences, {len(first_epoch)} batches per "
+          f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {total_steps} optimizer steps")
+
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    optimizer = torch.optim.AdamW(adamw_param_groups(trainable, args.weight_decay), lr=args.learning_rate)
+    make_schedule = get_cosine_schedule_with_warmup if args.scheduler == "cosine" else get_linear_schedule_with_warmup
+    scheduler = make_schedule(optimizer, min(args.warmup_steps, total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    position = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
+    if resume_from is not None:
+        position = load_training_state(resume_from, student, hidden_proj, optimizer, scheduler, scaler, config)
+        print(f"resumed from {resume_from} at step {position['step']} (epoch {position['epoch']}, "
+              f"batch {position['batch']})")
+    metadata = {"teacher": teacher.name, "teacher_vocab_hash": tokenizer.vocab_hash,
+                "max_seq_len": args.max_seq_len, "distill_args": {k: v for k, v in vars(args).items()}}
+
+    # Teacher outputs on the fixed validation masks never change: compute them once.
+    val_teacher_cache = {}
+
+    def val_teacher_outputs(i, batch):
+        if i not in val_teacher_cache:
+            t = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
+            val_teacher_cache[i] = (t["logits"], t.get("hidden_states"))
+        return val_teacher_cache[i]
+
+    run_config = {**vars(args), "student_parameters": student.num_parameters(),
+                  "teacher_parameters": teacher.num_parameters, "teacher_backend": teacher.backend}
+    wandb_run = start_wandb(args, run_config) if args.use_wandb else None
+    metrics_path = output_dir / "metrics.jsonl"
+    metrics_file = open(metrics_path, "a")
+
+    def log(record: dict):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if wandb_run is not None:
+            wandb_run.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
+                          step=record["step"])
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(student, hidden_proj, val_teacher_outputs, val_set, args, device, autocast_dtype)
+        log({"split": "val", "step": step, "epoch": position["epoch"], **metrics})
+        if metrics["loss"] < position["best_val_loss"]:
+            position["best_val_loss"] = metrics["loss"]
+            save_student(student, output_dir / "best_model", {**metadata, "step": step, "val": metrics})
+        return metrics
+
+    def checkpoint() -> Path:
+        return save_checkpoint(output_dir, student, hidden_proj, optimizer, scheduler, scaler, dict(position),
+                               {**metadata, "step": position["step"]}, args.keep_last)
+
+    from tqdm.auto import tqdm
+    step = position["step"]
+    start_time = time.perf_counter() - position["elapsed_s"]
+    window = {"tokens": 0, "seqs": 0, "masked": 0, "loss": 0.0, "kl": 0.0, "ce": 0.0, "cos": 0.0,
+              "correct": 0, "agree": 0, "t0": time.perf_counter()}
+    bad_steps, last_eval, stopped_by = 0, None, None
+    if step == 0:  # the starting point of the curves: how far the untrained student is from the teacher
+        last_eval = (0, run_eval(0))
+    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
+    student.train()
+    with StopRequest() as stop:
+        for epoch in range(position["epoch"], args.num_epochs):
+            if step >= total_steps or stop.signum:
+                break
+            position["epoch"] = epoch
+            epoch_set = first_epoch if epoch == 0 else MaskedBatches(train_seqs, tokenizer, args, epoch, train=True)
+            n_batches = len(epoch_set)
+            optimizer.zero_grad(set_to_none=True)
+            group_loss_ok = True
+            for i, batch in enumerate(batch_loader(epoch_set, position["batch"], args.num_workers),
+                                      start=position["batch"]):
+                group_start = i - i % args.grad_accumulation_steps
+                group_size = min(args.grad_accumulation_steps, n_batches - group_start)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                t = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
+                with autocast(device, autocast_dtype):
+                    out = student(batch["input_ids"], batch["attention_mask"],
+                                  output_hidden_states=hidden_proj is not None)
+                    terms = loss_terms(out, hidden_proj, t["logits"], t.get("hidden_states"), batch, args,
+                                       distill_positions=args.distill_positions)
+                if torch.isfinite(terms["loss"]):
+                    scaler.scale(terms["loss"] / group_size).backward()
+                else:
+                    group_loss_ok = False
+                counts = masked_metrics(out["logits"].detach(), t["logits"], batch["labels"])
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["seqs"] += batch["input_ids"].shape[0]
+                window["masked"] += counts["n"]
+                window["correct"] += counts["student_correct"]
+                window["agree"] += counts["agree"]
+                for k in ("loss", "kl", "ce", "cos"):
+                    window[k] += float(terms[k].detach()) * counts["n"]
+
+                if i + 1 < group_start + group_size:
+                    continue  # keep accumulating
+                position["batch"] = i + 1
+                if not group_loss_ok:  # skip the step: a non-finite loss would poison the weights
+                    optimizer.zero_grad(set_to_none=True)
+                    group_loss_ok, bad_steps = True, bad_steps + 1
+                    warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({bad_steps} in a row)",
+                                  stacklevel=1)
+                    if bad_steps >= args.max_bad_steps:
+                        stopped_by = "non-finite losses"
+                        break
+                    continue
+                bad_steps = 0
+                if args.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for m in trainable for p in m.parameters()],
+                                                   args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                position["step"] = step
+                position["elapsed_s"] = time.perf_counter() - start_time
+                bar.update(1)
+
+                if step % args.log_every == 0 or step == total_steps:
+                    dt = max(time.perf_counter() - window["t0"], 1e-9)
+                    m = max(window["masked"], 1)
+                    record = {"split": "train", "step": step, "epoch": epoch,
+                              **{k: window[k] / m for k in ("loss", "kl", "ce", "cos")},
+                              "masked_acc": window["correct"] / m, "agreement": window["agree"] / m,
+                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / dt,
+                              "sequences_per_s": window["seqs"] / dt, "elapsed_s": position["elapsed_s"]}
+                    log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['masked_acc']:.3f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    window.update(tokens=0, seqs=0, masked=0, loss=0.0, kl=0.0, ce=0.0, cos=0.0,
+                                  correct=0, agree=0, t0=time.perf_counter())
+                if step % args.eval_every == 0:
+                    last_eval = (step, run_eval(step))
+                if step % args.save_every == 0:
+                    checkpoint()
+                if step >= total_steps or stop.signum:
+                    break
+            if stopped_by or stop.signum or step >= total_steps:
+                break
+            position["epoch"], position["batch"] = epoch + 1, 0
+            if last_eval is None or last_eval[0] != step:
+                last_eval = (step, run_eval(step))
+        bar.close()
+
+        if stop.signum:
+            path = checkpoint()
+            metrics_file.close()
+            print(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint {path}\n"
+                  f"resume with: python distill.py <same arguments> --resume auto", file=sys.stderr)
+            sys.exit(128 + stop.signum)
+    if stopped_by:
+        metrics_file.close()
+        raise UserError(f"{args.max_bad_steps} non-finite losses in a row at step {step}: stopping. The last good "
+                        f"checkpoint is kept in {output_dir}; try a lower --learning_rate or fp32")
+
+    final_metrics = last_eval[1] if last_eval and last_eval[0] == step else run_eval(step)
+    final_checkpoint = checkpoint()
+    metrics_file.close()
+    plot_training_curves(metrics_path, output_dir / "training_curves.png")
+    elapsed = time.perf_counter() - start_time
+    best = json.loads((output_dir / "best_model" / "config.json").read_text()).get("metadata", {})
+    summary = {"teacher": teacher.name, "teacher_backend": teacher.backend, "device": str(device),
+               "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
+               "student_parameters": student.num_parameters(), "teacher_parameters": teacher.num_parameters,
+               "compression": teacher.num_parameters / student.num_parameters(),
+               "steps": step, "elapsed_s": elapsed, "final_val": final_metrics,
+               "best_val": best.get("val"), "best_step": best.get("step"),
+               "padding_efficiency": first_epoch.padding_efficiency,
+               "best_model": str(output_dir / "best_model" / "model.pt"),
+               "last_checkpoint": str(final_checkpoint), "args": vars(args)}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if wandb_run is not None:
+        wandb_run.summary.update({"final_val/" + k: v for k, v in final_metrics.items()})
+        wandb_run.finish()
+    print(f"done: {step} steps in {elapsed / 60:.1f} min; val masked acc {final_metrics['masked_acc']:.3f} "
+          f"(teacher {final_metrics['teacher_masked_acc']:.3f}), agreement {final_metrics['agreement']:.3f}; "
+          f"best model {output_dir / 'best_model' / 'model.pt'}")
+    return summary
+
+
+def load_training_state(path: Path, student, hidden_proj, optimizer, scheduler, scaler, config) -> dict:
+    """Restore weights, optimizer, scheduler, scaler and RNGs from checkpoint-STEP/; returns the position."""
+    from architecture import load_student
+    saved = load_student(path, map_location="cpu")
+    if saved.model.config != config:
+        raise UserError(f"{path} holds a different student ({saved.model.summary()}); pass the same sizes "
+                        "and teacher as the run that wrote it")
+    student.load_state_dict(saved.model.state_dict())
+    state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if hidden_proj is not None:
+        if state["hidden_proj"] is None:
+            raise UserError(f"{path} was trained without --hidden_weight; resume with the same loss flags")
+        hidden_proj.load_state_dict(state["hidden_proj"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return dict(state["position"])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,120 @@
+"""distill.py end to end on CPU with a tiny ProtBert-vocabulary teacher."""
+import json
+import shutil
+import warnings
+from argparse import Namespace
+
+import pytest
+import torch
+
+import data
+import distill
+from architecture import load_student
+from cli import UserError
+
+
+@pytest.fixture(scope="module")
+def small_fasta(tmp_path_factory):
+    """120 real UniProt sequences, cropped to 60 residues so that a step takes milliseconds."""
+    proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:120]
+    path = tmp_path_factory.mktemp("data") / "small.fasta"
+    data.write_fasta(path, [data.Protein(p.id, p.description, p.sequence[:60]) for p in proteins])
+    return path
+
+
+def tiny_args(teacher_dir, fasta, output_dir, *extra):
+    return ["--data_path", str(fasta), "--output_dir", str(output_dir), "--teacher_model", str(teacher_dir),
+            "--d_model", "32", "--num_heads", "2", "--num_layers", "2", "--batch_size", "16",
+            "--max_seq_len", "64", "--learning_rate", "3e-3", "--warmup_steps", "2", "--log_every", "2",
+            "--seed", "7", *extra]
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+
+
+def test_short_run_moves_student_towards_teacher(protbert_teacher_dir, small_fasta, tmp_path):
+    out = tmp_path / "run"
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--num_epochs", "8", "--eval_every", "20",
+                           "--distill_weight", "0.9", "--task_weight", "0.1", "--dropout", "0.0"))
+    val = [r for r in read_metrics(out) if r["split"] == "val"]
+    assert val[0]["step"] == 0 and val[-1]["step"] == 48  # 96 train sequences / 16 = 6 steps x 8 epochs
+    assert val[-1]["kl"] < 0.5 * val[0]["kl"], (val[0]["kl"], val[-1]["kl"])
+    assert val[-1]["agreement"] > val[0]["agreement"] + 0.2
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert all(r["tokens_per_s"] > 0 for r in train)
+    lrs = [r["lr"] for r in train]  # warmup to 3e-3 over 2 steps, then linear decay to 0 at step 48
+    assert max(lrs) == pytest.approx(3e-3 * 46 / 46, rel=0.05) and lrs[-1] == 0.0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 48 and summary["teacher_backend"] == "fp32"
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    best = load_student(out / "best_model" / "model.pt")
+    assert best.metadata["step"] == summary["best_step"]
+    assert best.metadata["val"]["loss"] == min(r["loss"] for r in val)
+    assert [p.name for p in distill.list_checkpoints(out)] == ["checkpoint-48"]
+
+
+def test_resume_reaches_the_same_weights(protbert_teacher_dir, small_fasta, tmp_path):
+    # dropout on, accumulation over 2 micro-batches, checkpoint mid-epoch: every RNG and the data
+    # position must be restored for the resumed run to match the uninterrupted one bit for bit.
+    flags = ["--num_epochs", "3", "--save_every", "4", "--keep_last", "0", "--eval_every", "100",
+             "--dropout", "0.1", "--grad_accumulation_steps", "2", "--max_tokens", "512"]
+    full = tmp_path / "full"
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, full, *flags))
+    steps = [p.name for p in distill.list_checkpoints(full)]
+    last = steps[-1]
+    assert "checkpoint-4" in steps and last != "checkpoint-4"
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, resumed, *flags, "--resume", "auto"))
+    a = load_student(full / last).model.state_dict()
+    b = load_student(resumed / last).model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(protbert_teacher_dir, small_fasta, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="already holds a training run"):
+        distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "1"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_heads", "5"], "does not divide"),
+    (["--temperature", "0"], "temperature"),
+    (["--distill_weight", "0", "--task_weight", "0"], "loss weights are 0"),
+    (["--batch_size", "-1"], "batch_size"),
+    (["--fp16", "--bf16"], "one of --fp16"),
+])
+def test_bad_flag_combinations_fail_before_any_model_loads(tmp_path, flags, message):
+    # the teacher path does not exist: the flag error must be reported first
+    with pytest.raises(UserError, match=message):
+        distill.main(["--data_path", "x.fasta", "--teacher_model", str(tmp_path / "missing"),
+                      "--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_on_cpu_warns_and_runs_fp32():
+    args = Namespace(fp16=True, bf16=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert distill.resolve_precision(args, torch.device("cpu")) is None
+    assert any("fp32" in str(w.message) for w in caught)
+
+
+def test_int8_teacher_and_wandb_offline(protbert_teacher_dir, small_fasta, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "4", "--use_8bit",
+                           "--use_wandb", "--wandb_run_name", "pytest"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert "int8" in summary["teacher_backend"]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
