@@ -1,0 +1,179 @@
+"""evaluate.py against metrics recomputed by hand from the two models' logits."""
+import json
+import math
+from argparse import Namespace
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+from architecture import Student, StudentConfig, load_student, save_student
+from cli import UserError
+from distill import MaskedBatches
+from teacher import load_teacher
+
+# Three short sequences; with max_seq_len 24 the second is cropped to its first 22 residues.
+SEQUENCES = ["MSSGSTVKSLLE", "QVQLVESGGGLVQPGGSLRLSCAASGFTFS", "DIQMTQSPSSLSASVGDR"]
+MAX_SEQ_LEN, MASK_PROB, SEED, BATCH_SIZE = 24, 0.4, 3, 2
+EVAL_OPTIONS = dict(batch_size=BATCH_SIZE, mask_prob=MASK_PROB, seed=SEED, speed_batches=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def teacher(protbert_teacher_dir):
+    return load_teacher(str(protbert_teacher_dir))
+
+
+def save_tiny_student(directory, teacher, metadata, most_likely=None):
+    """A random 1-layer student; with `most_likely`, its head always predicts that residue."""
+    torch.manual_seed(0)
+    model = Student(StudentConfig.from_tokenizer(teacher.tokenizer, d_model=32, num_heads=2, num_layers=1))
+    if most_likely is not None:
+        with torch.no_grad():
+            model.lm_head.bias[teacher.tokenizer.vocab.index(most_likely)] = 100.0
+    save_student(model, directory, metadata)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, teacher, protbert_teacher_dir):
+    metadata = {"teacher": str(protbert_teacher_dir), "max_seq_len": MAX_SEQ_LEN}
+    return save_tiny_student(tmp_path_factory.mktemp("student"), teacher, metadata)
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "test.fasta"
+    data.write_fasta(path, [data.Protein(f"p{i}", "", s) for i, s in enumerate(SEQUENCES)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(student_dir, fasta, tmp_path_factory):
+    """Evaluated against the teacher recorded in the checkpoint."""
+    out = tmp_path_factory.mktemp("eval")
+    return out, evaluate.evaluate_checkpoint(student_dir, fasta, out, **EVAL_OPTIONS)
+
+
+def masked_logits(student, teacher, tokenizer):
+    """Student logits, teacher logits and true ids at every masked position of the fixed masks."""
+    batches = MaskedBatches(SEQUENCES, tokenizer, Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=MASK_PROB,
+                                                            seed=SEED, max_tokens=None, batch_size=BATCH_SIZE),
+                            epoch=0, train=False)
+    s, t, y = [], [], []
+    with torch.no_grad():
+        for i in range(len(batches)):
+            batch = batches[i]
+            masked = batch["labels"] != -100
+            s.append(student(batch["input_ids"], batch["attention_mask"])["logits"][masked])
+            t.append(teacher(batch["input_ids"], batch["attention_mask"])["logits"][masked])
+            y.append(batch["labels"][masked])
+    return torch.cat(s), torch.cat(t), torch.cat(y)
+
+
+def test_metrics_match_a_hand_computation(report, student_dir, teacher):
+    _, report = report
+    checkpoint = load_student(student_dir)
+    s, t, y = masked_logits(checkpoint.model, teacher, checkpoint.tokenizer)
+    assert len(y) > 10  # 2 batches; the forced mask guarantees at least one per sequence
+    log_p_s, log_p_t = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    m = report["metrics"]
+    assert report["counts"]["masked_tokens"] == len(y)
+    assert m["student"]["masked_acc"] == pytest.approx((s.argmax(-1) == y).float().mean().item())
+    assert m["teacher"]["masked_acc"] == pytest.approx((t.argmax(-1) == y).float().mean().item())
+    assert m["agreement"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).float().mean().item())
+    nll = -log_p_s[torch.arange(len(y)), y]
+    assert m["student"]["perplexity"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean().item()
+    assert m["kl_teacher_student"] == pytest.approx(kl, rel=1e-4)
+    teacher_nll = -log_p_t[torch.arange(len(y)), y]
+    assert m["teacher"]["perplexity"] == pytest.approx(math.exp(teacher_nll.mean().item()), rel=1e-5)
+
+
+def test_per_residue_counts_add_up_to_the_totals(report):
+    _, report = report
+    per_residue, n = report["per_residue"], report["counts"]["masked_tokens"]
+    assert sum(r["masked_count"] for r in per_residue.values()) == n
+    for who in ("student", "teacher"):
+        correct = sum(r[f"{who}_correct"] for r in per_residue.values())
+        assert correct == round(report["metrics"][who]["masked_acc"] * n)
+        for r in per_residue.values():
+            assert r[f"{who}_acc"] == r[f"{who}_correct"] / r["masked_count"]
+    # Frequencies are over every evaluated residue, the second sequence cropped to 22.
+    evaluated = Counter("".join(s[:MAX_SEQ_LEN - 2] for s in SEQUENCES))
+    assert report["counts"]["residues"] == sum(evaluated.values()) == 12 + 22 + 18
+    for residue, r in per_residue.items():
+        assert r["frequency"] == evaluated[residue] / sum(evaluated.values())
+
+
+def test_constant_predictor_scores_the_baseline(teacher, fasta, tmp_path):
+    evaluated = Counter("".join(s[:MAX_SEQ_LEN - 2] for s in SEQUENCES))
+    (common, top), (_, second) = evaluated.most_common(2)
+    assert top > second  # no tie: the baseline residue is unambiguous
+    student = save_tiny_student(tmp_path / "student", teacher, {"max_seq_len": MAX_SEQ_LEN}, most_likely=common)
+    report = evaluate.evaluate_checkpoint(student, fasta, tmp_path / "out", teacher_model="none", **EVAL_OPTIONS)
+    baseline, per_residue = report["metrics"]["baseline"], report["per_residue"]
+    assert baseline["residue"] == common
+    assert baseline["frequency"] == top / sum(evaluated.values())
+    assert report["metrics"]["student"]["masked_acc"] == baseline["masked_acc"] > 0
+    assert baseline["masked_acc"] == per_residue[common]["masked_count"] / report["counts"]["masked_tokens"]
+    assert per_residue[common]["student_acc"] == 1.0
+    assert all(r["student_acc"] == 0.0 for residue, r in per_residue.items() if residue != common)
+
+
+def test_output_files(report, student_dir):
+    out, report = report
+    assert json.loads((out / "report.json").read_text()) == report
+    markdown = (out / "report.md").read_text()
+    assert "| masked accuracy |" in markdown and "| residue | masked |" in markdown
+    assert f"| {next(iter(report['per_residue']))} |" in markdown
+    png = (out / "per_residue_accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+    speed = report["speed"]
+    for who in ("student", "teacher"):
+        assert speed[who]["sequences_per_s"] > 0 and speed[who]["batches"] == 2
+        assert speed[who]["tokens"] == 12 + 22 + 18 + 3 * 2  # both batches: every residue, cls and eos
+    assert speed["speedup"]["tokens_per_s"] == pytest.approx(speed["student"]["tokens_per_s"]
+                                                              / speed["teacher"]["tokens_per_s"])
+    student = load_student(student_dir).model
+    # fp32 weights, the tied embedding counted once; rotary tables are not saved state.
+    assert speed["student"]["weights_mb"] == student.num_parameters() * 4 / 2**20
+    params = report["parameters"]
+    assert params["compression"] == params["teacher"] / params["student"] > 1
+
+
+def test_without_teacher_from_the_command_line(student_dir, fasta, tmp_path, capsys):
+    evaluate.main(["--model_path", str(student_dir / "model.pt"), "--data_path", str(fasta),
+                   "--output_dir", str(tmp_path), "--teacher_model", "none", "--device", "cpu",
+                   "--speed_batches", "1", "--max_sequences", "2"])
+    assert "| masked accuracy |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["metrics"]["teacher"] is None and report["metrics"]["agreement"] is None
+    assert report["setup"]["sequences"] == 2 and report["parameters"]["teacher"] is None
+    assert set(report["speed"]) == {"student"}
+    assert all(r["teacher_acc"] is None for r in report["per_residue"].values())
+    assert (tmp_path / "per_residue_accuracy.png").exists()
+
+
+def test_split_folder_uses_its_test_fasta(student_dir, fasta, tmp_path):
+    with pytest.raises(UserError, match="test.fasta"):
+        evaluate.evaluate_checkpoint(student_dir, tmp_path, tmp_path / "out", teacher_model="none")
+    (tmp_path / "test.fasta").write_text(">a\nMKV\n")
+    report = evaluate.evaluate_checkpoint(student_dir, tmp_path, tmp_path / "out", teacher_model="none",
+                                          speed_batches=0)
+    assert report["setup"]["sequences"] == 1 and report["counts"]["residues"] == 3
+    assert report["speed"] is None
+
+
+def test_teacher_with_another_vocabulary_is_refused(student_dir, fasta, esm_teacher_dir, tmp_path):
+    with pytest.raises(UserError, match="different vocabulary"):
+        evaluate.evaluate_checkpoint(student_dir, fasta, tmp_path, teacher_model=str(esm_teacher_dir))
+
+
+def test_unrecorded_teacher_must_be_named(teacher, fasta, tmp_path):
+    student = save_tiny_student(tmp_path / "student", teacher, {})
+    with pytest.raises(UserError, match="--teacher_model"):
+        evaluate.evaluate_checkpoint(student, fasta, tmp_path / "out")
