@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
@@ -419,17 +420,27 @@ class StudentCheckpoint(NamedTuple):
     metadata: dict
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """write(file) into a temp file beside path, fsync, then rename: readers never see half a file."""
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb"):
+    """Write through a temp file beside `path`, fsync'd and renamed over `path` only when the
+    block succeeds: readers (and a resumed run after kill -9) never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
+        with os.fdopen(handle, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give the usual mode
         os.replace(temp, path)
     except BaseException:
-        os.unlink(temp)
+        if os.path.exists(temp):
+            os.unlink(temp)
         raise
 
 
@@ -461,9 +472,10 @@ def save_student(model: Student, directory: str | os.PathLike, metadata: dict | 
     summary = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                "num_parameters": model.num_parameters(), "config": config, "metadata": metadata}
     model_path = directory / "model.pt"
-    _atomic_write(model_path, lambda f: torch.save(payload, f))
-    _atomic_write(directory / "config.json",
-                  lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    with atomic_open(model_path) as f:
+        torch.save(payload, f)
+    with atomic_open(directory / "config.json", "w") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return model_path
 
 

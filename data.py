@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import os
 import random
 import re
-import tempfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from architecture import atomic_open
 from cli import UserError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -49,24 +47,9 @@ _SEQUENCE_LINE = re.compile(rb"[A-Za-z]*\*?")
 _NOT_RESIDUE = re.compile(rb"[^A-Za-z]")
 
 
-@contextmanager
-def atomic_writer(path: str | Path, mode: str = "w"):
-    """Open a temporary file next to `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_fasta(path: str | Path, proteins: Sequence[Protein]) -> None:
     """Write one header line and one sequence line per protein, atomically."""
-    with atomic_writer(path) as handle:
+    with atomic_open(path, "w") as handle:
         for p in proteins:
             header = f"{p.id} {p.description}" if p.description else p.id
             handle.write(f">{header}\n{p.sequence}\n")

@@ -29,7 +29,8 @@ import requests
 from tqdm import tqdm
 
 import cli
-from data import (SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, atomic_writer, read_fasta,
+from architecture import atomic_open
+from data import (SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta,
                   split_proteins, write_fasta)
 
 DEFAULT_BASE_URL = "https://rest.uniprot.org"
@@ -93,7 +94,7 @@ def download_uniref50(destination: Path, base_url: str, num_sequences: int, min_
     params = {"query": f"(identity:0.5) AND (length:[{min_length} TO {max_length}])",
               "format": "fasta", "size": min(PAGE_SIZE, num_sequences)}
     written = 0
-    with requests.Session() as session, atomic_writer(destination) as out, \
+    with requests.Session() as session, atomic_open(destination, "w") as out, \
             tqdm(total=num_sequences, unit="seq", desc="UniRef50", disable=None) as progress:
         session.headers["User-Agent"] = "pepemb-distill download_sample_data.py"
         while url and written < num_sequences:
@@ -200,7 +201,7 @@ def write_splits(output_dir: Path, splits: dict, info: dict) -> None:
     for name, proteins in splits.items():
         write_fasta(output_dir / f"{name}.fasta", proteins)
     info = {**info, "splits": {name: length_summary(p) for name, p in splits.items()}}
-    with atomic_writer(output_dir / "stats.json") as handle:
+    with atomic_open(output_dir / "stats.json", "w") as handle:
         json.dump(info, handle, indent=2)
         handle.write("\n")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import cli
 import data
-from architecture import STANDARD_RESIDUES, load_student
+from architecture import STANDARD_RESIDUES, atomic_open, load_student
 from cli import UserError
 from distill import MaskedBatches, distillation_loss, resolve_device
 
@@ -366,10 +366,10 @@ def write_outputs(report: dict, output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
-    with data.atomic_writer(output_dir / "report.json") as f:
+    with atomic_open(output_dir / "report.json", "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    with data.atomic_writer(output_dir / "report.md") as f:
+    with atomic_open(output_dir / "report.md", "w") as f:
         f.write(markdown_report(report))
     plot_per_residue(report, output_dir / "per_residue_accuracy.png")
 
