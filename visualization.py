@@ -1,0 +1,714 @@
+"""Explain a PepEmb student (and, optionally, its teacher) on one protein or a FASTA file.
+
+    python visualization.py --model_path checkpoints/best_model/model.pt \
+        --sequence "MKTVRQERLKSIVRILERSKEPVSGAQLAEELSVSRQVIVQDIAYLRSLGYNIVATPRGYVLAGG" \
+        --output_dir visualizations [--teacher_model Rostlab/prot_bert] [--layer 2 --head 3]
+
+Writes into --output_dir (teacher files carry the prefix "teacher_"):
+  attention_layerNN.png       every head of layer NN (cls/eos tokens included, labelled)
+  attention_layer_means.png   the head-averaged map of every layer
+  attention_head_stats.png    per head: entropy and mean attention distance (local vs global)
+  attention_layerNN_headMM.png one full-size map (--layer/--head)
+  saliency.png                Integrated Gradients attribution each residue receives
+  saliency_matrix.png         masked target position x attributed-to residue (several targets)
+  saliency_comparison.png     student vs teacher saliency, with their Spearman rank correlation
+  important_residues.csv      the --top_k residues by attribution score
+  summary.json                every file written and the numbers behind the figures
+
+Saliency: for each target position the residue is replaced by the mask token and Captum's
+LayerIntegratedGradients attributes the log-probability of the true residue there to the token
+embeddings, from a baseline where every residue is the mask token (cls/eos keep theirs, so they
+get exactly zero attribution). Attribution per token is the sum over the embedding dimension.
+Layers, heads and residue positions are numbered from 1 everywhere (flags, figures, files).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from captum.attr import LayerIntegratedGradients  # noqa: E402
+from matplotlib.colors import PowerNorm, TwoSlopeNorm  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import cli  # noqa: E402
+import data  # noqa: E402
+from architecture import ResidueTokenizer, load_student  # noqa: E402
+from cli import UserError  # noqa: E402
+from distill import resolve_device  # noqa: E402
+
+DPI = 130
+MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable
+# Default memory bound of one Integrated Gradients pass, in layers x width x tokens: autograd
+# keeps roughly 16 floats per such unit, so about 1 GB (16 ProtBert samples of 67 tokens).
+ACTIVATION_BUDGET = 2**24
+# Attention is mostly small weights with a few large ones: a square-root colour scale shows both.
+ATTENTION_GAMMA = 0.5
+ATTENTION_BAR_LABEL = "attention weight (square-root colour scale)"
+
+
+# --------------------------------------------------------------------------------------------
+# Models behind one interface
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Explainer:
+    """A masked LM seen the same way whatever its origin: ids in, logits and attentions out."""
+    name: str
+    prefix: str  # of every file written for this model: "" (student) or "teacher_"
+    model: nn.Module
+    tokenizer: ResidueTokenizer
+    embeddings: nn.Module  # the token-embedding layer that Integrated Gradients attributes to
+    num_layers: int
+    num_heads: int
+    width: int  # hidden size
+    max_tokens: int  # longest input the model takes, cls/eos included
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    def attentions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[layers, heads, L, L] softmax weights for one unpadded sequence [L]."""
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids[None].to(self.device), output_attentions=True)
+        attentions = out["attentions"]
+        if not attentions or attentions[0] is None:
+            raise UserError(f"{self.name} returned no attention weights; it cannot be visualised")
+        return torch.stack([a[0].float() for a in attentions]).cpu()
+
+    def true_residue_log_probs(self, input_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L]: log p(true token) at every position (Captum's forward function)."""
+        logits = self.model(input_ids=input_ids)["logits"].float()
+        return logits.log_softmax(-1).gather(-1, true_ids[..., None]).squeeze(-1)
+
+
+def load_student_explainer(model_path: str, device: torch.device) -> Explainer:
+    model, tokenizer, _ = load_student(model_path, map_location=device)
+    model.requires_grad_(False)  # Integrated Gradients needs gradients of the embeddings only
+    path = Path(model_path)
+    folder = path.parent if path.name == "model.pt" else path
+    c = model.config
+    name = f"student {folder.name} ({c.num_layers} layers x {c.num_heads} heads, d {c.d_model})"
+    return Explainer(name, "", model, tokenizer, model.embed_tokens, c.num_layers, c.num_heads,
+                     c.d_model, max_tokens=sys.maxsize)  # rotary positions: no length limit
+
+
+def load_teacher_explainer(name_or_path: str, device: torch.device) -> Explainer:
+    from teacher import load_teacher  # transformers is heavy: import it only when asked for
+
+    teacher = load_teacher(name_or_path, device=device)
+    try:
+        # The fused kernels (sdpa, flash) compute attention without materialising its weights.
+        teacher.model.set_attn_implementation("eager")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"teacher {name_or_path}: cannot switch to eager attention, so its "
+                        f"attention weights are not available ({err})") from err
+    c = teacher.model.config
+    return Explainer(f"teacher {teacher.name}", "teacher_", teacher.model, teacher.tokenizer,
+                     teacher.model.get_input_embeddings(), c.num_hidden_layers,
+                     c.num_attention_heads, c.hidden_size, teacher.max_positions)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (all before anything is written)
+# --------------------------------------------------------------------------------------------
+
+def check_sequence(sequence: str, tokenizer: ResidueTokenizer, where: str) -> str:
+    """The sequence upper-cased, or UserError naming the first letter the vocabulary lacks."""
+    sequence = sequence.strip().upper()
+    if not sequence:
+        raise UserError(f"{where}: the sequence is empty")
+    letters = {t for t in tokenizer.vocab if len(t) == 1 and t.isalpha()}
+    for position, letter in enumerate(sequence, 1):
+        if letter not in letters:
+            raise UserError(f"{where}: {letter!r} at position {position} is not an amino-acid "
+                            f"letter of the model's vocabulary ({''.join(sorted(letters))})")
+    return sequence
+
+
+def parse_positions(text: str, length: int) -> list[int]:
+    """'5,10,20-30' -> sorted unique 1-based positions, each within 1..length."""
+    positions = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"--positions {text!r}: {part!r} is not a position or a range like 20-30")
+        start, end = int(match[1]), int(match[2] or match[1])
+        if start > end:
+            raise UserError(f"--positions {text!r}: range {start}-{end} runs backwards")
+        if start < 1 or end > length:
+            raise UserError(f"--positions {text!r}: {part.strip()} is outside the sequence "
+                            f"(positions 1..{length})")
+        positions.update(range(start, end + 1))
+    return sorted(positions)
+
+
+def choose_targets(length: int, target_position: int | None, positions: str | None,
+                   max_positions: int) -> tuple[list[int], str | None]:
+    """(1-based target positions, a note when they were subsampled evenly to max_positions)."""
+    if target_position is not None:
+        if not 1 <= target_position <= length:
+            raise UserError(f"--target_position {target_position} is outside the sequence "
+                            f"(positions 1..{length})")
+        return [target_position], None
+    targets = parse_positions(positions, length) if positions else list(range(1, length + 1))
+    if len(targets) <= max_positions:
+        return targets, None
+    keep = np.unique(np.linspace(0, len(targets) - 1, max_positions).round().astype(int))
+    note = (f"saliency for {len(keep)} of {len(targets)} target positions, evenly spaced "
+            f"(raise --max_positions to use all)")
+    return [targets[i] for i in keep], note
+
+
+def safe_folder_name(identifier: str, taken: set[str]) -> str:
+    """A file-system-safe, unique folder name from a FASTA id (sp|P69905|HBA_HUMAN -> sp_P69905_HBA_HUMAN)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", identifier).strip("._") or "sequence"
+    candidate, n = name[:100], 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name[:100]}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------
+
+def head_statistics(attentions: torch.Tensor, query_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per head, averaged over the query rows selected by the bool mask query_rows [L]:
+    entropy -sum_j a_ij ln a_ij (nats) and mean attention distance sum_j a_ij |i - j| (tokens).
+
+    attentions: [..., L, L] with rows summing to 1. Returns {"entropy", "distance"}, each [...].
+    """
+    length = attentions.shape[-1]
+    index = torch.arange(length, dtype=attentions.dtype)
+    distance = (index[:, None] - index[None, :]).abs()
+    rows = attentions[..., query_rows, :]
+    entropy = -torch.special.xlogy(rows, rows).sum(-1)
+    mean_distance = (rows * distance[query_rows]).sum(-1)
+    return {"entropy": entropy.mean(-1), "distance": mean_distance.mean(-1)}
+
+
+@dataclass
+class Saliency:
+    targets: list[int]  # 1-based residue positions that were masked and predicted
+    attributions: np.ndarray  # [targets, residues]: attribution of each residue to each target
+    deltas: np.ndarray  # [targets] Captum's convergence delta
+    totals: np.ndarray  # [targets] sum of the attributions over all tokens
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Per residue: its attribution to the single target, or, for several targets, the mean
+        |attribution| it gives to the other targets (a masked residue itself scores exactly 0)."""
+        if len(self.targets) == 1:
+            return self.attributions[0]
+        received = np.abs(self.attributions)
+        others = np.ones_like(received, dtype=bool)
+        others[np.arange(len(self.targets)), np.array(self.targets) - 1] = False
+        return (received * others).sum(0) / others.sum(0)
+
+    @property
+    def ranked_positions(self) -> np.ndarray:
+        """0-based residue indices that have a score (all but a single target), best first."""
+        candidates = np.arange(self.attributions.shape[1])
+        if len(self.targets) == 1:
+            candidates = candidates[candidates != self.targets[0] - 1]
+        return candidates[np.argsort(-self.scores[candidates], kind="stable")]
+
+    @property
+    def max_relative_delta(self) -> float:
+        return float((np.abs(self.deltas) / np.maximum(np.abs(self.totals), 1e-12)).max())
+
+
+def integrated_gradients(explainer: Explainer, sequence: str, targets: list[int], n_steps: int,
+                         internal_batch_size: int | None = None, progress: bool = True) -> Saliency:
+    """Attribute log p(true residue | its position masked) at each target to the token embeddings.
+
+    internal_batch_size: samples (targets x interpolation steps) per forward pass; by default as
+    many as ACTIVATION_BUDGET allows. Targets share a pass when their steps fit in one.
+    """
+    tokenizer, device = explainer.tokenizer, explainer.device
+    true_ids = tokenizer.encode(sequence)[None].to(device)
+    baseline = true_ids.clone()
+    baseline[0, 1:-1] = tokenizer.mask_id
+    per_pass = internal_batch_size or max(
+        1, ACTIVATION_BUDGET // (explainer.num_layers * explainer.width * true_ids.shape[1]))
+    chunk = max(1, per_pass // n_steps)
+    ig = LayerIntegratedGradients(explainer.true_residue_log_probs, explainer.embeddings)
+    attributions, deltas = [], []
+    with tqdm(total=len(targets), desc=f"Integrated Gradients, {explainer.name}", unit="target",
+              disable=not progress, leave=False) as bar:
+        for start in range(0, len(targets), chunk):
+            positions = targets[start:start + chunk]  # token index = residue position (cls is 0)
+            masked = true_ids.repeat(len(positions), 1)
+            masked[torch.arange(len(positions)), positions] = tokenizer.mask_id
+            attribution, delta = ig.attribute(
+                masked, baselines=baseline.expand_as(masked), target=positions,
+                additional_forward_args=(true_ids.expand_as(masked),), n_steps=n_steps,
+                internal_batch_size=max(per_pass, len(positions)), return_convergence_delta=True)
+            attributions.append(attribution.sum(-1).detach().double().cpu())
+            deltas.append(delta.detach().double().cpu())
+            bar.update(len(positions))
+    per_token = torch.cat(attributions)
+    return Saliency(list(targets), per_token[:, 1:-1].numpy(), torch.cat(deltas).numpy(),
+                    per_token.sum(-1).numpy())
+
+
+def top_residues(saliency: Saliency, sequence: str, k: int) -> list[dict]:
+    scores = saliency.scores
+    return [{"position": int(i) + 1, "residue": sequence[i], "score": float(scores[i])}
+            for i in saliency.ranked_positions[:k]]
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their ranks (what Spearman's rho needs)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return ((last - counts + 1 + last) / 2)[inverse]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation; None when either side is constant (rho undefined)."""
+    if len(x) < 2:
+        return None
+    rx, ry = average_ranks(np.asarray(x)), average_ranks(np.asarray(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / denominator) if denominator > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+def token_labels(tokenizer: ResidueTokenizer, input_ids: torch.Tensor) -> list[str]:
+    """Residue letters, with one spelling of the special tokens whatever the vocabulary's."""
+    specials = {tokenizer.cls_id: "<cls>", tokenizer.eos_id: "<eos>"}
+    return [specials.get(i, tokenizer.vocab[i]) for i in input_ids.tolist()]
+
+
+def tick_indices(count: int, max_labels: int) -> list[int]:
+    """Every index when count <= max_labels, else every k-th one; the last index always."""
+    step = math.ceil(count / max_labels)
+    ticks = list(range(0, count, step))
+    last = count - 1
+    if ticks[-1] != last:
+        ticks[-1:] = [last] if last - ticks[-1] < step / 2 else [ticks[-1], last]
+    return ticks
+
+
+def label_tokens(ax, labels: list[str], max_labels: int, fontsize: float = 7) -> None:
+    """Token labels (residue letter and position, K10) on both axes of an attention map."""
+    ticks = tick_indices(len(labels), max_labels)
+    # Token index i is residue position i, <cls> being token 0.
+    texts = [labels[i] if labels[i].startswith("<") else f"{labels[i]}{i}" for i in ticks]
+    ax.set_xticks(ticks, texts, rotation=90, fontsize=fontsize, family="monospace")
+    ax.set_yticks(ticks, texts, fontsize=fontsize, family="monospace")
+
+
+def save(fig, path: Path, written: list[Path]) -> None:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+
+def plot_layer_heads(layer_attention: torch.Tensor, labels: list[str], title: str, path: Path,
+                     written: list[Path]) -> None:
+    """Every head of one layer as a grid of heatmaps sharing one colour scale."""
+    heads = layer_attention.shape[0]
+    ncols = math.ceil(math.sqrt(heads))
+    nrows = math.ceil(heads / ncols)
+    panel = min(max(len(labels) / 12, 3.2), 6.0, MAX_GRID_WIDTH / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols + 1.2, panel * nrows + 0.8),
+                             squeeze=False, layout="constrained")
+    vmax = float(layer_attention.max())
+    for head, ax in enumerate(axes.flat):
+        if head >= heads:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(layer_attention[head], cmap="viridis", interpolation="nearest",
+                          norm=PowerNorm(ATTENTION_GAMMA, vmin=0, vmax=vmax))
+        ax.set_title(f"head {head + 1}", fontsize=10)
+        label_tokens(ax, labels, max_labels=24, fontsize=6)
+        ax.set_xlabel("key (attended-to token)", fontsize=8)
+        ax.set_ylabel("query token", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label=ATTENTION_BAR_LABEL)
+    fig.suptitle(title, fontsize=12)
+    save(fig, path, written)
+
+
+def plot_layer_means(attentions: torch.Tensor, labels: list[str], title: str, path: Path,
+                     written: list[Path]) -> None:
+    """The head-averaged attention map of every layer, one panel per layer."""
+    means = attentions.mean(1)
+    layers = means.shape[0]
+    ncols = math.ceil(math.sqrt(layers))
+    nrows = math.ceil(layers / ncols)
+    panel = min(max(len(labels) / 14, 3.0), 5.0, MAX_GRID_WIDTH / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols + 1.2, panel * nrows + 0.8),
+                             squeeze=False, layout="constrained")
+    vmax = float(means.max())
+    for layer, ax in enumerate(axes.flat):
+        if layer >= layers:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(means[layer], cmap="viridis", interpolation="nearest",
+                          norm=PowerNorm(ATTENTION_GAMMA, vmin=0, vmax=vmax))
+        ax.set_title(f"layer {layer + 1}", fontsize=10)
+        label_tokens(ax, labels, max_labels=20, fontsize=6)
+        ax.set_xlabel("key", fontsize=8)
+        ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight, mean over heads (square-root colour scale)")
+    fig.suptitle(title, fontsize=12)
+    save(fig, path, written)
+
+
+def plot_single_head(attention: torch.Tensor, labels: list[str], title: str, path: Path,
+                     written: list[Path]) -> None:
+    side = min(max(len(labels) / 7, 6.0), 14.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side), layout="constrained")
+    image = ax.imshow(attention, cmap="viridis", interpolation="nearest",
+                      norm=PowerNorm(ATTENTION_GAMMA, vmin=0, vmax=float(attention.max())))
+    label_tokens(ax, labels, max_labels=40, fontsize=7 if len(labels) <= 40 else 6)
+    ax.set_xlabel("key (attended-to token)")
+    ax.set_ylabel("query token")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=ATTENTION_BAR_LABEL)
+    save(fig, path, written)
+
+
+def plot_head_statistics(stats: dict[str, torch.Tensor], uniform: dict[str, float], length: int,
+                         title: str, path: Path, written: list[Path]) -> None:
+    """Entropy and mean attention distance as two annotated layer x head heatmaps.
+
+    Colours run from 0 to at least the value of uniform attention (dashed on the colour bar), so
+    a head's shade says how focused or local it is in absolute terms, comparable across models.
+    """
+    layers, heads = stats["entropy"].shape
+    cell_w, cell_h = max(0.45, 3.0 / heads), max(0.35, 2.0 / layers)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (heads * cell_w + 2.2), layers * cell_h + 1.6),
+                             layout="constrained")
+    panels = [("entropy", "viridis", "entropy (nats)", "attention entropy"),
+              ("distance", "magma", "mean |query - key| (tokens)", "mean attention distance")]
+    fontsize = 8 if heads <= 8 else 6
+    for ax, (key, cmap, bar_label, panel_title) in zip(axes, panels):
+        values = stats[key].numpy()
+        image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=0,
+                          vmax=max(float(values.max()), uniform[key]))
+        for (row, col), value in np.ndenumerate(values):
+            ax.text(col, row, f"{value:.2f}" if value < 10 else f"{value:.1f}", ha="center",
+                    va="center", fontsize=fontsize,
+                    color="black" if image.norm(value) > 0.6 else "white")
+        ax.set_xticks(range(heads), [str(h + 1) for h in range(heads)], fontsize=8)
+        ax.set_yticks(range(layers), [str(layer + 1) for layer in range(layers)], fontsize=8)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(panel_title, fontsize=10)
+        bar = fig.colorbar(image, ax=ax, label=bar_label, shrink=0.9)
+        bar.ax.axhline(uniform[key], color="black", linestyle="--", linewidth=2)
+    fig.suptitle(f"{title}\nmeans over residue query rows; uniform attention over {length} tokens "
+                 f"(dashed): entropy ln {length} = {uniform['entropy']:.2f}, distance "
+                 f"{uniform['distance']:.1f}\nlow entropy = focused head, small distance = local head",
+                 fontsize=10)
+    save(fig, path, written)
+
+
+def residue_axis(ax, sequence: str, max_labels: int = 60) -> None:
+    ticks = tick_indices(len(sequence), max_labels)
+    ax.set_xticks(ticks, [f"{sequence[i]}{i + 1}" for i in ticks], rotation=90, fontsize=7,
+                  family="monospace")
+    ax.set_xlim(-0.5, len(sequence) - 0.5)
+    ax.set_xlabel("residue")
+
+
+def draw_saliency_bars(ax, saliency: Saliency, sequence: str) -> None:
+    scores = saliency.scores
+    x = np.arange(len(sequence))
+    if len(saliency.targets) == 1:
+        target = saliency.targets[0] - 1
+        ax.bar(x, scores, color=np.where(scores >= 0, "tab:red", "tab:blue"), width=0.85)
+        ax.axvspan(target - 0.5, target + 0.5, color="gold", alpha=0.5,
+                   label=f"masked target {sequence[target]}{target + 1}")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.set_ylabel("attribution to log p(true residue)")
+    else:
+        ax.bar(x, scores, color="tab:purple", width=0.85)
+        ax.set_ylabel(f"mean |attribution| over\n{len(saliency.targets)} masked targets")
+    residue_axis(ax, sequence)
+
+
+def bar_width(sequence: str) -> float:
+    return min(max(len(sequence) * 0.16, 8.0), 24.0)
+
+
+def plot_saliency(saliency: Saliency, sequence: str, title: str, path: Path,
+                  written: list[Path]) -> None:
+    fig, ax = plt.subplots(figsize=(bar_width(sequence), 3.6), layout="constrained")
+    draw_saliency_bars(ax, saliency, sequence)
+    ax.set_title(title, fontsize=10)
+    save(fig, path, written)
+
+
+def plot_saliency_matrix(saliency: Saliency, sequence: str, title: str, path: Path,
+                         written: list[Path]) -> None:
+    """Rows: masked target positions; columns: residues; colour: signed attribution."""
+    matrix = saliency.attributions
+    rows = len(saliency.targets)
+    width = bar_width(sequence) + 1.5
+    height = min(max(rows * width / max(len(sequence), 1), 3.5), 20.0) + 1.2
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    limit = float(np.abs(matrix).max()) or 1.0
+    image = ax.imshow(matrix, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -limit, limit),
+                      aspect="auto", interpolation="nearest")
+    residue_axis(ax, sequence)
+    ticks = tick_indices(rows, 40)
+    ax.set_yticks(ticks, [f"{sequence[saliency.targets[i] - 1]}{saliency.targets[i]}" for i in ticks],
+                  fontsize=7, family="monospace")
+    ax.set_ylabel("masked target position")
+    ax.plot(np.array(saliency.targets) - 1, np.arange(rows), "x", color="black", markersize=4)
+    ax.set_xlabel("attributed-to residue (x: the masked target itself, attribution 0)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="attribution to log p(true residue)", shrink=0.9)
+    save(fig, path, written)
+
+
+def plot_saliency_comparison(student: Saliency, teacher: Saliency, sequence: str, names: list[str],
+                             rho: float | None, path: Path, written: list[Path]) -> None:
+    fig, axes = plt.subplots(2, 1, figsize=(bar_width(sequence), 6.4), sharex=True,
+                             layout="constrained")
+    for ax, saliency, name in zip(axes, (student, teacher), names):
+        draw_saliency_bars(ax, saliency, sequence)
+        ax.set_title(name, fontsize=10)
+    axes[0].set_xlabel("")
+    rho_text = f"{rho:.3f}" if rho is not None else "undefined (constant saliency)"
+    fig.suptitle(f"per-residue saliency, student vs teacher: Spearman rank correlation {rho_text}",
+                 fontsize=11)
+    save(fig, path, written)
+
+
+# --------------------------------------------------------------------------------------------
+# One sequence, every model
+# --------------------------------------------------------------------------------------------
+
+def write_top_residues(path: Path, rows: list[dict], written: list[Path]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["position", "residue", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    written.append(path)
+
+
+def print_top_residues(name: str, rows: list[dict], saliency: Saliency) -> None:
+    what = ("attribution to the masked target" if len(saliency.targets) == 1 else
+            f"mean |attribution| over {len(saliency.targets)} masked targets")
+    print(f"top {len(rows)} residues, {name} ({what}):")
+    print(f"  {'rank':>4}  {'position':>8}  residue  {'score':>11}")
+    for rank, row in enumerate(rows, 1):
+        print(f"  {rank:>4}  {row['position']:>8}  {row['residue']:^7}  {row['score']:>11.4g}")
+
+
+def explain_model(explainer: Explainer, protein: data.Protein, targets: list[int], out_dir: Path,
+                  args, written: list[Path]) -> tuple[dict, Saliency]:
+    """Every figure and number for one model on one sequence."""
+    sequence, p, name = protein.sequence, explainer.prefix, explainer.name
+    input_ids = explainer.tokenizer.encode(sequence)
+    labels = token_labels(explainer.tokenizer, input_ids)
+    attentions = explainer.attentions(input_ids)
+    about = f"{protein.id}, {len(sequence)} aa"
+    specials = f"{about}; <cls>/<eos> tokens shown"
+    for layer in range(explainer.num_layers):
+        plot_layer_heads(attentions[layer], labels, f"{name}: layer {layer + 1}, every head "
+                         f"({specials})", out_dir / f"{p}attention_layer{layer + 1:02d}.png",
+                         written)
+    plot_layer_means(attentions, labels, f"{name}: attention averaged over heads ({specials})",
+                     out_dir / f"{p}attention_layer_means.png", written)
+    if args.layer is not None:
+        plot_single_head(attentions[args.layer - 1, args.head - 1], labels,
+                         f"{name}: layer {args.layer}, head {args.head} ({specials})",
+                         out_dir / f"{p}attention_layer{args.layer:02d}_head{args.head:02d}.png", written)
+    residue_rows = torch.zeros(len(input_ids), dtype=torch.bool)
+    residue_rows[1:-1] = True
+    stats = head_statistics(attentions, residue_rows)
+    uniform_map = torch.full((len(input_ids), len(input_ids)), 1 / len(input_ids))
+    uniform = {k: float(v) for k, v in head_statistics(uniform_map, residue_rows).items()}
+    plot_head_statistics(stats, uniform, len(input_ids), f"{name}: attention per head ({about})",
+                         out_dir / f"{p}attention_head_stats.png", written)
+
+    saliency = integrated_gradients(explainer, sequence, targets, args.n_steps,
+                                    args.internal_batch_size)
+    max_abs_delta = float(np.abs(saliency.deltas).max())
+    print(f"{name}: Integrated Gradients over {len(targets)} target(s), n_steps {args.n_steps}: "
+          f"max |convergence delta| {max_abs_delta:.2e} = {saliency.max_relative_delta:.2%} of "
+          f"|attribution sum|")
+    what = (f"masked target {sequence[targets[0] - 1]}{targets[0]}" if len(targets) == 1
+            else f"{len(targets)} masked targets")
+    plot_saliency(saliency, sequence, f"{name}: Integrated Gradients saliency, {what} "
+                  f"({about}, n_steps {args.n_steps})", out_dir / f"{p}saliency.png", written)
+    if len(targets) > 1:
+        plot_saliency_matrix(saliency, sequence, f"{name}: attribution of each residue to "
+                             f"log p(true residue) at each masked target ({about})",
+                             out_dir / f"{p}saliency_matrix.png", written)
+    top = top_residues(saliency, sequence, args.top_k)
+    print_top_residues(name, top, saliency)
+    write_top_residues(out_dir / f"{p}important_residues.csv", top, written)
+    summary = {
+        "name": name,
+        "head_stats": {"entropy_nats": stats["entropy"].tolist(),
+                       "mean_distance_tokens": stats["distance"].tolist(),
+                       "uniform_attention": {"entropy_nats": uniform["entropy"],
+                                             "mean_distance_tokens": uniform["distance"]}},
+        "integrated_gradients": {"n_steps": args.n_steps, "max_abs_delta": max_abs_delta,
+                                 "max_relative_delta": saliency.max_relative_delta,
+                                 "deltas": saliency.deltas.tolist()},
+        "saliency_scores": saliency.scores.tolist(),
+        "top_residues": top,
+    }
+    return summary, saliency
+
+
+def explain_sequence(explainers: list[Explainer], protein: data.Protein, targets: list[int],
+                     note: str | None, out_dir: Path, args) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"== {protein.id} ({len(protein.sequence)} residues) -> {out_dir}")
+    if note:
+        print(f"note: {note}")
+    written: list[Path] = []
+    results = [explain_model(e, protein, targets, out_dir, args, written) for e in explainers]
+    summary = {"id": protein.id, "length": len(protein.sequence), "sequence": protein.sequence,
+               "output_dir": str(out_dir), "targets": targets, "targets_note": note,
+               "models": {("teacher" if e.prefix else "student"): r[0]
+                          for e, r in zip(explainers, results)}}
+    if len(results) == 2:
+        (_, student), (_, teacher) = results
+        positions = student.ranked_positions  # the same for both: same sequence and targets
+        rho = spearman(student.scores[positions], teacher.scores[positions])
+        plot_saliency_comparison(student, teacher, protein.sequence,
+                                 [e.name for e in explainers], rho,
+                                 out_dir / "saliency_comparison.png", written)
+        print(f"Spearman rank correlation of student and teacher saliency: "
+              f"{'undefined' if rho is None else f'{rho:.3f}'}")
+        summary["saliency_spearman"] = rho
+    summary["files"] = [str(path) for path in written]
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", required=True, help="student checkpoint folder or its model.pt")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sequence", help="one protein sequence (amino-acid letters)")
+    source.add_argument("--fasta", help="FASTA file: one output subfolder per sequence")
+    p.add_argument("--output_dir", default="visualizations", help="created if missing; files in it are overwritten (default: visualizations)")
+    p.add_argument("--teacher_model", default=None,
+                   help="also explain this HF masked LM (Hub id, local folder or 'antiberty'), "
+                        "and compare its saliency with the student's")
+    p.add_argument("--layer", type=int, help="with --head: one full-size attention map (1-based)")
+    p.add_argument("--head", type=int, help="with --layer: one full-size attention map (1-based)")
+    targets = p.add_mutually_exclusive_group()
+    targets.add_argument("--target_position", type=int,
+                         help="1-based residue position to mask and explain (default: every position)")
+    targets.add_argument("--positions", help="subset of target positions, e.g. 5,10,20-30")
+    p.add_argument("--max_positions", type=int, default=100,
+                   help="at most this many targets per sequence, evenly spaced (default: 100)")
+    p.add_argument("--n_steps", type=int, default=50, help="Integrated Gradients steps (default: 50)")
+    p.add_argument("--internal_batch_size", type=int, default=None,
+                   help="Integrated Gradients samples (targets x steps) per forward pass "
+                        "(default: about 1 GB of activations' worth)")
+    p.add_argument("--top_k", type=int, default=10, help="residues in important_residues.csv (default: 10)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when available (default: auto)")
+    return p
+
+
+def validate_args(args) -> None:
+    if (args.layer is None) != (args.head is None):
+        raise UserError("--layer and --head go together: pass both (1-based), or neither")
+    for flag in ("max_positions", "n_steps", "top_k", "internal_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+
+
+def check_layer_head(args, explainers: list[Explainer]) -> None:
+    if args.layer is None:
+        return
+    for e in explainers:
+        if not 1 <= args.layer <= e.num_layers:
+            raise UserError(f"--layer {args.layer} is out of range: {e.name} has layers "
+                            f"1..{e.num_layers}")
+        if not 1 <= args.head <= e.num_heads:
+            raise UserError(f"--head {args.head} is out of range: {e.name} has heads "
+                            f"1..{e.num_heads}")
+
+
+def read_proteins(args, tokenizer: ResidueTokenizer) -> list[data.Protein]:
+    if args.sequence is not None:
+        return [data.Protein("query", "", check_sequence(args.sequence, tokenizer, "--sequence"))]
+    proteins = data.read_fasta(args.fasta)
+    return [data.Protein(p.id, p.description, check_sequence(p.sequence, tokenizer,
+                                                              f"{args.fasta}, {p.id}"))
+            for p in proteins]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    device = resolve_device(args.device)
+    explainers = [load_student_explainer(args.model_path, device)]
+    proteins = read_proteins(args, explainers[0].tokenizer)
+    if args.teacher_model:
+        teacher = load_teacher_explainer(args.teacher_model, device)
+        if teacher.tokenizer.vocab_hash != explainers[0].tokenizer.vocab_hash:
+            raise UserError(f"{teacher.name} and the student do not share a vocabulary (hash "
+                            f"{teacher.tokenizer.vocab_hash} vs {explainers[0].tokenizer.vocab_hash}); "
+                            f"compare a student with the teacher it was distilled from")
+        too_long = [p for p in proteins if len(p.sequence) + 2 > teacher.max_tokens]
+        if too_long:
+            raise UserError(f"{too_long[0].id} has {len(too_long[0].sequence)} residues; "
+                            f"{teacher.name} takes at most {teacher.max_tokens - 2}")
+        explainers.append(teacher)
+    check_layer_head(args, explainers)
+    plans = [(p, *choose_targets(len(p.sequence), args.target_position, args.positions,
+                                 args.max_positions)) for p in proteins]
+
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
+    taken: set[str] = set()
+    summaries = [explain_sequence(explainers, protein, targets, note,
+                                  output_dir / safe_folder_name(protein.id, taken)
+                                  if args.fasta else output_dir, args)
+                 for protein, targets, note in plans]
+    files = [f for s in summaries for f in s["files"]]
+    summary = {"student": {"name": explainers[0].name, "path": args.model_path},
+               "teacher": {"name": explainers[1].name} if len(explainers) > 1 else None,
+               "device": str(device), "n_steps": args.n_steps, "top_k": args.top_k,
+               "numbering": "layers, heads and residue positions are 1-based; head_stats rows "
+                            "are layers, columns heads",
+               "sequences": summaries, "files": files + [str(output_dir / "summary.json")]}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {len(files)} figures and tables to {output_dir}/ (listed in "
+          f"{output_dir / 'summary.json'})")
+
+
+if __name__ == "__main__":
+    cli.run(main)
