@@ -21,6 +21,7 @@ from pathlib import Path
 
 import requests
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM,
                           BertTokenizer, EsmConfig, EsmForMaskedLM, EsmTokenizer)
@@ -190,6 +191,30 @@ def _from_pretrained(source: str, model_kwargs: dict, trust_remote_code: bool):
                         f"{_first_line(err)}") from err
 
 
+def teacher_unavailable(name_or_path: str) -> str | None:
+    """Why load_teacher(name_or_path) would fail for want of files or network, else None.
+
+    Cheap (no weights read, at most one short request to the Hub), so a pipeline can pick its
+    offline preset in seconds instead of waiting out from_pretrained's retries.
+    """
+    if name_or_path == ANTIBERTY:
+        try:
+            _antiberty_package()
+        except UserError as err:
+            return str(err)
+        return None
+    path = Path(os.path.expanduser(name_or_path))
+    if path.exists() or _looks_like_path(name_or_path):
+        return None if path.is_dir() else f"teacher folder {name_or_path} does not exist"
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return None
+    if _hub_offline():
+        return f"{name_or_path} is not in the HuggingFace cache and HF_HUB_OFFLINE is set"
+    if not hub_reachable():
+        return f"{name_or_path} is not in the HuggingFace cache and the Hub ({_hub_endpoint()}) cannot be reached"
+    return None
+
+
 def _looks_like_path(name: str) -> bool:
     """Hub ids are 'name' or 'namespace/name'; anything else with separators is a path."""
     return (name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -354,3 +379,19 @@ def save_random_teacher(directory: str | os.PathLike, kind: str = "protbert", nu
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def main(argv=None):
+    """`python teacher.py --check NAME`: exit 0 if the teacher can be loaded here, else say why (exit 1)."""
+    import argparse
+    parser = argparse.ArgumentParser(description="Check that a teacher can be loaded on this machine.")
+    parser.add_argument("--check", required=True, metavar="NAME", help="Hub id, local folder or 'antiberty'")
+    reason = teacher_unavailable(parser.parse_args(argv).check)
+    if reason:
+        print(reason)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
