@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -479,19 +479,49 @@ def save_student(model: Student, directory: str | os.PathLike, metadata: dict | 
     return model_path
 
 
-def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> StudentCheckpoint:
-    """Load a checkpoint written by save_student (path: its folder or its model.pt), in eval mode.
+EXPORTED_WEIGHTS = "model.safetensors"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
 
-    Only tensors and plain containers are unpickled (weights_only=True). Anything that is not a
-    readable student checkpoint of a known format version raises CheckpointError naming the path.
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file: an 8-byte header length, a JSON header, raw bytes.
+
+    Parsed with the standard library, so this file needs no safetensors package; nothing is
+    unpickled, so an exported student is as safe to load as its bytes are to read.
     """
-    path = Path(path)
+    raw = file.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    header.pop("__metadata__", None)
+    body = memoryview(raw)[8 + header_len:]
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start \
+            else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+def _read_payload(path: Path, map_location) -> tuple[Path, dict]:
+    """(the file read, save_student's payload) from a model.pt, its folder, or an exported folder
+    (config.json + model.safetensors, as written by `embed.py --export_hf`)."""
+    if path.is_dir() and not (path / "model.pt").is_file() and (path / EXPORTED_WEIGHTS).is_file():
+        try:
+            payload = json.loads((path / "config.json").read_text())
+            payload["state_dict"] = read_safetensors(path / EXPORTED_WEIGHTS)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: unreadable exported student (config.json + "
+                                  f"{EXPORTED_WEIGHTS}): {_reason(err)}") from err
+        return path, payload
     file = path / "model.pt" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{file}: no such checkpoint (pass a folder written by save_student "
                               f"or the model.pt inside it)")
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
+        return file, torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
@@ -501,6 +531,16 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
                 f"only checkpoints written by save_student load") from err
         raise CheckpointError(f"{file}: unreadable, truncated or not a torch file "
                               f"({_reason(err)})") from err
+
+
+def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> StudentCheckpoint:
+    """Load a student, in eval mode: a folder written by save_student, the model.pt inside it, or a
+    folder exported by `embed.py --export_hf` (config.json + model.safetensors).
+
+    Only tensors and plain containers are unpickled (weights_only=True). Anything that is not a
+    readable student checkpoint of a known format version raises CheckpointError naming the path.
+    """
+    file, payload = _read_payload(Path(path), map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{file}: not a PepEmb student checkpoint (a plain state dict or a "
                               f"HuggingFace model file, perhaps); write one with save_student")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from architecture import (CheckpointError, ResidueTokenizer, Rotary, Student, StudentConfig,
-                          apply_rotary, load_student, save_student)
+                          apply_rotary, load_student, read_safetensors, save_student)
 
 PROTBERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O"
                   .split())
@@ -317,3 +317,20 @@ def test_checkpoint_with_mismatched_weights_is_rejected(model, tmp_path):
     del payload["state_dict"]["final_norm.weight"]
     torch.save(payload, path)
     _reject(path, "damaged student checkpoint .*final_norm.weight")
+
+
+def test_read_safetensors_matches_the_safetensors_package(tmp_path):
+    # architecture.py parses the format itself (torch only); check it against the reference writer
+    from safetensors.torch import save_file
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).half(), "empty": torch.zeros(0)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    read = read_safetensors(tmp_path / "t.safetensors")
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+
+
+def test_damaged_exported_folder_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    _reject(tmp_path, "unreadable exported student")

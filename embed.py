@@ -1,0 +1,562 @@
+"""Embed protein sequences with a PepEmb student or any HuggingFace masked protein LM.
+
+    python embed.py checkpoints/best_model proteins.fasta embeddings/ \
+        --include mean per_tok --repr_layers -1 --max_tokens 8192
+
+Modelled on ESM's scripts/extract.py. MODEL is a student checkpoint (its folder or model.pt), a
+folder written by --export_hf, or a HuggingFace masked LM (Hub id, save_pretrained folder, or
+"antiberty"). Sequences are sorted by length and batched under a token budget.
+
+Layers: 0 is the embedding output, N the last of an N-layer model (after the final LayerNorm,
+as in ESM); negative numbers count from the end, so -1 is the last. Files name layers by their
+absolute index, e.g. mean_layer_4 for the last layer of a 4-layer student.
+
+Sequences longer than --max_length residues are cut into overlapping windows, each framed by
+start/end tokens (--long chunk, the default), and the per-residue embeddings of the windows are
+averaged where they overlap; or only the first --max_length residues are embedded (--long truncate).
+
+OUTPUT_DIR receives
+    embeddings.npz   ids, lengths (residues embedded) and one [N, D] float32 array per kind and
+                     layer (mean_layer_K: mean over residues, special tokens excluded; cls_layer_K:
+                     the start token of the first window), rows in FASTA order; with per_tok also
+                     per_tok_files (the file of each row)
+    per_tok/NAME.safetensors   per sequence: layer_K arrays [residues, D] float32 (--include per_tok)
+    partial/NAME.safetensors   per sequence: its rows of embeddings.npz, so --resume skips it
+    manifest.json    model, layers, options, counts, embedding dim, dtype, duplicate ids
+NAME is the sequence id with characters other than letters, digits, '.', '_' and '-' replaced
+by '_', plus '-' and a short hash when the id was changed or the name is taken (duplicate ids).
+Every file is written to a temporary name and renamed, so none is ever half-written.
+
+    python embed.py checkpoints/best_model --export_hf pepemb-hf/
+writes config.json, model.safetensors, vocab.txt and README.md; `architecture.load_student` reads them back.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import safetensors.numpy
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import cli
+import data
+import distill
+from architecture import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EXPORTED_WEIGHTS,
+                          ResidueTokenizer, Student, StudentCheckpoint, atomic_open, load_student)
+from cli import UserError
+
+MANIFEST_FORMAT = "pepemb-embeddings"
+MANIFEST_FORMAT_VERSION = 1
+KINDS = ("mean", "per_tok", "cls")
+DEFAULT_MAX_LENGTH = 1022  # residues: ESM's truncation_seq_length, 1024 tokens with start/end
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="student checkpoint (folder or model.pt), a folder written by --export_hf, "
+                                 "or a HuggingFace masked LM (Hub id, local folder, 'antiberty')")
+    p.add_argument("fasta", nargs="?", help="FASTA file of proteins to embed (plain or gzipped)")
+    p.add_argument("output_dir", nargs="?", help="folder for embeddings.npz, per_tok/ and manifest.json")
+    p.add_argument("--include", nargs="+", choices=KINDS, default=["mean"],
+                   help="mean: mean over residues; per_tok: one embedding per residue; "
+                        "cls: the start token")
+    p.add_argument("--repr_layers", type=int, nargs="+", default=[-1],
+                   help="layers to return: 0 = embeddings, N = last; negative counts from the end")
+    p.add_argument("--max_tokens", type=int, default=8192,
+                   help="token budget per batch (padding included), like ESM's toks_per_batch; "
+                        "a longer window gets a batch of its own")
+    p.add_argument("--max_length", type=int, default=None,
+                   help=f"residues per forward pass (default {DEFAULT_MAX_LENGTH}, or the model's "
+                        f"position limit minus start/end tokens if lower)")
+    p.add_argument("--long", choices=["chunk", "truncate"], default="chunk",
+                   help="longer sequences: overlapping windows averaged, or the first --max_length residues")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="residues shared by consecutive windows with --long chunk "
+                        "(default min(64, max_length // 4))")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast (GPU only; fp32 on CPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only; fp32 on CPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue in an OUTPUT_DIR from an earlier run, skipping sequences already done")
+    p.add_argument("--overwrite", action="store_true", help="replace the embeddings in OUTPUT_DIR")
+    p.add_argument("--export_hf", metavar="DIR", default=None,
+                   help="also write the student as config.json + model.safetensors + vocab.txt to DIR")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a Hub model to run its own code (off unless you trust it)")
+    return p
+
+
+def validate_args(args) -> None:
+    """Every flag problem that needs no model, found before one is loaded."""
+    if (args.fasta is None) != (args.output_dir is None):
+        raise UserError("give both FASTA and OUTPUT_DIR (or neither, with --export_hf only)")
+    if args.fasta is None and args.export_hf is None:
+        raise UserError("nothing to do: give FASTA and OUTPUT_DIR, or --export_hf DIR")
+    if args.max_tokens < 1:
+        raise UserError(f"--max_tokens must be positive (got {args.max_tokens})")
+    if args.max_length is not None and args.max_length < 1:
+        raise UserError(f"--max_length must be positive (got {args.max_length})")
+    if args.overlap is not None and args.overlap < 0:
+        raise UserError(f"--overlap must not be negative (got {args.overlap})")
+    if args.fp16 and args.bf16:
+        raise UserError("choose one of --fp16 and --bf16")
+    if args.resume and args.overwrite:
+        raise UserError("choose one of --resume (continue) and --overwrite (start again)")
+
+
+def resolve_precision(args, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. Half precision on CPU would be slow and lossy: fp32 there."""
+    if device.type == "cpu" and (args.fp16 or args.bf16):
+        warnings.warn(f"--{'fp16' if args.fp16 else 'bf16'} needs a GPU; embedding in fp32 on CPU",
+                      stacklevel=2)
+        return None
+    return distill.resolve_precision(args, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Embedder:
+    """A student or HuggingFace masked LM, seen as: token ids -> hidden states of every layer."""
+    model: nn.Module
+    tokenizer: ResidueTokenizer
+    name: str
+    max_positions: int = sys.maxsize  # tokens incl. start/end; rotary models have no limit
+    metadata: dict = field(default_factory=dict)  # a student's training metadata
+
+    @property
+    def is_student(self) -> bool:
+        return isinstance(self.model, Student)
+
+    @property
+    def num_layers(self) -> int:
+        config = self.model.config
+        return config.num_layers if self.is_student else config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return config.d_model if self.is_student else config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        """num_layers + 1 tensors [B, L, D]: the embedding output, then each layer's output."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.inference_mode(), distill.autocast(self.device, autocast_dtype):
+            if self.is_student:
+                return self.model(input_ids, attention_mask, output_hidden_states=True)["hidden_states"]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=True).hidden_states
+
+
+def load_embedder(name: str, device: torch.device, half: bool = False,
+                  trust_remote_code: bool = False) -> Embedder:
+    """A student checkpoint, an --export_hf folder, or (anything else) a HuggingFace masked LM."""
+    path = Path(name).expanduser()
+    if path.suffix == ".pt" or (path / "model.pt").is_file() or (
+            (path / EXPORTED_WEIGHTS).is_file() and _is_student_config(path / "config.json")):
+        checkpoint = load_student(path, map_location=device)
+    else:
+        from teacher import load_teacher  # transformers is heavy: import it only when needed
+        teacher = load_teacher(name, device=device, half=half, trust_remote_code=trust_remote_code)
+        label = str(path.resolve()) if path.is_dir() else name  # one name per model, for --resume
+        return Embedder(teacher.model, teacher.tokenizer, label, teacher.max_positions)
+    return Embedder(checkpoint.model, checkpoint.tokenizer, str(path.resolve()),
+                    metadata=checkpoint.metadata)
+
+
+def _is_student_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_hf(checkpoint: StudentCheckpoint, directory: str | Path) -> Path:
+    """Write a student as config.json + model.safetensors + vocab.txt + README.md (no pickle).
+
+    config.json has save_student's layout (format, config, metadata), so the folder documents
+    itself; `architecture.load_student` rebuilds the model from it.
+    """
+    model = checkpoint.model
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+              "weights": EXPORTED_WEIGHTS, "num_parameters": model.num_parameters(),
+              "config": asdict(model.config), "metadata": checkpoint.metadata}
+    # Tied tensors share storage, which safetensors refuses: store each key as its own copy.
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    _write(directory / EXPORTED_WEIGHTS, safetensors.torch.save(weights, metadata={"format": "pt"}))
+    _write(directory / "vocab.txt", ("\n".join(model.config.vocab) + "\n").encode())
+    _write(directory / "README.md", _EXPORT_README.format(summary=model.summary()).encode())
+    _write(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return directory
+
+
+_EXPORT_README = """# PepEmb student
+
+{summary}. Token ids follow vocab.txt (one token per line, id = line number); a protein is
+encoded as [cls] residues [eos]. Load it with the PepEmb repository on the Python path:
+
+```python
+from architecture import load_student
+model, tokenizer, metadata = load_student("path/to/this/folder")
+input_ids, attention_mask = tokenizer.batch_encode(["MKTAYIAKQRQISFVKSHFSRQ"])
+hidden = model(input_ids, attention_mask, output_hidden_states=True)["hidden_states"][-1]
+embedding = hidden[0, 1:-1].mean(0)  # mean over residues, start/end tokens excluded
+```
+
+or embed a FASTA file: `python embed.py path/to/this/folder proteins.fasta out/`.
+"""
+
+
+def absolute_layers(repr_layers: Sequence[int], num_layers: int) -> list[int]:
+    """Layer numbers in 0..num_layers (negative ones count from the end), duplicates dropped."""
+    bad = [i for i in repr_layers if not -(num_layers + 1) <= i <= num_layers]
+    if bad:
+        raise UserError(f"--repr_layers {' '.join(map(str, bad))} out of range: the model has "
+                        f"{num_layers} layers, so use 0..{num_layers} (0 = embeddings) or "
+                        f"-{num_layers + 1}..-1 (-1 = last)")
+    return list(dict.fromkeys(i % (num_layers + 1) for i in repr_layers))
+
+
+def window_sizes(args, embedder: Embedder) -> tuple[int, int]:
+    """(residues per window, overlap between windows), checked against the model's limit."""
+    limit = embedder.max_positions - 2
+    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, limit)
+    if max_length > limit:
+        raise UserError(f"--max_length {max_length} exceeds what {embedder.name} takes "
+                        f"({limit} residues plus start/end tokens); pass --max_length {limit} or less")
+    overlap = min(64, max_length // 4) if args.overlap is None else args.overlap
+    if args.long == "chunk" and overlap >= max_length:
+        raise UserError(f"--overlap {overlap} must be smaller than the window (--max_length {max_length})")
+    return max_length, overlap
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+    """Starts of the windows of `window` residues that cover a sequence of `length` residues.
+
+    Consecutive windows share at least `overlap` residues; the last one ends at the sequence's
+    end, so every window is full length and gets the same context.
+    """
+    if length <= window:
+        return [0]
+    return list(range(0, length - window, window - overlap)) + [length - window]
+
+
+@dataclass
+class Embedded:
+    index: int                            # position in the input sequences
+    per_residue: dict[int, torch.Tensor]  # layer -> [residues, D] float32, on the CPU
+    cls: dict[int, torch.Tensor]          # layer -> [D], the start token of the first window
+    windows: int
+
+
+def embed_sequences(embedder: Embedder, sequences: Sequence[str], layers: Sequence[int],
+                    max_tokens: int = 8192, max_length: int = DEFAULT_MAX_LENGTH,
+                    long: str = "chunk", overlap: int = 64,
+                    autocast_dtype: torch.dtype | None = None) -> Iterator[Embedded]:
+    """Embed every sequence, yielding each once all its windows are done (shortest first).
+
+    Windows (a single one per sequence that fits, or with long="truncate") are batched by
+    data.batch_indices under the token budget. A residue's embedding is the mean over the
+    windows that contain it; with one window that is exactly the model's output.
+    """
+    pieces = []  # (sequence index, start, end) of each window
+    for i, sequence in enumerate(sequences):
+        if long == "truncate" or len(sequence) <= max_length:
+            pieces.append((i, 0, min(len(sequence), max_length)))
+        else:
+            pieces += [(i, s, s + max_length) for s in window_starts(len(sequence), max_length, overlap)]
+    texts = [sequences[i][start:end] for i, start, end in pieces]
+    lengths = data.token_lengths(texts, max_length + 2)
+    windows = Counter(i for i, _, _ in pieces)
+    windows_left = windows.copy()
+    sums, counts, cls = {}, {}, {}  # per sequence being assembled
+
+    for batch in data.batch_indices(lengths, max_tokens=max_tokens, shuffle=False):
+        input_ids, attention_mask = embedder.tokenizer.batch_encode(texts[j] for j in batch)
+        hidden = embedder.hidden_states(input_ids, attention_mask, autocast_dtype)
+        hidden = {layer: hidden[layer].float().cpu() for layer in layers}
+        for row, j in enumerate(batch):
+            i, start, end = pieces[j]
+            if i not in sums:
+                n = end if long == "truncate" else len(sequences[i])
+                sums[i] = {layer: torch.zeros(n, embedder.hidden_size) for layer in layers}
+                counts[i] = torch.zeros(n, 1)
+            for layer in layers:
+                sums[i][layer][start:end] += hidden[layer][row, 1:end - start + 1]
+            counts[i][start:end] += 1
+            if start == 0:
+                cls[i] = {layer: hidden[layer][row, 0].clone() for layer in layers}
+            windows_left[i] -= 1
+            if windows_left[i] == 0:
+                count = counts.pop(i)
+                per_residue = {layer: total / count for layer, total in sums.pop(i).items()}
+                yield Embedded(i, per_residue, cls.pop(i), windows[i])
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def file_names(ids: Sequence[str], max_chars: int = 80) -> list[str]:
+    """A distinct, filesystem-safe name per id (distinct even on case-insensitive filesystems).
+
+    Unsafe characters become '_'; an id that had to change, or whose name is taken (a duplicate
+    id, or one differing only in case), gets '-' and 8 hex digits of a hash of (id, occurrence).
+    """
+    names, taken, seen = [], set(), Counter()
+    for id_ in ids:
+        occurrence = seen[id_]
+        seen[id_] += 1
+        base = _UNSAFE.sub("_", id_)[:max_chars].lstrip(".") or "_"
+        name, attempt = base, 0
+        while name == base and base != id_ or name.lower() in taken:
+            digest = hashlib.sha1(f"{id_}\0{occurrence}\0{attempt}".encode()).hexdigest()[:8]
+            name, attempt = f"{base}-{digest}", attempt + 1
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _write(path: Path, payload: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(payload)
+
+
+def _sequence_hash(sequence: str) -> str:
+    return hashlib.sha1(sequence.encode()).hexdigest()
+
+
+def save_embedded(output_dir: Path, name: str, protein: data.Protein, result: Embedded,
+                  include: Sequence[str]) -> None:
+    """per_tok/NAME (if asked), then partial/NAME: a sequence with a partial file is done."""
+    if "per_tok" in include:
+        arrays = {f"layer_{k}": v.numpy() for k, v in result.per_residue.items()}
+        _write(output_dir / "per_tok" / f"{name}.safetensors",
+               safetensors.numpy.save(arrays, metadata={"id": protein.id}))
+    row = {}
+    if "mean" in include:
+        row.update({f"mean_layer_{k}": v.mean(0).numpy() for k, v in result.per_residue.items()})
+    if "cls" in include:
+        row.update({f"cls_layer_{k}": v.numpy() for k, v in result.cls.items()})
+    residues = next(iter(result.per_residue.values())).shape[0]
+    metadata = {"id": protein.id, "sequence_sha1": _sequence_hash(protein.sequence),
+                "residues": str(residues), "windows": str(result.windows)}
+    _write(output_dir / "partial" / f"{name}.safetensors", safetensors.numpy.save(row, metadata=metadata))
+
+
+def partial_metadata(output_dir: Path, name: str) -> dict | None:
+    """The metadata of partial/NAME, or None when there is no complete one."""
+    path = output_dir / "partial" / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, "np") as f:
+            return f.metadata()
+    except Exception:  # safetensors raises its own error types; an unreadable file is not done
+        return None
+
+
+def is_done(output_dir: Path, name: str, protein: data.Protein, include: Sequence[str]) -> bool:
+    """Whether an earlier run embedded this very sequence under this name (for --resume)."""
+    metadata = partial_metadata(output_dir, name)
+    return (metadata is not None and metadata.get("id") == protein.id
+            and metadata.get("sequence_sha1") == _sequence_hash(protein.sequence)
+            and ("per_tok" not in include or (output_dir / "per_tok" / f"{name}.safetensors").is_file()))
+
+
+def write_embeddings_npz(output_dir: Path, proteins: Sequence[data.Protein], names: Sequence[str],
+                         layers: Sequence[int], include: Sequence[str]) -> dict[str, tuple]:
+    """embeddings.npz from the partial files, rows in input order; returns {array: shape}."""
+    rows, residues = [], []
+    for name in names:
+        path = output_dir / "partial" / f"{name}.safetensors"
+        rows.append(safetensors.numpy.load_file(path))
+        residues.append(int(partial_metadata(output_dir, name)["residues"]))
+    arrays = {"ids": np.array([p.id for p in proteins]), "lengths": np.array(residues, dtype=np.int64)}
+    if "per_tok" in include:
+        arrays["per_tok_files"] = np.array([f"per_tok/{name}.safetensors" for name in names])
+    for kind in ("mean", "cls"):
+        if kind in include:
+            for layer in layers:
+                key = f"{kind}_layer_{layer}"
+                arrays[key] = np.stack([row[key] for row in rows]).astype(np.float32)
+    with atomic_open(output_dir / "embeddings.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    return {k: list(v.shape) for k, v in arrays.items()}
+
+
+OUTPUTS = ("manifest.json", "embeddings.npz", "partial", "per_tok")
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> dict | None:
+    """The earlier run's manifest (to resume), None for a fresh start; refuses to mix runs."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"OUTPUT_DIR {output_dir} is a file; pass a folder")
+    manifest_path = output_dir / "manifest.json"
+    if not manifest_path.is_file():
+        if resume:
+            print(f"--resume: no earlier run in {output_dir}; starting fresh")
+        return None
+    if not (resume or overwrite):
+        raise UserError(f"{output_dir} already holds embeddings ({manifest_path}); pass --resume "
+                        "to continue that run, --overwrite to replace it, or another OUTPUT_DIR")
+    if overwrite:
+        return None
+    try:
+        return json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{manifest_path} is not valid JSON ({err}); use --overwrite") from None
+
+
+def clear_outputs(output_dir: Path) -> None:
+    """Remove this script's outputs (and nothing else) from output_dir."""
+    for name in OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def write_manifest(output_dir: Path, manifest: dict) -> None:
+    _write(output_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    previous = check_output_dir(output_dir, args.resume, args.overwrite) if output_dir else None
+    proteins = data.read_fasta(args.fasta, drop_duplicates=False) if args.fasta else []
+
+    device = distill.resolve_device(args.device)
+    autocast_dtype = resolve_precision(args, device)
+    embedder = load_embedder(args.model, device, half=autocast_dtype == torch.float16,
+                             trust_remote_code=args.trust_remote_code)
+    if args.export_hf:
+        if not embedder.is_student:
+            raise UserError(f"--export_hf needs a student checkpoint; {args.model} is a HuggingFace model")
+        export_hf(StudentCheckpoint(embedder.model, embedder.tokenizer, embedder.metadata),
+                  args.export_hf)
+        print(f"exported {embedder.model.summary()} to {args.export_hf}")
+    if output_dir is None:
+        return None
+
+    layers = absolute_layers(args.repr_layers, embedder.num_layers)
+    max_length, overlap = window_sizes(args, embedder)
+    include = [kind for kind in KINDS if kind in args.include]
+    precision = str(autocast_dtype or torch.float32).replace("torch.", "")
+    settings = {"model": embedder.name, "layers": layers, "include": include, "max_length": max_length,
+                "long": args.long, "overlap": overlap if args.long == "chunk" else None,
+                "precision": precision}
+    if previous is not None and previous.get("settings") != settings:
+        changed = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
+        raise UserError(f"{output_dir} holds embeddings made with other settings "
+                        f"({', '.join(changed) or 'format'} differ); rerun with the same options, "
+                        f"--overwrite, or another OUTPUT_DIR")
+    if previous is None:
+        clear_outputs(output_dir)
+    return embed_fasta(embedder, proteins, output_dir, settings, args, autocast_dtype)
+
+
+def embed_fasta(embedder: Embedder, proteins: Sequence[data.Protein], output_dir: Path,
+                settings: dict, args, autocast_dtype: torch.dtype | None) -> dict:
+    """Embed the proteins not done yet, then write embeddings.npz and the final manifest."""
+    from tqdm.auto import tqdm
+
+    names = file_names([p.id for p in proteins])
+    duplicates = {id_: n for id_, n in Counter(p.id for p in proteins).items() if n > 1}
+    if duplicates:
+        shown = ", ".join(f"{id_} ({n}x)" for id_, n in list(duplicates.items())[:5])
+        print(f"note: {len(duplicates)} ids occur more than once: {shown}"
+              f"{', ...' if len(duplicates) > 5 else ''}; all records are kept, with distinct file names")
+    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
+                "complete": False, "settings": settings, "fasta": str(args.fasta),
+                "repr_layers": args.repr_layers, "max_tokens": args.max_tokens}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(output_dir, manifest)
+
+    todo = [i for i, (p, name) in enumerate(zip(proteins, names))
+            if not is_done(output_dir, name, p, settings["include"])]
+    if len(todo) < len(proteins):
+        print(f"resume: {len(proteins) - len(todo)} of {len(proteins)} sequences already embedded")
+    max_length = settings["max_length"]
+    start = time.perf_counter()
+    residues_done = 0
+    bar = tqdm(total=len(todo), desc="embed", unit="seq", dynamic_ncols=True)
+    for result in embed_sequences(embedder, [proteins[i].sequence for i in todo], settings["layers"],
+                                  max_tokens=args.max_tokens, max_length=max_length, long=args.long,
+                                  overlap=settings["overlap"] or 0, autocast_dtype=autocast_dtype):
+        i = todo[result.index]
+        save_embedded(output_dir, names[i], proteins[i], result, settings["include"])
+        residues_done += next(iter(result.per_residue.values())).shape[0]
+        bar.update(1)
+        bar.set_postfix(res_s=f"{residues_done / max(time.perf_counter() - start, 1e-9):.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    arrays = write_embeddings_npz(output_dir, proteins, names, settings["layers"], settings["include"])
+    too_long = sum(len(p.sequence) > max_length for p in proteins)
+    manifest.update({
+        "complete": True,
+        "model": {"name": embedder.name, "kind": "student" if embedder.is_student else "huggingface",
+                  "num_layers": embedder.num_layers,
+                  "num_parameters": sum(p.numel() for p in embedder.model.parameters()),
+                  "vocab_hash": embedder.tokenizer.vocab_hash},
+        "device": str(embedder.device), "embedding_dim": embedder.hidden_size, "dtype": "float32",
+        "counts": {"sequences": len(proteins), "residues": int(sum(len(p.sequence) for p in proteins)),
+                   "embedded_this_run": len(todo), "already_done": len(proteins) - len(todo),
+                   "truncated": too_long if args.long == "truncate" else 0,
+                   "chunked": too_long if args.long == "chunk" else 0},
+        "duplicate_ids": duplicates,
+        "arrays": arrays,
+        "elapsed_s": elapsed, "sequences_per_s": len(todo) / elapsed if todo else None,
+        "residues_per_s": residues_done / elapsed if todo else None,
+    })
+    write_manifest(output_dir, manifest)
+    print(f"embedded {len(todo)} sequences ({residues_done} residues) in {elapsed:.1f} s; "
+          f"{len(proteins)} rows in {output_dir / 'embeddings.npz'}")
+    return manifest
+
+
+if __name__ == "__main__":
+    cli.run(main)
