@@ -13,10 +13,10 @@
 #   DEVICE         auto | cpu | cuda | mps [auto]
 #   USE_WANDB      1 to set up W&B (setup_wandb.py) and log the run [0]
 #   MAX_STEPS      optimizer steps [offline preset: 300; ProtBert: 300 on a GPU, 20 on a CPU]
-#   D_MODEL NUM_HEADS NUM_LAYERS   student size [256 4 4]
+#   D_MODEL NUM_HEADS NUM_LAYERS   student size [128 4 4]
 #   BATCH_SIZE     sequences per batch [32]
 #   MAX_SEQ_LEN    tokens per sequence incl. start/end [offline preset: 160; ProtBert: 256]
-#   LEARNING_RATE  peak learning rate [1e-3]
+#   LEARNING_RATE  peak learning rate [2e-3]
 #   USE_8BIT       1 for an 8-bit teacher (int8 on CPU, bitsandbytes on CUDA) [1 on CPU, else 0]
 #   SEQUENCE       protein to visualize [the first test-split sequence]
 #   PYTHON         interpreter [the repo's .venv/bin/python if present, else python3]
@@ -32,11 +32,11 @@ NUM_SEQUENCES="${NUM_SEQUENCES:-1000}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/test_run}"
 DEVICE="${DEVICE:-auto}"
 USE_WANDB="${USE_WANDB:-0}"
-D_MODEL="${D_MODEL:-256}"
+D_MODEL="${D_MODEL:-128}"
 NUM_HEADS="${NUM_HEADS:-4}"
 NUM_LAYERS="${NUM_LAYERS:-4}"
 BATCH_SIZE="${BATCH_SIZE:-32}"
-LEARNING_RATE="${LEARNING_RATE:-1e-3}"
+LEARNING_RATE="${LEARNING_RATE:-2e-3}"
 mkdir -p "$OUTPUT_DIR"
 OUTPUT_DIR="$(cd "$OUTPUT_DIR" && pwd)"  # absolute: the stages run from the repo root
 cd "$REPO"
