@@ -45,7 +45,7 @@ from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
-from architecture import ResidueTokenizer, load_student  # noqa: E402
+from architecture import ResidueTokenizer, atomic_open, load_student  # noqa: E402
 from cli import UserError  # noqa: E402
 from distill import resolve_device  # noqa: E402
 
@@ -57,6 +57,9 @@ ACTIVATION_BUDGET = 2**24
 # Attention is mostly small weights with a few large ones: a square-root colour scale shows both.
 ATTENTION_GAMMA = 0.5
 ATTENTION_BAR_LABEL = "attention weight (square-root colour scale)"
+# Residues explained by default (ESM's 1,022): attention maps and saliency grow with the square of
+# the length, so a 100,000-residue protein would need hundreds of GB; --max_length raises it.
+DEFAULT_MAX_LENGTH = 1022
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,55 +329,46 @@ def save(fig, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
-def plot_layer_heads(layer_attention: torch.Tensor, labels: list[str], title: str, path: Path,
-                     written: list[Path]) -> None:
-    """Every head of one layer as a grid of heatmaps sharing one colour scale."""
-    heads = layer_attention.shape[0]
-    ncols = math.ceil(math.sqrt(heads))
-    nrows = math.ceil(heads / ncols)
-    panel = min(max(len(labels) / 12, 3.2), 6.0, MAX_GRID_WIDTH / ncols)
+def plot_attention_grid(maps: torch.Tensor, panel_name: str, labels: list[str], title: str,
+                        bar_label: str, path: Path, written: list[Path], *, panel_scale: float,
+                        max_labels: int, axis_names: tuple[str, str]) -> None:
+    """Attention maps [n, L, L] as a near-square grid of heatmaps sharing one colour scale."""
+    count = maps.shape[0]
+    ncols = math.ceil(math.sqrt(count))
+    nrows = math.ceil(count / ncols)
+    panel = min(max(len(labels) / panel_scale, 3.0), 6.0, MAX_GRID_WIDTH / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols + 1.2, panel * nrows + 0.8),
                              squeeze=False, layout="constrained")
-    vmax = float(layer_attention.max())
-    for head, ax in enumerate(axes.flat):
-        if head >= heads:
+    vmax = float(maps.max())
+    for index, ax in enumerate(axes.flat):
+        if index >= count:
             ax.set_visible(False)
             continue
-        image = ax.imshow(layer_attention[head], cmap="viridis", interpolation="nearest",
+        image = ax.imshow(maps[index], cmap="viridis", interpolation="nearest",
                           norm=PowerNorm(ATTENTION_GAMMA, vmin=0, vmax=vmax))
-        ax.set_title(f"head {head + 1}", fontsize=10)
-        label_tokens(ax, labels, max_labels=24, fontsize=6)
-        ax.set_xlabel("key (attended-to token)", fontsize=8)
-        ax.set_ylabel("query token", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.6, label=ATTENTION_BAR_LABEL)
+        ax.set_title(f"{panel_name} {index + 1}", fontsize=10)
+        label_tokens(ax, labels, max_labels=max_labels, fontsize=6)
+        ax.set_xlabel(axis_names[0], fontsize=8)
+        ax.set_ylabel(axis_names[1], fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label=bar_label)
     fig.suptitle(title, fontsize=12)
     save(fig, path, written)
+
+
+def plot_layer_heads(layer_attention: torch.Tensor, labels: list[str], title: str, path: Path,
+                     written: list[Path]) -> None:
+    """Every head of one layer."""
+    plot_attention_grid(layer_attention, "head", labels, title, ATTENTION_BAR_LABEL, path, written,
+                        panel_scale=12, max_labels=24,
+                        axis_names=("key (attended-to token)", "query token"))
 
 
 def plot_layer_means(attentions: torch.Tensor, labels: list[str], title: str, path: Path,
                      written: list[Path]) -> None:
     """The head-averaged attention map of every layer, one panel per layer."""
-    means = attentions.mean(1)
-    layers = means.shape[0]
-    ncols = math.ceil(math.sqrt(layers))
-    nrows = math.ceil(layers / ncols)
-    panel = min(max(len(labels) / 14, 3.0), 5.0, MAX_GRID_WIDTH / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols + 1.2, panel * nrows + 0.8),
-                             squeeze=False, layout="constrained")
-    vmax = float(means.max())
-    for layer, ax in enumerate(axes.flat):
-        if layer >= layers:
-            ax.set_visible(False)
-            continue
-        image = ax.imshow(means[layer], cmap="viridis", interpolation="nearest",
-                          norm=PowerNorm(ATTENTION_GAMMA, vmin=0, vmax=vmax))
-        ax.set_title(f"layer {layer + 1}", fontsize=10)
-        label_tokens(ax, labels, max_labels=20, fontsize=6)
-        ax.set_xlabel("key", fontsize=8)
-        ax.set_ylabel("query", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight, mean over heads (square-root colour scale)")
-    fig.suptitle(title, fontsize=12)
-    save(fig, path, written)
+    plot_attention_grid(attentions.mean(1), "layer", labels, title,
+                        "attention weight, mean over heads (square-root colour scale)", path, written,
+                        panel_scale=14, max_labels=20, axis_names=("key", "query"))
 
 
 def plot_single_head(attention: torch.Tensor, labels: list[str], title: str, path: Path,
@@ -634,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Integrated Gradients samples (targets x steps) per forward pass "
                         "(default: about 1 GB of activations' worth)")
     p.add_argument("--top_k", type=int, default=10, help="residues in important_residues.csv (default: 10)")
+    p.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="refuse longer sequences: memory grows with the square of the length "
+                        f"(default: {DEFAULT_MAX_LENGTH})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when available (default: auto)")
     return p
@@ -642,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_args(args) -> None:
     if (args.layer is None) != (args.head is None):
         raise UserError("--layer and --head go together: pass both (1-based), or neither")
-    for flag in ("max_positions", "n_steps", "top_k", "internal_batch_size"):
+    for flag in ("max_positions", "n_steps", "top_k", "internal_batch_size", "max_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
@@ -662,16 +659,24 @@ def check_layer_head(args, explainers: list[Explainer]) -> None:
 
 def read_proteins(args, tokenizer: ResidueTokenizer) -> list[data.Protein]:
     if args.sequence is not None:
-        return [data.Protein("query", "", check_sequence(args.sequence, tokenizer, "--sequence"))]
-    proteins = data.read_fasta(args.fasta)
-    return [data.Protein(p.id, p.description, check_sequence(p.sequence, tokenizer,
-                                                              f"{args.fasta}, {p.id}"))
-            for p in proteins]
+        records = [(data.Protein("query", "", args.sequence), "--sequence")]
+    else:
+        records = [(p, f"{args.fasta}, {p.id}") for p in data.read_fasta(args.fasta)]
+    proteins = []
+    for protein, where in records:
+        sequence = check_sequence(protein.sequence, tokenizer, where)
+        if len(sequence) > args.max_length:
+            raise UserError(f"{where}: {len(sequence):,} residues, more than --max_length "
+                            f"{args.max_length} (attention maps and saliency grow with the square of "
+                            f"the length); pass a window of it with --sequence, or raise --max_length")
+        proteins.append(data.Protein(protein.id, protein.description, sequence))
+    return proteins
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     validate_args(args)
+    output_dir = cli.writable_folder(args.output_dir, "--output_dir")
     device = resolve_device(args.device)
     explainers = [load_student_explainer(args.model_path, device)]
     proteins = read_proteins(args, explainers[0].tokenizer)
@@ -690,9 +695,6 @@ def main(argv=None):
     plans = [(p, *choose_targets(len(p.sequence), args.target_position, args.positions,
                                  args.max_positions)) for p in proteins]
 
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     taken: set[str] = set()
     summaries = [explain_sequence(explainers, protein, targets, note,
                                   output_dir / safe_folder_name(protein.id, taken)
@@ -705,7 +707,8 @@ def main(argv=None):
                "numbering": "layers, heads and residue positions are 1-based; head_stats rows "
                             "are layers, columns heads",
                "sequences": summaries, "files": files + [str(output_dir / "summary.json")]}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_open(output_dir / "summary.json", "w") as handle:
+        handle.write(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {len(files)} figures and tables to {output_dir}/ (listed in "
           f"{output_dir / 'summary.json'})")
 
