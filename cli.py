@@ -7,7 +7,9 @@ raise with a full traceback, which is what a developer needs.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from architecture import CheckpointError
@@ -18,6 +20,24 @@ class UserError(Exception):
 
 
 USER_ERRORS = (UserError, CheckpointError)
+
+
+def writable_folder(path: str | os.PathLike, flag: str) -> Path:
+    """`path`, once it is known to be a folder this process can write in, or one it can create.
+
+    Checked before any work and without creating anything, so that a run stopped by a later error
+    leaves no empty folder behind; `flag` names the argument in the message ("--output_dir").
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise UserError(f"{flag} {path} {where}; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {existing}")
+    return path
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:

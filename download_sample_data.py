@@ -69,11 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first retry delay in seconds; doubles on each retry")
     args = p.parse_args(argv)
     if args.num_sequences < 1:
-        p.error("--num_sequences must be at least 1")
+        raise cli.UserError(f"--num_sequences must be at least 1 (got {args.num_sequences})")
     if not 1 <= args.min_length <= args.max_length:
-        p.error("need 1 <= --min_length <= --max_length")
+        raise cli.UserError(f"need 1 <= --min_length <= --max_length (got {args.min_length} and "
+                            f"{args.max_length})")
     if args.timeout <= 0 or args.retries < 0 or args.backoff < 0:
-        p.error("--timeout must be positive, --retries and --backoff non-negative")
+        raise cli.UserError("--timeout must be positive, --retries and --backoff non-negative")
+    cli.writable_folder(args.output_dir, "--output_dir")
     return args
 
 

@@ -425,8 +425,6 @@ OUTPUTS = ("manifest.json", "embeddings.npz", "partial", "per_tok")
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> dict | None:
     """The earlier run's manifest (to resume), None for a fresh start; refuses to mix runs."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"OUTPUT_DIR {output_dir} is a file; pass a folder")
     manifest_path = output_dir / "manifest.json"
     if not manifest_path.is_file():
         if resume:
@@ -464,7 +462,9 @@ def write_manifest(output_dir: Path, manifest: dict) -> None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     validate_args(args)
-    output_dir = Path(args.output_dir) if args.output_dir else None
+    output_dir = cli.writable_folder(args.output_dir, "OUTPUT_DIR") if args.output_dir else None
+    if args.export_hf:
+        cli.writable_folder(args.export_hf, "--export_hf")
     previous = check_output_dir(output_dir, args.resume, args.overwrite) if output_dir else None
     proteins = data.read_fasta(args.fasta, drop_duplicates=False) if args.fasta else []
 
