@@ -4,18 +4,21 @@ Every script reads sequences through `read_fasta` / `load_splits`, so bad input 
 with one line naming the file and line. The training-side helpers are vectorised torch:
   - `mask_tokens`: BERT's 15% / 80-10-10 masking of residue positions,
   - `batch_indices`: length-sorted batches under a token budget (ESM's toks_per_batch),
-  - `collate`: crop, encode, pad to the batch's longest, mask.
+  - `collate`: crop, encode, pad to the batch's longest, mask; each sequence with its own seed,
+  - `masked_batch`: sequences by index, masked as mask variant v prescribes (`mask_seeds`), so
+    sequence j of variant v looks the same in any batch, epoch or run.
 """
 from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import random
 import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -28,6 +31,7 @@ SHIPPED_ANTIBODIES = DATA_DIR / "antibody_sample.fasta"
 SPLIT_NAMES = ("train", "val", "test")
 
 IGNORE_INDEX = -100  # label of positions the MLM loss skips (torch's cross_entropy default)
+VALIDATION_VARIANT = -1  # the mask variant of fixed evaluation masks; training variants are 0, 1, ...
 
 
 @dataclass(frozen=True)
@@ -227,24 +231,37 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer, mask_prob: float = 0.15,
     With mask_prob > 0 every row that has a residue gets at least one chosen position (its
     lowest random draw), so no sequence contributes an empty loss.
     """
+    draws = torch.rand((3, *input_ids.shape), generator=generator, device=input_ids.device)
+    return _mask_with_draws(input_ids, tokenizer, mask_prob, draws)
+
+
+def _mask_with_draws(input_ids: torch.Tensor, tokenizer, mask_prob: float, draws: torch.Tensor):
+    """mask_tokens given its uniform draws [3, B, L]: draws[0] chooses the positions, draws[1]
+    mask / random residue / keep, draws[2] the random residue."""
     device = input_ids.device
     specials = torch.tensor(tokenizer.special_ids, device=device)
     candidates = ~torch.isin(input_ids, specials)
-    draws = torch.rand(input_ids.shape, generator=generator, device=device)
-    chosen = (draws < mask_prob) & candidates
+    chosen = (draws[0] < mask_prob) & candidates
     if mask_prob > 0:
-        forced = draws.masked_fill(~candidates, 2.0).argmin(dim=1)
+        forced = draws[0].masked_fill(~candidates, 2.0).argmin(dim=1)
         rows = candidates.any(dim=1).nonzero().squeeze(1)
         chosen[rows, forced[rows]] = True
 
-    action = torch.rand(input_ids.shape, generator=generator, device=device)
+    action = draws[1]
     residue_ids = torch.tensor(tokenizer.residue_ids, device=device)
-    random_residues = residue_ids[torch.randint(len(residue_ids), input_ids.shape,
-                                                generator=generator, device=device)]
+    # float32 u * n can round up to n itself: clamp to the last index
+    random_residues = residue_ids[(draws[2] * len(residue_ids)).long().clamp(max=len(residue_ids) - 1)]
     masked = torch.where(chosen & (action < 0.8), tokenizer.mask_id, input_ids)
     masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_residues, masked)
     labels = torch.where(chosen, input_ids, IGNORE_INDEX)
     return masked, labels
+
+
+def mask_seeds(seed: int, variant: int, indices: Iterable[int]) -> list[int]:
+    """The generator seed of each sequence in `indices` under mask variant `variant`: a hash of
+    (seed, variant, index), so that every (variant, sequence) pair has its own crop and mask."""
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{variant}:{j}".encode(), digest_size=8).digest(),
+                           "little") >> 1 for j in indices]
 
 
 def token_lengths(sequences: Sequence[str], max_seq_len: int) -> list[int]:
@@ -298,22 +315,53 @@ def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int])
 
 
 def collate(sequences: Sequence[str], tokenizer, max_seq_len: int, mask_prob: float = 0.15,
-            generator: torch.Generator | None = None, random_crop: bool = True) -> dict:
+            seeds: Sequence[int] | None = None, random_crop: bool = True) -> dict:
     """Crop, encode, pad to the batch's longest and mask -> dict(input_ids, attention_mask, labels).
 
-    Sequences longer than max_seq_len - 2 residues are cropped to a window: a random one
-    (drawn from `generator`) with `random_crop`, else the N-terminal one, for evaluation.
-    input_ids are the masked ids; labels come from `mask_tokens`.
+    Sequence i is cropped and masked with its own generator, seeded with seeds[i] (None: seeds
+    drawn from torch's global RNG): its first draw places the crop window, the next 3 per token
+    mask it. Nothing else enters, so a sequence comes out the same in any batch, at any padding.
+    Sequences longer than max_seq_len - 2 residues are cropped to a window: a random one with
+    `random_crop`, else the N-terminal one, for evaluation. input_ids are the masked ids; labels
+    are as `mask_tokens` makes them.
     """
     window = max_seq_len - 2
     if window < 1:
         raise UserError(f"--max_seq_len must be at least 3 (cls, one residue, eos), got {max_seq_len}")
-    excess = torch.tensor([max(len(s) - window, 0) for s in sequences])
-    if random_crop:
-        starts = (torch.rand(len(sequences), generator=generator) * (excess + 1)).long().tolist()
-    else:
-        starts = [0] * len(sequences)
+    if seeds is None:
+        seeds = torch.randint(2**62, (len(sequences),)).tolist()
+    if len(seeds) != len(sequences):
+        raise ValueError(f"{len(seeds)} seeds for {len(sequences)} sequences")
+    lengths = token_lengths(sequences, max_seq_len)
+    row_draws = [torch.rand(1 + 3 * n, generator=torch.Generator().manual_seed(int(seed)))
+                 for seed, n in zip(seeds, lengths)]
+    windows = [len(s) - min(len(s), window) + 1 for s in sequences]  # possible crop starts
+    starts = [int(float(u[0]) * w) if random_crop else 0 for u, w in zip(row_draws, windows)]
     cropped = [s[start:start + window] for s, start in zip(sequences, starts)]
     input_ids, attention_mask = tokenizer.batch_encode(cropped)
-    masked, labels = mask_tokens(input_ids, tokenizer, mask_prob, generator)
+    draws = torch.ones((3, *input_ids.shape))  # a draw of 1 never chooses a position: padding
+    for row, (u, n) in enumerate(zip(row_draws, lengths)):
+        draws[:, row, :n] = u[1:].view(3, n)
+    masked, labels = _mask_with_draws(input_ids, tokenizer, mask_prob, draws)
     return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+
+
+def masked_batch(sequences: Sequence[str], indices: Sequence[int], tokenizer, max_seq_len: int,
+                 mask_prob: float, seed: int, variant: int) -> dict:
+    """collate of sequences[indices], each masked as mask variant `variant` prescribes (training
+    variants 0, 1, ... crop a random window; VALIDATION_VARIANT the N-terminal one), plus
+    "sequence_index": the indices, a LongTensor [B]."""
+    batch = collate([sequences[j] for j in indices], tokenizer, max_seq_len, mask_prob,
+                    seeds=mask_seeds(seed, variant, indices), random_crop=variant != VALIDATION_VARIANT)
+    batch["sequence_index"] = torch.tensor(list(indices), dtype=torch.long)
+    return batch
+
+
+def kl_positions(labels: torch.Tensor, attention_mask: torch.Tensor, distill_positions: str) -> torch.Tensor:
+    """Where the distillation term is taken, [B, L] bool: the masked positions, or ("all") every
+    non-pad one."""
+    if distill_positions == "masked":
+        return labels != IGNORE_INDEX
+    if distill_positions == "all":
+        return attention_mask.bool()
+    raise ValueError(f"distill_positions must be 'masked' or 'all', not {distill_positions!r}")

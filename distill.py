@@ -11,6 +11,13 @@ Loss on masked positions (masked LM at --mask_prob):
 
 The loop is flat, top to bottom, like nanoGPT's train.py. Every batch is rebuilt from
 (seed, epoch, batch index) and checkpoints hold every RNG, so `--resume` continues exactly.
+Each sequence's crop and mask come from (seed, mask variant, sequence index) alone: epoch e
+uses variant e (fresh masks every epoch), validation a fixed one.
+
+With --teacher_cache DIR the teacher runs once per (mask variant, sequence): epoch e uses
+variant e mod --mask_variants, the first K epochs store the teacher's logits in DIR as they are
+computed and later epochs, and later runs with the same data and masking, read them instead
+(see teacher_cache.py; cache_teacher.py fills DIR ahead of training).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import cli
 import data
 from architecture import Student, StudentConfig, save_student
 from cli import UserError
+from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 
 TRAINING_STATE = "training_state.pt"
 
@@ -46,29 +54,8 @@ TRAINING_STATE = "training_state.pt"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_path", required=True,
-                   help="folder with train/val/test.fasta (download_sample_data.py) or one FASTA "
-                        "file, split deterministically")
-    g.add_argument("--output_dir", default="checkpoints", help="checkpoints, metrics and plots go here")
-    g.add_argument("--max_seq_len", type=int, default=512,
-                   help="tokens per sequence incl. start/end; longer ones are cropped "
-                        "(random window in training, fixed in evaluation)")
-    g.add_argument("--batch_size", type=int, default=32, help="sequences per batch (ignored with --max_tokens)")
-    g.add_argument("--max_tokens", type=int, default=None,
-                   help="token budget per batch (padded tokens) instead of --batch_size, like ESM's toks_per_batch")
-    g.add_argument("--mask_prob", type=float, default=0.15, help="fraction of residues masked (80/10/10)")
-    g.add_argument("--val_fraction", type=float, default=0.1, help="validation share when --data_path is one file")
-    g.add_argument("--test_fraction", type=float, default=0.1, help="test share when --data_path is one file")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes for batch building")
-
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher_model", default="Rostlab/prot_bert",
-                   help="HF masked LM: Hub id, local folder (save_pretrained), or 'antiberty' (offline)")
-    g.add_argument("--use_8bit", action="store_true",
-                   help="8-bit teacher: bitsandbytes on CUDA, torch dynamic int8 on CPU")
-    g.add_argument("--trust_remote_code", action="store_true",
-                   help="allow a Hub teacher to run its own code (off unless you trust it)")
+    add_data_arguments(p)
+    add_teacher_arguments(p)
 
     g = p.add_argument_group("student")
     g.add_argument("--d_model", type=int, default=384, help="hidden size")
@@ -81,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill_weight", type=float, default=0.5, help="weight of the KL term")
     g.add_argument("--task_weight", type=float, default=0.5, help="weight of the masked-LM cross-entropy")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
-    g.add_argument("--distill_positions", choices=["masked", "all"], default="masked",
-                   help="where the KL term is taken: masked positions or every non-pad position")
     g.add_argument("--hidden_weight", type=float, default=0.0,
                    help="weight of a cosine loss between projected student and teacher last hidden states")
 
@@ -97,14 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--max_bad_steps", type=int, default=10,
                    help="stop after this many non-finite losses in a row (each one is skipped)")
-    g.add_argument("--seed", type=int, default=42, help="seeds data order, masks, init and dropout")
 
-    g = p.add_argument_group("precision and device")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
-    g.add_argument("--fp16", action="store_true", help="fp16 autocast + GradScaler (CUDA; falls back to fp32 on CPU)")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; allowed but slow on most CPUs)")
+    add_device_arguments(p)
 
     g = p.add_argument_group("evaluation, checkpoints, monitoring")
+    g.add_argument("--output_dir", default="checkpoints", help="checkpoints, metrics and plots go here")
     g.add_argument("--eval_every", type=int, default=500, help="evaluate every N steps (and at each epoch end)")
     g.add_argument("--save_every", type=int, default=1000, help="write checkpoint-STEP/ every N steps")
     g.add_argument("--keep_last", type=int, default=3, help="keep only the newest N checkpoint-STEP folders")
@@ -117,17 +99,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Argument groups shared with cache_teacher.py, so that both read data, teacher and masks alike.
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", required=True,
+                   help="folder with train/val/test.fasta (download_sample_data.py) or one FASTA "
+                        "file, split deterministically")
+    g.add_argument("--max_seq_len", type=int, default=512,
+                   help="tokens per sequence incl. start/end; longer ones are cropped "
+                        "(random window in training, fixed in evaluation)")
+    g.add_argument("--batch_size", type=int, default=32, help="sequences per batch (ignored with --max_tokens)")
+    g.add_argument("--max_tokens", type=int, default=None,
+                   help="token budget per batch (padded tokens) instead of --batch_size, like ESM's toks_per_batch")
+    g.add_argument("--mask_prob", type=float, default=0.15, help="fraction of residues masked (80/10/10)")
+    g.add_argument("--val_fraction", type=float, default=0.1, help="validation share when --data_path is one file")
+    g.add_argument("--test_fraction", type=float, default=0.1, help="test share when --data_path is one file")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes for batch building")
+    g.add_argument("--seed", type=int, default=42, help="seeds the split, data order, masks, init and dropout")
+
+
+def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher and teacher cache")
+    g.add_argument("--teacher_model", default="Rostlab/prot_bert",
+                   help="HF masked LM: Hub id, local folder (save_pretrained), or 'antiberty' (offline)")
+    g.add_argument("--use_8bit", action="store_true",
+                   help="8-bit teacher: bitsandbytes on CUDA, torch dynamic int8 on CPU")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a Hub teacher to run its own code (off unless you trust it)")
+    g.add_argument("--distill_positions", choices=["masked", "all"], default="masked",
+                   help="where the KL term is taken, and what a teacher cache stores: masked positions "
+                        "or every non-pad position")
+    g.add_argument("--teacher_cache", default=None, metavar="DIR",
+                   help="keep the teacher's logits in DIR (fp16; with a 30-token vocabulary about 9 bytes per "
+                        "token and mask variant, 60 with --distill_positions all): the first --mask_variants "
+                        "epochs fill it, later epochs and later runs with the same data, teacher and masking "
+                        "read it without loading the teacher")
+    g.add_argument("--mask_variants", type=int, default=4,
+                   help="with --teacher_cache: fixed masks per training sequence (epoch e uses variant e mod K); "
+                        "more variants mean more mask diversity but more teacher passes and disk")
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision and device")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 autocast + GradScaler, fp16 teacher (CUDA; falls back to fp32 on CPU)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast, fp16 teacher (CUDA; allowed but slow on most CPUs)")
+
+
 def validate_args(args) -> None:
     """Every flag problem, found before any model is loaded."""
-    positive = ["max_seq_len", "batch_size", "num_epochs", "grad_accumulation_steps", "eval_every",
-                "save_every", "log_every", "d_model", "num_heads", "num_layers", "max_bad_steps"]
+    validate_shared_args(args)
+    positive = ["num_epochs", "grad_accumulation_steps", "eval_every", "save_every", "log_every", "d_model",
+                "num_heads", "num_layers", "max_bad_steps"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ["max_tokens", "max_steps", "d_ff"]:
+    for name in ["max_steps", "d_ff"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ["warmup_steps", "num_workers", "keep_last", "weight_decay", "max_grad_norm",
+    for name in ["warmup_steps", "keep_last", "weight_decay", "max_grad_norm",
                  "distill_weight", "task_weight", "hidden_weight"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(args, name)})")
@@ -135,23 +168,36 @@ def validate_args(args) -> None:
         raise UserError(f"--num_heads {args.num_heads} does not divide --d_model {args.d_model}")
     if (args.d_model // args.num_heads) % 2:
         raise UserError(f"head size d_model/num_heads = {args.d_model // args.num_heads} must be even for RoPE")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.distill_weight == 0 and args.task_weight == 0 and args.hidden_weight == 0:
+        raise UserError("all loss weights are 0: set --distill_weight and/or --task_weight")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
+    if args.teacher_cache and args.hidden_weight > 0:
+        raise UserError("--teacher_cache stores logits only; drop --hidden_weight or the cache")
+
+
+def validate_shared_args(args) -> None:
+    """The checks of the data, teacher and device arguments (cache_teacher.py's too)."""
+    for name in ["max_seq_len", "batch_size", "mask_variants"]:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UserError(f"--max_tokens must be positive (got {args.max_tokens})")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must not be negative (got {args.num_workers})")
     if args.max_seq_len < 3:
         raise UserError("--max_seq_len must leave room for start, end and one residue (>= 3)")
     if args.max_tokens is not None and args.max_tokens < args.max_seq_len:
         raise UserError(f"--max_tokens {args.max_tokens} is smaller than --max_seq_len {args.max_seq_len}: "
                         "a full-length sequence would not fit in a batch")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
-    if args.distill_weight == 0 and args.task_weight == 0 and args.hidden_weight == 0:
-        raise UserError("all loss weights are 0: set --distill_weight and/or --task_weight")
     if not 0 < args.mask_prob < 1:
         raise UserError(f"--mask_prob must be between 0 and 1 (got {args.mask_prob})")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1) (got {args.dropout})")
     if args.fp16 and args.bf16:
         raise UserError("choose one of --fp16 and --bf16")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,20 +234,36 @@ def resolve_precision(args, device: torch.device) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: every batch is a pure function of (seed, epoch, index)
+# Data: every batch is a pure function of (seed, epoch, index), every mask of (seed, variant, sequence)
 # --------------------------------------------------------------------------------------------
 
-def batch_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + (epoch + 1) * 10_007 + index) % (2**63)
+def load_sequences(args) -> tuple[list[str], list[str]]:
+    """The training and validation sequences of --data_path."""
+    splits = data.load_splits(args.data_path, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, seed=args.seed)
+    train_seqs = [p.sequence for p in splits["train"]]
+    val_seqs = [p.sequence for p in splits["val"]]
+    if not train_seqs or not val_seqs:
+        raise UserError(f"{args.data_path}: need training and validation sequences "
+                        f"(got {len(train_seqs)} and {len(val_seqs)})")
+    return train_seqs, val_seqs
+
+
+def mask_variant(epoch: int, args) -> int:
+    """The training masks of an epoch: fresh ones each epoch, or one of K with a teacher cache."""
+    return epoch % args.mask_variants if args.teacher_cache else epoch
 
 
 class MaskedBatches(Dataset):
-    """Batch `i` of one epoch: its sequences cropped, encoded and masked with a generator seeded
-    by (seed, epoch, i), so that any batch is rebuilt exactly, on any worker, after a resume."""
+    """The batches of one epoch, (seed, epoch) deciding which sequences go together; each
+    sequence is cropped and masked by its own generator, seeded by (seed, mask variant, its
+    index), so it looks the same in any batch, on any worker, after a resume. The mask variant
+    is `mask_variant` (default: the epoch) in training, data.VALIDATION_VARIANT otherwise."""
 
-    def __init__(self, sequences, tokenizer, args, epoch: int, train: bool):
+    def __init__(self, sequences, tokenizer, args, epoch: int, train: bool, mask_variant: int | None = None):
         self.sequences, self.tokenizer, self.epoch, self.train = sequences, tokenizer, epoch, train
         self.max_seq_len, self.mask_prob, self.seed = args.max_seq_len, args.mask_prob, args.seed
+        self.mask_variant = (epoch if mask_variant is None else mask_variant) if train else data.VALIDATION_VARIANT
         lengths = data.token_lengths(sequences, self.max_seq_len)
         self.batches = data.batch_indices(lengths, max_tokens=args.max_tokens,
                                           batch_size=None if args.max_tokens else args.batch_size,
@@ -212,18 +274,59 @@ class MaskedBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i):
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch if self.train else -1, i))
-        return data.collate([self.sequences[j] for j in self.batches[i]], self.tokenizer,
-                            self.max_seq_len, mask_prob=self.mask_prob, generator=generator,
-                            random_crop=self.train)
+        return data.masked_batch(self.sequences, self.batches[i], self.tokenizer, self.max_seq_len,
+                                 self.mask_prob, self.seed, self.mask_variant)
 
 
-def batch_loader(dataset: MaskedBatches, start: int, num_workers: int) -> DataLoader:
+def batch_loader(dataset: MaskedBatches, batch_numbers, num_workers: int) -> DataLoader:
+    """Batches `batch_numbers` of the dataset, in that order, built by num_workers processes."""
     # An explicit generator keeps the DataLoader from drawing on the global RNG, which dropout
     # uses: otherwise a resumed run would see different dropout masks.
-    return DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+    return DataLoader(dataset, batch_size=None, sampler=batch_numbers,
                       num_workers=num_workers, generator=torch.Generator(),
                       persistent_workers=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher: live, or cached
+# --------------------------------------------------------------------------------------------
+
+def fit_max_seq_len(args, max_positions: int) -> None:
+    """Lower --max_seq_len to what the teacher's position embeddings allow."""
+    if args.max_seq_len > max_positions:
+        print(f"note: the teacher takes at most {max_positions} positions; "
+              f"--max_seq_len {args.max_seq_len} lowered to {max_positions}")
+        args.max_seq_len = max_positions
+
+
+def load_teacher_targets(args, train_seqs, val_seqs, device, half: bool, variants,
+                         hidden_states: bool = False) -> TeacherTargets:
+    """Where this run's teacher outputs come from (with the last hidden states if asked). With
+    --teacher_cache holding every mask variant in `variants`, the teacher is not loaded at all;
+    otherwise it is, and with a cache the variants it lacks are written there as it computes them."""
+    cache = None
+    if args.teacher_cache:
+        cache = TeacherCache(args.teacher_cache)
+        if cache.teacher is not None:
+            fit_max_seq_len(args, cache.teacher["max_positions"])
+        fingerprint = data_hash(train_seqs, val_seqs)
+        cache.check(run_settings(args, fingerprint))
+        if cache.serves(variants):
+            print(f"teacher: {cache.teacher['name']} not loaded: its outputs for every mask variant of this run "
+                  f"are in the teacher cache {args.teacher_cache}")
+            return TeacherTargets(None, cache, cache.tokenizer, cache.teacher)
+
+    from teacher import load_teacher  # transformers' models are heavy: import them only when needed
+    teacher = load_teacher(args.teacher_model, device=device, use_8bit=args.use_8bit, half=half,
+                           trust_remote_code=args.trust_remote_code)
+    print(f"teacher: {teacher.name} ({teacher.num_parameters / 1e6:.1f}M parameters, {teacher.backend}, "
+          f"{teacher.device})")
+    fit_max_seq_len(args, teacher.max_positions)
+    if cache is not None:
+        cache.start_filling(teacher, run_settings(args, fingerprint), train_seqs, val_seqs)
+        print(f"teacher cache {args.teacher_cache}: the live teacher fills the mask variants it lacks")
+    return TeacherTargets(teacher, cache, teacher.tokenizer, describe_teacher(teacher),
+                          output_hidden_states=hidden_states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +344,7 @@ def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *,
     Returns a dict of 0-d tensors: loss, kl, ce, cos.
     """
     masked = labels != -100
-    kl_positions = masked if distill_positions == "masked" else attention_mask.bool()
+    kl_positions = data.kl_positions(labels, attention_mask, distill_positions)
     s = student_logits[kl_positions].float()
     t = teacher_logits[kl_positions].float()
     log_p_s = F.log_softmax(s / temperature, dim=-1)
@@ -479,42 +582,35 @@ class StopRequest:
 
 def train(args) -> dict:
     """Run a distillation; returns the summary (also written to output_dir/summary.json)."""
-    from teacher import load_teacher  # transformers is heavy: import it only when training
-
     validate_args(args)
     output_dir = prepare_output_dir(args)
     resume_from = resolve_resume(args.resume, output_dir)
     device = resolve_device(args.device)
     autocast_dtype = resolve_precision(args, device)
 
-    splits = data.load_splits(args.data_path, val_fraction=args.val_fraction,
-                              test_fraction=args.test_fraction, seed=args.seed)
-    train_seqs = [p.sequence for p in splits["train"]]
-    val_seqs = [p.sequence for p in splits["val"]]
-    if not train_seqs or not val_seqs:
-        raise UserError(f"{args.data_path}: need training and validation sequences "
-                        f"(got {len(train_seqs)} and {len(val_seqs)})")
-
-    teacher = load_teacher(args.teacher_model, device=device, use_8bit=args.use_8bit,
-                           half=autocast_dtype is not None and device.type == "cuda",
-                           trust_remote_code=args.trust_remote_code)
-    tokenizer = teacher.tokenizer
-    if args.max_seq_len > teacher.max_positions:
-        print(f"note: the teacher takes at most {teacher.max_positions} positions; "
-              f"--max_seq_len {args.max_seq_len} lowered to {teacher.max_positions}")
-        args.max_seq_len = teacher.max_positions
-    print(f"teacher: {teacher.name} ({teacher.num_parameters / 1e6:.1f}M parameters, {teacher.backend}, {teacher.device})")
+    train_seqs, val_seqs = load_sequences(args)
+    variants = {data.VALIDATION_VARIANT} | {mask_variant(e, args) for e in range(args.num_epochs)}
+    targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants,
+                                   half=autocast_dtype is not None and device.type == "cuda",
+                                   hidden_states=args.hidden_weight > 0)
+    tokenizer, about = targets.tokenizer, targets.about
+    if args.teacher_cache and args.num_epochs < args.mask_variants:
+        print(f"note: {args.num_epochs} epochs use {args.num_epochs} of the --mask_variants {args.mask_variants} "
+              "mask variants; a longer run fills the others")
 
     torch.manual_seed(args.seed)
     config = StudentConfig.from_tokenizer(tokenizer, d_model=args.d_model, num_heads=args.num_heads,
                                           num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout)
     student = Student(config).to(device)
-    hidden_proj = (torch.nn.Linear(args.d_model, teacher.hidden_size).to(device)
+    hidden_proj = (torch.nn.Linear(args.d_model, about["hidden_size"]).to(device)
                    if args.hidden_weight > 0 else None)
     trainable = [student] + ([hidden_proj] if hidden_proj is not None else [])
-    print(f"student: {student.summary()}; compression {teacher.num_parameters / student.num_parameters():.1f}x")
+    print(f"student: {student.summary()}; compression {about['num_parameters'] / student.num_parameters():.1f}x")
 
-    first_epoch = MaskedBatches(train_seqs, tokenizer, args, epoch=0, train=True)
+    def train_batches(epoch: int) -> MaskedBatches:
+        return MaskedBatches(train_seqs, tokenizer, args, epoch, train=True, mask_variant=mask_variant(epoch, args))
+
+    first_epoch = train_batches(0)
     val_set = MaskedBatches(val_seqs, tokenizer, args, epoch=0, train=False)
     steps_per_epoch = math.ceil(len(first_epoch) / args.grad_accumulation_steps)
     total_steps = steps_per_epoch * args.num_epochs
@@ -534,20 +630,20 @@ def train(args) -> dict:
         position = load_training_state(resume_from, student, hidden_proj, optimizer, scheduler, scaler, config)
         print(f"resumed from {resume_from} at step {position['step']} (epoch {position['epoch']}, "
               f"batch {position['batch']})")
-    metadata = {"teacher": teacher.name, "teacher_vocab_hash": tokenizer.vocab_hash,
+    metadata = {"teacher": about["name"], "teacher_vocab_hash": tokenizer.vocab_hash,
                 "max_seq_len": args.max_seq_len, "distill_args": {k: v for k, v in vars(args).items()}}
 
-    # Teacher outputs on the fixed validation masks never change: compute them once.
-    val_teacher_cache = {}
+    # Teacher outputs on the fixed validation masks never change: get them once.
+    val_teacher_outputs_by_batch = {}
 
     def val_teacher_outputs(i, batch):
-        if i not in val_teacher_cache:
-            t = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
-            val_teacher_cache[i] = (t["logits"], t.get("hidden_states"))
-        return val_teacher_cache[i]
+        if i not in val_teacher_outputs_by_batch:
+            t = targets(batch, data.VALIDATION_VARIANT)
+            val_teacher_outputs_by_batch[i] = (t["logits"], t.get("hidden_states"))
+        return val_teacher_outputs_by_batch[i]
 
     run_config = {**vars(args), "student_parameters": student.num_parameters(),
-                  "teacher_parameters": teacher.num_parameters, "teacher_backend": teacher.backend}
+                  "teacher_parameters": about["num_parameters"], "teacher_backend": about["backend"]}
     wandb_run = start_wandb(args, run_config) if args.use_wandb else None
     metrics_path = output_dir / "metrics.jsonl"
     metrics_file = open(metrics_path, "a")
@@ -568,6 +664,8 @@ def train(args) -> dict:
         return metrics
 
     def checkpoint() -> Path:
+        if targets.cache is not None:  # the cache entries written so far survive with the checkpoint
+            targets.cache.flush()
         return save_checkpoint(output_dir, student, hidden_proj, optimizer, scheduler, scaler, dict(position),
                                {**metadata, "step": position["step"]}, args.keep_last)
 
@@ -586,16 +684,16 @@ def train(args) -> dict:
             if step >= total_steps or stop.signum:
                 break
             position["epoch"] = epoch
-            epoch_set = first_epoch if epoch == 0 else MaskedBatches(train_seqs, tokenizer, args, epoch, train=True)
+            epoch_set = first_epoch if epoch == 0 else train_batches(epoch)
             n_batches = len(epoch_set)
             optimizer.zero_grad(set_to_none=True)
             group_loss_ok = True
-            for i, batch in enumerate(batch_loader(epoch_set, position["batch"], args.num_workers),
-                                      start=position["batch"]):
+            batches = batch_loader(epoch_set, range(position["batch"], n_batches), args.num_workers)
+            for i, batch in enumerate(batches, start=position["batch"]):
                 group_start = i - i % args.grad_accumulation_steps
                 group_size = min(args.grad_accumulation_steps, n_batches - group_start)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                t = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
+                t = targets(batch, epoch_set.mask_variant)
                 with autocast(device, autocast_dtype):
                     out = student(batch["input_ids"], batch["attention_mask"],
                                   output_hidden_states=hidden_proj is not None)
@@ -674,19 +772,25 @@ def train(args) -> dict:
             sys.exit(128 + stop.signum)
     if stopped_by:
         metrics_file.close()
+        if targets.cache is not None:
+            targets.cache.flush()
         raise UserError(f"{args.max_bad_steps} non-finite losses in a row at step {step}: stopping. The last good "
                         f"checkpoint is kept in {output_dir}; try a lower --learning_rate or fp32")
 
     final_metrics = last_eval[1] if last_eval and last_eval[0] == step else run_eval(step)
     final_checkpoint = checkpoint()
     metrics_file.close()
+    if targets.cache is not None:
+        targets.cache.close()
     plot_training_curves(metrics_path, output_dir / "training_curves.png")
     elapsed = time.perf_counter() - start_time
     best = json.loads((output_dir / "best_model" / "config.json").read_text()).get("metadata", {})
-    summary = {"teacher": teacher.name, "teacher_backend": teacher.backend, "device": str(device),
+    summary = {"teacher": about["name"], "teacher_backend": about["backend"], "device": str(device),
                "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
-               "student_parameters": student.num_parameters(), "teacher_parameters": teacher.num_parameters,
-               "compression": teacher.num_parameters / student.num_parameters(),
+               "student_parameters": student.num_parameters(), "teacher_parameters": about["num_parameters"],
+               "compression": about["num_parameters"] / student.num_parameters(),
+               "teacher_cache": args.teacher_cache, "teacher_loaded": targets.teacher is not None,
+               "teacher_batches": targets.batches,
                "steps": step, "elapsed_s": elapsed, "final_val": final_metrics,
                "best_val": best.get("val"), "best_step": best.get("step"),
                "padding_efficiency": first_epoch.padding_efficiency,

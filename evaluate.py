@@ -3,11 +3,12 @@
     python evaluate.py --model_path checkpoints/best_model --data_path data/antibody_split \
         --output_dir outputs/evaluation [--teacher_model antiberty | none]
 
-Masked-LM quality on fixed masks (the same for every model and run with the same --seed and
-batching): masked accuracy, perplexity, top-1 agreement with the teacher, KL(teacher || student)
-at T = 1, accuracy per true residue and a most-frequent-residue baseline. Then throughput and
-peak memory of both models on the same unmasked batches. Writes report.json, report.md and
-per_residue_accuracy.png to --output_dir.
+Masked-LM quality on fixed masks (each sequence's own, fixed by --seed whatever the batching;
+on distill.py's validation split with its seed, its validation masks): masked accuracy,
+perplexity, top-1 agreement with the teacher, KL(teacher || student) at T = 1, accuracy per
+true residue and a most-frequent-residue baseline. Then throughput and peak memory of both
+models on the same unmasked batches. Writes report.json, report.md and per_residue_accuracy.png
+to --output_dir.
 """
 from __future__ import annotations
 

@@ -291,8 +291,7 @@ def test_padding_efficiency_on_shipped_uniprot():
 
 def test_collate_pads_to_longest_and_crops(tok):
     seqs = ["MKTAYIAKQR", "MKT", "ACDEFGHIKLMNPQRSTVWY" * 3]
-    batch = data.collate(seqs, tok, max_seq_len=12, mask_prob=0.15,
-                         generator=torch.Generator().manual_seed(0), random_crop=False)
+    batch = data.collate(seqs, tok, max_seq_len=12, mask_prob=0.15, seeds=[0, 1, 2], random_crop=False)
     assert batch["input_ids"].shape == (3, 12)
     assert batch["attention_mask"].sum(dim=1).tolist() == [12, 5, 12]
     labels = batch["labels"]
@@ -304,17 +303,64 @@ def test_collate_pads_to_longest_and_crops(tok):
     assert short["input_ids"].shape == (2, 5)  # padded to the batch's longest, not to 512
 
 
+def window_of(batch, row, tok):
+    labels = batch["labels"][row]
+    return tok.decode(torch.where(labels != -100, labels, batch["input_ids"][row]))
+
+
 def test_collate_random_crop_is_a_seeded_window(tok):
-    seq = "ACDEFGHIKLMNPQRSTVWY" * 5
-    windows = set()
-    for seed in range(20):
-        batch = data.collate([seq], tok, max_seq_len=10, mask_prob=0.15,
-                             generator=torch.Generator().manual_seed(seed))
-        labels = batch["labels"][0]
-        window = tok.decode(torch.where(labels != -100, labels, batch["input_ids"][0]))
+    seq = tok.decode(random_batch(tok, rows=1, length=100)[0])  # 8-mers unique: a window tells its start
+    starts = []
+    for seed in range(1000):
+        window = window_of(data.collate([seq], tok, max_seq_len=10, mask_prob=0.15, seeds=[seed]), 0, tok)
         assert len(window) == 8 and window in seq
-        windows.add(window)
-    assert len(windows) > 5
-    same = [data.collate([seq] * 4, tok, 10, 0.15, torch.Generator().manual_seed(3))
-            for _ in range(2)]
-    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+        starts.append(seq.index(window))
+    assert min(starts) == 0 and max(starts) == 92  # all 93 windows reachable, the last one too
+    assert 40 < sum(starts) / len(starts) < 52  # uniform: mean 46
+    again = data.collate([seq] * 4, tok, 10, 0.15, seeds=[3, 3, 4, 4])
+    for key in ("input_ids", "labels"):
+        assert torch.equal(again[key][0], again[key][1]) and torch.equal(again[key][2], again[key][3])
+    assert not torch.equal(again["labels"][0], again["labels"][2])
+
+
+def test_a_sequence_is_cropped_and_masked_the_same_in_any_batch(tok):
+    target = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+    alone = data.collate([target], tok, max_seq_len=24, seeds=[11])
+    others = ["ACDEFGHIKLMNPQRSTVWY" * 3, "MK", "QVQLVESGGGLVQPGG"]
+    crowded = data.collate(others + [target], tok, max_seq_len=24, seeds=[5, 6, 7, 11])
+    length = int(alone["attention_mask"].sum())
+    for key in ("input_ids", "labels", "attention_mask"):  # row 3, its padding aside
+        assert torch.equal(crowded[key][3, :length], alone[key][0])
+    assert not torch.equal(data.collate([target], tok, 24, seeds=[12])["labels"], alone["labels"])
+
+
+def test_per_sequence_masks_have_bert_rates(tok):
+    # 1,000 sequences, each with its own generator: together they must mask like one big draw
+    ids = random_batch(tok, rows=1000, length=200)
+    batch = data.collate([tok.decode(row) for row in ids], tok, max_seq_len=202,
+                         seeds=data.mask_seeds(42, 0, range(1000)))
+    chosen = batch["labels"] != -100
+    residues = ~torch.isin(ids, torch.tensor(tok.special_ids))
+    assert abs(chosen.sum().item() / residues.sum().item() - 0.15) < 0.005
+    n = chosen.sum().item()
+    assert abs((batch["input_ids"][chosen] == tok.mask_id).sum().item() / n - 0.80) < 0.015
+    assert abs((batch["input_ids"][chosen] == ids[chosen]).sum().item() / n - 0.105) < 0.015
+    # the per-sequence streams are not copies of one another: masked counts vary like Binomial(200, 0.15)
+    per_row = chosen.sum(dim=1).float()
+    assert 3.5 < per_row.std().item() < 6.5  # sqrt(200 * 0.15 * 0.85) = 5.05
+
+
+def test_mask_seeds_differ_by_variant_and_index_and_are_stable():
+    seeds = [s for seed, variant in [(42, 0), (42, 1), (42, data.VALIDATION_VARIANT), (43, 0)]
+             for s in data.mask_seeds(seed, variant, range(1000))]
+    assert len(set(seeds)) == 4000 and all(0 <= s < 2**63 for s in seeds)
+    assert data.mask_seeds(42, 0, [7]) == [data.mask_seeds(42, 0, range(10))[7]]
+
+
+def test_masked_batch_crops_training_variants_only(tok):
+    seqs = ["ACDEFGHIKLMNPQRSTVWY" * 5] * 8
+    val = data.masked_batch(seqs, range(8), tok, 10, 0.15, seed=1, variant=data.VALIDATION_VARIANT)
+    assert {window_of(val, r, tok) for r in range(8)} == {"ACDEFGHI"}
+    train = data.masked_batch(seqs, range(8), tok, 10, 0.15, seed=1, variant=0)
+    assert len({window_of(train, r, tok) for r in range(8)}) > 2
+    assert train["sequence_index"].tolist() == list(range(8))

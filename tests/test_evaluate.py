@@ -92,6 +92,21 @@ def test_metrics_match_a_hand_computation(report, student_dir, teacher):
     assert m["teacher"]["perplexity"] == pytest.approx(math.exp(teacher_nll.mean().item()), rel=1e-5)
 
 
+def test_fixed_masks_do_not_depend_on_the_batching(report, student_dir, fasta, tmp_path):
+    # each sequence's mask comes from its own seed: one batch per sequence, or any other batching,
+    # masks the same positions the same way (and distill.py's validation masks are these masks)
+    _, batched = report
+    options = {**EVAL_OPTIONS, "speed_batches": 0}
+    for i, batching in enumerate([{"batch_size": 1}, {"max_tokens": 72}]):
+        other = evaluate.evaluate_checkpoint(student_dir, fasta, tmp_path / str(i), **{**options, **batching})
+        assert other["setup"]["batches"] != batched["setup"]["batches"]
+        assert other["counts"] == batched["counts"] and other["per_residue"] == batched["per_residue"]
+        for who in ("student", "teacher"):
+            assert other["metrics"][who]["perplexity"] == pytest.approx(batched["metrics"][who]["perplexity"], rel=1e-5)
+        assert other["metrics"]["kl_teacher_student"] == pytest.approx(batched["metrics"]["kl_teacher_student"],
+                                                                        rel=1e-4)
+
+
 def test_per_residue_counts_add_up_to_the_totals(report):
     _, report = report
     per_residue, n = report["per_residue"], report["counts"]["masked_tokens"]
