@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import cli
 import data
-from architecture import Student, StudentConfig, save_student
+from architecture import CheckpointError, Student, StudentConfig, atomic_open, load_student, save_student
 from cli import UserError
 from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 
@@ -78,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
     g.add_argument("--num_epochs", type=int, default=10, help="passes over the training split")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max_time", type=float, default=None, metavar="MINUTES",
+                   help="train for this wall-clock budget: after warmup the learning rate decays with the "
+                        "fraction of the budget used, and the run ends with an evaluation and a checkpoint")
     g.add_argument("--grad_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--max_bad_steps", type=int, default=10,
@@ -157,7 +159,7 @@ def validate_args(args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ["max_steps", "d_ff"]:
+    for name in ["max_steps", "d_ff", "max_time"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
     for name in ["warmup_steps", "keep_last", "weight_decay", "max_grad_norm",
@@ -341,15 +343,15 @@ def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *,
     kl  = T^2 * mean over positions of sum_v p_t(v) (log p_t(v) - log p_s(v)), at temperature T
     ce  = mean over masked positions of -log p_s(true residue)
     cos = mean over non-pad positions of 1 - cos(student_hidden, teacher_hidden)
-    Returns a dict of 0-d tensors: loss, kl, ce, cos.
+    Returns a dict of 0-d tensors: loss, kl, ce, cos. teacher_logits None (masked-LM only): kl = 0.
     """
     masked = labels != -100
-    kl_positions = data.kl_positions(labels, attention_mask, distill_positions)
-    s = student_logits[kl_positions].float()
-    t = teacher_logits[kl_positions].float()
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * temperature**2
+    kl = torch.zeros((), device=student_logits.device)
+    if teacher_logits is not None:  # None: plain masked-LM training, no teacher in the loss
+        kl_positions = data.kl_positions(labels, attention_mask, distill_positions)
+        log_p_s = F.log_softmax(student_logits[kl_positions].float() / temperature, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits[kl_positions].float() / temperature, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * temperature**2
     ce = F.cross_entropy(student_logits[masked].float(), labels[masked])
     loss = distill_weight * kl + task_weight * ce
     cos = torch.zeros((), device=student_logits.device)
@@ -361,13 +363,17 @@ def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *,
 
 
 def masked_metrics(student_logits, teacher_logits, labels) -> dict:
-    """Counts at masked positions: student/teacher correct, agreement, number of positions."""
+    """Counts at masked positions: student/teacher correct, agreement, number of positions.
+    Without teacher logits the teacher counts are 0."""
     masked = labels != -100
     s_pred = student_logits[masked].argmax(-1)
-    t_pred = teacher_logits[masked].argmax(-1)
     truth = labels[masked]
-    return {"n": int(masked.sum()), "student_correct": int((s_pred == truth).sum()),
-            "teacher_correct": int((t_pred == truth).sum()), "agree": int((s_pred == t_pred).sum())}
+    counts = {"n": int(masked.sum()), "student_correct": int((s_pred == truth).sum()),
+              "teacher_correct": 0, "agree": 0}
+    if teacher_logits is not None:
+        t_pred = teacher_logits[masked].argmax(-1)
+        counts.update(teacher_correct=int((t_pred == truth).sum()), agree=int((s_pred == t_pred).sum()))
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,11 +451,27 @@ def save_checkpoint(output_dir: Path, student, hidden_proj, optimizer, scheduler
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # the same step saved again: move the old copy aside, never delete it first
+        discard(final)
     os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[:-keep_last] if keep_last else []:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a checkpoint-STEP/ that looks
+    complete: renamed to a hidden name first (one atomic step), then removed."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Folders a killed run left half-written (.checkpoint-N.tmp) or half-deleted (.checkpoint-N.old)."""
+    for leftover in [*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".checkpoint-*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -467,25 +489,36 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def prepare_output_dir(args) -> Path:
-    """Refuse to mix two runs in one folder unless --resume or --overwrite says so."""
-    output_dir = Path(args.output_dir)
-    holds_run = output_dir.is_dir() and ((output_dir / "metrics.jsonl").exists() or list_checkpoints(output_dir))
-    if holds_run and not args.resume and not args.overwrite:
+def check_output_dir(args) -> Path:
+    """Refuse to mix two runs in one folder unless --resume or --overwrite says so. Only checks:
+    nothing is created or deleted until the data and teacher have loaded (start_output_dir)."""
+    output_dir = cli.writable_folder(args.output_dir, "--output_dir")
+    if holds_run(output_dir) and not args.resume and not args.overwrite:
         raise UserError(f"{output_dir} already holds a training run; pass --resume auto to continue it, "
                         "--overwrite to replace it, or another --output_dir")
-    if holds_run and args.overwrite and not args.resume:
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        for old in list_checkpoints(output_dir):
-            shutil.rmtree(old)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to --output_dir {output_dir}: {err.strerror}") from None
     return output_dir
+
+
+def holds_run(output_dir: Path) -> bool:
+    return output_dir.is_dir() and ((output_dir / "metrics.jsonl").exists() or bool(list_checkpoints(output_dir)))
+
+
+def start_output_dir(output_dir: Path, args, resumed_step: int | None) -> None:
+    """Create the folder; with --overwrite clear the earlier run; on resume drop the metrics
+    records written after the checkpoint, which the resumed run writes again."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output_dir)
+    metrics = output_dir / "metrics.jsonl"
+    if resumed_step is None and args.overwrite and holds_run(output_dir):
+        metrics.unlink(missing_ok=True)
+        for old in list_checkpoints(output_dir):
+            discard(old)
+    elif resumed_step is not None and metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+        if kept != lines:
+            with atomic_open(metrics, "w") as f:
+                f.writelines(kept)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,7 +563,8 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val total", color="black")
         ax_acc.plot([r["step"] for r in val], [r["masked_acc"] for r in val], "o-", label="student masked acc")
         ax_acc.plot([r["step"] for r in val], [r["agreement"] for r in val], "s-", label="agreement with teacher")
-        ax_acc.axhline(val[-1]["teacher_masked_acc"], ls="--", color="grey", label="teacher masked acc")
+        ax_acc.axhline(val[-1]["teacher_masked_acc"], ls="--", color="grey",
+                       label=f"teacher masked acc ({val[-1]['teacher_masked_acc']:.3f})")
         ax_acc.set_ylim(0, 1)
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Training and validation loss")
     ax_acc.set(xlabel="optimizer step", ylabel="fraction of masked residues", title="Validation (fixed masks)")
@@ -554,6 +588,17 @@ def adamw_param_groups(modules, weight_decay: float):
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def budget_schedule(optimizer, warmup_steps: int, kind: str, budget_fraction) -> torch.optim.lr_scheduler.LambdaLR:
+    """--max_time's schedule: linear warmup over steps, then linear (or cosine) decay to 0 as
+    budget_fraction() -- the share of the wall-clock budget used -- goes from 0 to 1."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        used = min(max(budget_fraction(), 0.0), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * used)) if kind == "cosine" else 1.0 - used
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class StopRequest:
@@ -583,7 +628,7 @@ class StopRequest:
 def train(args) -> dict:
     """Run a distillation; returns the summary (also written to output_dir/summary.json)."""
     validate_args(args)
-    output_dir = prepare_output_dir(args)
+    output_dir = check_output_dir(args)
     resume_from = resolve_resume(args.resume, output_dir)
     device = resolve_device(args.device)
     autocast_dtype = resolve_precision(args, device)
@@ -616,13 +661,20 @@ def train(args) -> dict:
     total_steps = steps_per_epoch * args.num_epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+    budget = f"; at most {args.max_time:g} min" if args.max_time else ""
     print(f"data: {len(train_seqs)} train / {len(val_seqs)} val sequences, {len(first_epoch)} batches per "
-          f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {total_steps} optimizer steps")
+          f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {total_steps} optimizer steps{budget}")
 
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    start_time = time.perf_counter()  # moved back by the elapsed time of a resumed run, below
     optimizer = torch.optim.AdamW(adamw_param_groups(trainable, args.weight_decay), lr=args.learning_rate)
-    make_schedule = get_cosine_schedule_with_warmup if args.scheduler == "cosine" else get_linear_schedule_with_warmup
-    scheduler = make_schedule(optimizer, min(args.warmup_steps, total_steps), total_steps)
+    if args.max_time:
+        budget_s = args.max_time * 60
+        scheduler = budget_schedule(optimizer, args.warmup_steps, args.scheduler,
+                                    lambda: (time.perf_counter() - start_time) / budget_s)
+    else:
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+        make_schedule = get_cosine_schedule_with_warmup if args.scheduler == "cosine" else get_linear_schedule_with_warmup
+        scheduler = make_schedule(optimizer, min(args.warmup_steps, total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     position = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
@@ -630,6 +682,10 @@ def train(args) -> dict:
         position = load_training_state(resume_from, student, hidden_proj, optimizer, scheduler, scaler, config)
         print(f"resumed from {resume_from} at step {position['step']} (epoch {position['epoch']}, "
               f"batch {position['batch']})")
+    start_output_dir(output_dir, args, position["step"] if resume_from is not None else None)
+    start_time -= position["elapsed_s"]
+    # Plain masked-LM training (no KL, no hidden term) needs the teacher for evaluation only.
+    teacher_in_loss = args.distill_weight > 0 or args.hidden_weight > 0
     metadata = {"teacher": about["name"], "teacher_vocab_hash": tokenizer.vocab_hash,
                 "max_seq_len": args.max_seq_len, "distill_args": {k: v for k, v in vars(args).items()}}
 
@@ -664,6 +720,10 @@ def train(args) -> dict:
         return metrics
 
     def checkpoint() -> Path:
+        saved = output_dir / f"checkpoint-{position['step']}"
+        if saved in list_checkpoints(output_dir) and saved_steps and saved_steps[-1] == position["step"]:
+            return saved  # this run saved this very step already
+        saved_steps.append(position["step"])
         if targets.cache is not None:  # the cache entries written so far survive with the checkpoint
             targets.cache.flush()
         return save_checkpoint(output_dir, student, hidden_proj, optimizer, scheduler, scaler, dict(position),
@@ -671,17 +731,19 @@ def train(args) -> dict:
 
     from tqdm.auto import tqdm
     step = position["step"]
-    start_time = time.perf_counter() - position["elapsed_s"]
+    saved_steps = []
     window = {"tokens": 0, "seqs": 0, "masked": 0, "loss": 0.0, "kl": 0.0, "ce": 0.0, "cos": 0.0,
               "correct": 0, "agree": 0, "t0": time.perf_counter()}
     bad_steps, last_eval, stopped_by = 0, None, None
     if step == 0:  # the starting point of the curves: how far the untrained student is from the teacher
         last_eval = (0, run_eval(0))
-    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=None if args.max_time else total_steps, initial=step, desc="distill", unit="step",
+               dynamic_ncols=True)
+    out_of_time = False
     student.train()
     with StopRequest() as stop:
         for epoch in range(position["epoch"], args.num_epochs):
-            if step >= total_steps or stop.signum:
+            if step >= total_steps or stop.signum or out_of_time:
                 break
             position["epoch"] = epoch
             epoch_set = first_epoch if epoch == 0 else train_batches(epoch)
@@ -693,7 +755,7 @@ def train(args) -> dict:
                 group_start = i - i % args.grad_accumulation_steps
                 group_size = min(args.grad_accumulation_steps, n_batches - group_start)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                t = targets(batch, epoch_set.mask_variant)
+                t = targets(batch, epoch_set.mask_variant) if teacher_in_loss else {"logits": None}
                 with autocast(device, autocast_dtype):
                     out = student(batch["input_ids"], batch["attention_mask"],
                                   output_hidden_states=hidden_proj is not None)
@@ -743,7 +805,8 @@ def train(args) -> dict:
                     m = max(window["masked"], 1)
                     record = {"split": "train", "step": step, "epoch": epoch,
                               **{k: window[k] / m for k in ("loss", "kl", "ce", "cos")},
-                              "masked_acc": window["correct"] / m, "agreement": window["agree"] / m,
+                              "masked_acc": window["correct"] / m,
+                              "agreement": window["agree"] / m if teacher_in_loss else None,
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / dt,
                               "sequences_per_s": window["seqs"] / dt, "elapsed_s": position["elapsed_s"]}
                     log(record)
@@ -755,9 +818,10 @@ def train(args) -> dict:
                     last_eval = (step, run_eval(step))
                 if step % args.save_every == 0:
                     checkpoint()
-                if step >= total_steps or stop.signum:
+                out_of_time = bool(args.max_time) and time.perf_counter() - start_time >= budget_s
+                if step >= total_steps or stop.signum or out_of_time:
                     break
-            if stopped_by or stop.signum or step >= total_steps:
+            if stopped_by or stop.signum or step >= total_steps or out_of_time:
                 break
             position["epoch"], position["batch"] = epoch + 1, 0
             if last_eval is None or last_eval[0] != step:
@@ -808,13 +872,16 @@ def train(args) -> dict:
 
 def load_training_state(path: Path, student, hidden_proj, optimizer, scheduler, scaler, config) -> dict:
     """Restore weights, optimizer, scheduler, scaler and RNGs from checkpoint-STEP/; returns the position."""
-    from architecture import load_student
     saved = load_student(path, map_location="cpu")
     if saved.model.config != config:
         raise UserError(f"{path} holds a different student ({saved.model.summary()}); pass the same sizes "
                         "and teacher as the run that wrote it")
     student.load_state_dict(saved.model.state_dict())
-    state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or a pickle that would run code
+        raise CheckpointError(f"{path / TRAINING_STATE}: unreadable or unsafe training state "
+                              f"({str(err).strip().splitlines()[0]}); resume from an earlier checkpoint") from err
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

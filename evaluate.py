@@ -74,6 +74,7 @@ def evaluate_checkpoint(model_path, data_path, output_dir, teacher_model=None, *
     """Evaluate the checkpoint (and teacher) and write report.json, report.md and
     per_residue_accuracy.png into output_dir; returns the report (report.json's content)."""
     check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len)
+    cli.writable_folder(output_dir, "--output_dir")  # before the work, not after it
     device = resolve_device(device)
     student, tokenizer, metadata = load_student(model_path, map_location=device)
     fasta, sequences = read_sequences(data_path, max_sequences)

@@ -118,3 +118,43 @@ def test_int8_teacher_and_wandb_offline(protbert_teacher_dir, small_fasta, tmp_p
     assert "int8" in summary["teacher_backend"]
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_budget_schedule_warms_up_by_steps_then_decays_with_the_budget():
+    used = {"fraction": 0.0}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = distill.budget_schedule(optimizer, warmup_steps=4, kind="linear", budget_fraction=lambda: used["fraction"])
+    lrs = []
+    for fraction in (0.0, 0.0, 0.0, 0.1, 0.25, 0.5, 1.0, 1.5):
+        used["fraction"] = fraction
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 0.9, 0.75, 0.5, 0.0, 0.0])
+    cosine = distill.budget_schedule(optimizer, warmup_steps=0, kind="cosine", budget_fraction=lambda: 0.5)
+    assert cosine.get_last_lr()[0] == pytest.approx(0.5)
+
+
+def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(protbert_teacher_dir, small_fasta,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_time", "0.1", "--num_epochs", "10000",
+                           "--eval_every", "100000", "--save_every", "100000"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert 6 <= summary["elapsed_s"] < 20
+    records = read_metrics(out)
+    last_train = [r for r in records if r["split"] == "train"][-1]
+    assert last_train["lr"] < 0.2 * 3e-3  # decayed with the budget, not with a step count
+    assert records[-1]["split"] == "val" and records[-1]["step"] == summary["steps"]
+    assert [p.name for p in distill.list_checkpoints(out)] == [f"checkpoint-{summary['steps']}"]
+
+
+def test_masked_lm_only_never_calls_the_teacher_in_training(protbert_teacher_dir, small_fasta, tmp_path):
+    out = tmp_path / "run"
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "6", "--distill_weight", "0",
+                           "--task_weight", "1"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_batches"] == {"live": 1, "cached": 0}  # the one validation batch, once
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert all(r["agreement"] is None and r["kl"] == 0 for r in train)
+    assert summary["final_val"]["agreement"] > 0  # evaluation still compares with the teacher

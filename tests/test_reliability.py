@@ -177,7 +177,7 @@ BAD_INPUT = [
     ("distill: binary FASTA", "distill", [*DISTILL, "--data_path", "{binary}"], "binary content"),
     ("distill: digits in a sequence", "distill", [*DISTILL, "--data_path", "{digits}"], "invalid character '4'"),
     ("distill: output folder inside a file", "distill", [*DISTILL, "--output_dir", "{file}/out"],
-     "cannot write to --output_dir"),
+     "which is a file; pass a folder"),
     ("distill: negative size", "distill", [*DISTILL, "--d_model", "-32"], "--d_model must be positive"),
     ("distill: negative temperature", "distill", [*DISTILL, "--temperature", "-1"], "--temperature must be > 0"),
     ("distill: missing teacher", "distill", [*DISTILL, "--teacher_model", "{nowhere}"], "does not exist"),
@@ -193,7 +193,7 @@ BAD_INPUT = [
      "needs test.fasta"),
     ("evaluate: missing teacher", "evaluate", [*EVALUATE, "--teacher_model", "{nowhere}"], "does not exist"),
     ("evaluate: output folder inside a file", "evaluate", [*EVALUATE, "--output_dir", "{file}/out"],
-     "cannot create --output_dir"),
+     "which is a file; pass a folder"),
     ("evaluate: mask_prob out of range", "evaluate", [*EVALUATE, "--mask_prob", "1.5"], "--mask_prob"),
     ("embed: missing FASTA", "embed", ["{student}", "{nowhere}", "{out}", "--overwrite"], "no such file"),
     ("embed: empty FASTA", "embed", ["{student}", "{empty}", "{out}", "--overwrite"], "file is empty"),
@@ -263,8 +263,6 @@ def test_existing_run_is_refused_as_a_process(trained_run, inputs, tmp_path):
     assert snapshot(out) == before
 
 
-@pytest.mark.xfail(strict=True, reason="distill.prepare_output_dir deletes metrics.jsonl and every "
-                   "checkpoint-STEP/ under --overwrite before the data and teacher are read")
 def test_overwrite_with_bad_input_keeps_the_earlier_run(trained_run, inputs, tmp_path, capsys):
     out = shutil.copytree(trained_run, tmp_path / "run")
     before = snapshot(out)
@@ -284,8 +282,6 @@ def test_resume_with_another_vocabulary_or_size_is_refused(trained_run, inputs, 
     assert snapshot(out) == before
 
 
-@pytest.mark.xfail(strict=True, reason="distill.load_training_state calls torch.load on training_state.pt "
-                   "without turning its errors into a CheckpointError: a traceback, exit 1")
 @pytest.mark.parametrize("damage", ["truncated", "carries code"])
 def test_resume_from_a_damaged_training_state_is_one_line(damage, trained_run, inputs, tmp_path, capsys):
     out = shutil.copytree(trained_run, tmp_path / "run")
@@ -517,9 +513,6 @@ class Killed(BaseException):
     """Stands for kill -9 at one exact point: nothing after it runs."""
 
 
-@pytest.mark.xfail(strict=True, reason="distill.save_checkpoint removes checkpoint-N before renaming a new "
-                   "checkpoint-N over it: a kill in between loses it; here the final checkpoint re-saves the "
-                   "step --save_every just saved")
 def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(protbert_teacher_dir, interrupt_fasta, tmp_path,
                                                                   monkeypatch):
     real_rmtree = shutil.rmtree
@@ -543,8 +536,6 @@ def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(protbert_teache
     assert_checkpoints_complete(out)
 
 
-@pytest.mark.xfail(strict=True, reason="distill.save_checkpoint prunes old checkpoints with rmtree in place: "
-                   "a kill midway leaves a checkpoint-STEP/ that list_checkpoints takes for complete")
 def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(protbert_teacher_dir, interrupt_fasta, tmp_path,
                                                                 monkeypatch):
     real_rmtree = shutil.rmtree
