@@ -27,6 +27,13 @@ def uniprot_proteins() -> list[data.Protein]:
     return data.read_fasta(data.SHIPPED_UNIPROT)
 
 
+def write_short_uniprot(path: Path, count: int, length: int) -> Path:
+    """The first `count` shipped UniProt proteins cut to `length` residues: tiny, real training data."""
+    proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:count]
+    data.write_fasta(path, [data.Protein(p.id, p.description, p.sequence[:length]) for p in proteins])
+    return path
+
+
 @pytest.fixture(scope="session")
 def protbert_teacher_dir(tmp_path_factory) -> Path:
     """A 2-layer, d=64 random BertForMaskedLM with ProtBert's exact 30-token vocabulary, initialised

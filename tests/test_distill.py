@@ -7,19 +7,16 @@ from argparse import Namespace
 import pytest
 import torch
 
-import data
 import distill
 from architecture import load_student
 from cli import UserError
+from conftest import write_short_uniprot
 
 
 @pytest.fixture(scope="module")
 def small_fasta(tmp_path_factory):
     """120 real UniProt sequences, cropped to 60 residues so that a step takes milliseconds."""
-    proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:120]
-    path = tmp_path_factory.mktemp("data") / "small.fasta"
-    data.write_fasta(path, [data.Protein(p.id, p.description, p.sequence[:60]) for p in proteins])
-    return path
+    return write_short_uniprot(tmp_path_factory.mktemp("data") / "small.fasta", 120, 60)
 
 
 def tiny_args(teacher_dir, fasta, output_dir, *extra):

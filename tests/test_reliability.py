@@ -31,6 +31,7 @@ import distill
 import evaluate
 import teacher_cache
 from architecture import Student, StudentConfig, load_student, save_student
+from conftest import write_short_uniprot
 from teacher import load_teacher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -426,10 +427,7 @@ def assert_checkpoints_complete(out: Path, unpruned: bool = True) -> list[Path]:
 @pytest.fixture(scope="module")
 def interrupt_fasta(tmp_path_factory) -> Path:
     """60 shipped UniProt proteins cut to 40 residues: 48 train, 6 val, 6 test; 12 steps an epoch."""
-    path = tmp_path_factory.mktemp("interrupt") / "small.fasta"
-    proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:60]
-    data.write_fasta(path, [data.Protein(p.id, p.description, p.sequence[:40]) for p in proteins])
-    return path
+    return write_short_uniprot(tmp_path_factory.mktemp("interrupt") / "small.fasta", 60, 40)
 
 
 @linux_only

@@ -12,6 +12,7 @@ import data
 import distill
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student
 from cli import UserError
+from conftest import write_short_uniprot
 from teacher import PROTBERT_VOCAB, load_teacher
 from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 
@@ -22,10 +23,7 @@ K = 2
 @pytest.fixture(scope="module")
 def tiny_fasta(tmp_path_factory):
     """40 real UniProt sequences cut to 30 residues: 32 train, 4 val, 4 test; cropped to 22 in training."""
-    proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:40]
-    path = tmp_path_factory.mktemp("data") / "tiny.fasta"
-    data.write_fasta(path, [data.Protein(p.id, p.description, p.sequence[:30]) for p in proteins])
-    return path
+    return write_short_uniprot(tmp_path_factory.mktemp("data") / "tiny.fasta", 40, 30)
 
 
 @pytest.fixture(scope="module")
