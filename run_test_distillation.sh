@@ -18,6 +18,8 @@
 #   MAX_SEQ_LEN    tokens per sequence incl. start/end [offline preset: 160; ProtBert: 256]
 #   LEARNING_RATE  peak learning rate [2e-3]
 #   USE_8BIT       1 for an 8-bit teacher (int8 on CPU, bitsandbytes on CUDA) [1 on CPU, else 0]
+#   MASK_VARIANTS  teacher-logit cache: the first K epochs run the teacher, later ones read its
+#                  stored logits (OUTPUT_DIR/teacher_cache, rebuilt each run); 0 disables [4]
 #   SEQUENCE       protein to visualize [the first test-split sequence]
 #   PYTHON         interpreter [the repo's .venv/bin/python if present, else python3]
 #   EXTRA_DISTILL_ARGS  more distill.py flags, e.g. "--hidden_weight 0.1" []
@@ -92,6 +94,11 @@ else
 fi
 
 banner "3/5 Distillation -> $OUTPUT_DIR/checkpoints"
+CACHE_ARGS=()
+rm -rf "$OUTPUT_DIR/teacher_cache"
+if [[ "${MASK_VARIANTS:-4}" != 0 ]]; then
+  CACHE_ARGS=(--teacher_cache "$OUTPUT_DIR/teacher_cache" --mask_variants "${MASK_VARIANTS:-4}")
+fi
 # shellcheck disable=SC2086  # EXTRA_DISTILL_ARGS is a list of flags
 "$PYTHON" distill.py --data_path "$OUTPUT_DIR/data" --output_dir "$OUTPUT_DIR/checkpoints" --overwrite \
   --teacher_model "$TEACHER" --device "$DEVICE" ${EIGHT_BIT[@]+"${EIGHT_BIT[@]}"} \
@@ -99,7 +106,7 @@ banner "3/5 Distillation -> $OUTPUT_DIR/checkpoints"
   --batch_size "$BATCH_SIZE" --max_seq_len "$MAX_SEQ_LEN" --learning_rate "$LEARNING_RATE" \
   --max_steps "$MAX_STEPS" --num_epochs 1000 --warmup_steps $((MAX_STEPS / 10)) \
   --eval_every $(((MAX_STEPS + 3) / 4)) --save_every "$MAX_STEPS" --log_every 5 \
-  ${WANDB_ARGS[@]+"${WANDB_ARGS[@]}"} ${EXTRA_DISTILL_ARGS:-}
+  ${CACHE_ARGS[@]+"${CACHE_ARGS[@]}"} ${WANDB_ARGS[@]+"${WANDB_ARGS[@]}"} ${EXTRA_DISTILL_ARGS:-}
 
 banner "4/5 Evaluation on the test split -> $OUTPUT_DIR/evaluation"
 "$PYTHON" evaluate.py --model_path "$OUTPUT_DIR/checkpoints/best_model" --data_path "$OUTPUT_DIR/data/test.fasta" \
