@@ -10,10 +10,16 @@ Runs the teacher once per (mask variant, sequence), for the K training variants 
 validation set, on exactly the masks distill.py draws with the same data, teacher and masking
 flags (shared with distill.py). A killed fill continues where its last flush left it; variants
 already complete are skipped. See teacher_cache.py for what is stored.
+
+On several GPUs, `torchrun --nproc_per_node 4 cache_teacher.py ...` (same flags): each process
+runs its own copy of the teacher on every 4th missing batch, and rank 0, which alone holds the
+cache, gathers the logits and writes them. distill.py under torchrun reads a complete cache but
+does not fill one: fill it this way first.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import cli
@@ -33,48 +39,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fill_cache(args) -> dict:
-    """Fill args.teacher_cache with every mask variant; returns the cache's manifest."""
+def fill_cache(args) -> dict | None:
+    """Fill args.teacher_cache with every mask variant, alone or as one rank of a torchrun job;
+    returns the cache's manifest (None on ranks other than 0)."""
     if not args.teacher_cache:
         raise UserError("--teacher_cache DIR is required: the folder to fill")
     distill.validate_shared_args(args)
-    device = distill.resolve_device(args.device)
+    world, device = distill.join_world(distill.resolve_device(args.device), args.dist_timeout)
+    return distill.run_as_rank(world, fill, args, world, device)
+
+
+def fill(args, world: distill.World, device) -> dict | None:
+    """fill_cache's work on this rank. Each rank runs its own teacher on every world.size-th of
+    the batches still missing; rank 0 alone holds the cache: it gathers the logits and writes."""
     train_seqs, val_seqs = distill.load_sequences(args)
     variants = [data.VALIDATION_VARIANT, *range(args.mask_variants)]
-    targets = distill.load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants,
-                                           half=(args.fp16 or args.bf16) and device.type == "cuda")
-    cache = targets.cache
-
-    todo = []  # (variant, its batches, the numbers of the batches still to compute)
-    for variant in variants:
-        if cache.is_complete(variant):
-            continue
-        validation = variant == data.VALIDATION_VARIANT
-        batches = distill.MaskedBatches(val_seqs if validation else train_seqs, targets.tokenizer, args,
-                                        epoch=max(variant, 0), train=not validation, mask_variant=variant)
-        numbers = [i for i, indices in enumerate(batches.batches) if not cache.is_filled(variant, indices)]
-        todo.append((variant, batches, numbers))
+    half = (args.fp16 or args.bf16) and device.type == "cuda"
+    todo = []  # (variant, the numbers of its batches still to compute)
+    cache = teacher = None
+    if world.is_main:
+        targets = distill.load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants, half=half)
+        cache, teacher = targets.cache, targets.teacher
+        for variant in variants:
+            if not cache.is_complete(variant):
+                indices = mask_batches(args, variant, train_seqs, val_seqs, cache.tokenizer).batches
+                todo.append((variant, [i for i, batch in enumerate(indices) if not cache.is_filled(variant, batch)]))
+    todo = distill.broadcast_from_main(todo, world)
+    if not world.is_main and todo:  # the teacher alone: rank 0 holds the cache
+        teacher = distill.load_teacher_targets(argparse.Namespace(**{**vars(args), "teacher_cache": None}),
+                                               train_seqs, val_seqs, device, variants=variants, half=half).teacher
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=sum(len(numbers) for _, _, numbers in todo), desc="teacher cache", unit="batch",
-               dynamic_ncols=True)
-    last_flush = time.monotonic()
+    bar = tqdm(total=sum(len(numbers) for _, numbers in todo), desc="teacher cache", unit="batch",
+               dynamic_ncols=True, disable=not world.is_main)
+    last_flush, computed = time.monotonic(), 0
     try:
-        for variant, batches, numbers in todo:
+        for variant, numbers in todo:
             bar.set_postfix(variant="val" if variant == data.VALIDATION_VARIANT else variant)
-            for batch in distill.batch_loader(batches, numbers, args.num_workers):
-                targets({k: v.to(device, non_blocking=True) for k, v in batch.items()}, variant)
-                bar.update(1)
-                if time.monotonic() - last_flush > FLUSH_EVERY_S:
+            batches = mask_batches(args, variant, train_seqs, val_seqs, teacher.tokenizer)
+            mine = iter(distill.batch_loader(batches, numbers[world.rank::world.size], args.num_workers))
+            for _ in range(math.ceil(len(numbers) / world.size)):  # the last round: some ranks idle
+                batch = next(mine, None)
+                result = None if batch is None else (
+                    batch, teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))["logits"].cpu())
+                for batch, logits in distill.gather_to_main(result, world):
+                    cache.write(variant, batch, logits)
+                    computed += 1
+                    bar.update(1)
+                if world.is_main and time.monotonic() - last_flush > FLUSH_EVERY_S:
                     cache.flush()
                     last_flush = time.monotonic()
     finally:  # Ctrl-C too: the next run continues from here
         bar.close()
-        cache.flush()
-        cache.close()
+        if world.is_main:
+            cache.flush()
+            cache.close()
+    if not world.is_main:
+        return None
     print(f"teacher cache {args.teacher_cache}: complete ({', '.join(sorted(cache.manifest['complete']))}); "
-          f"{targets.batches['live']} batches through the teacher")
+          f"{computed} batches through the teacher")
     return cache.manifest
+
+
+def mask_batches(args, variant: int, train_seqs, val_seqs, tokenizer) -> distill.MaskedBatches:
+    """The batches of a mask variant, as distill.py draws them."""
+    validation = variant == data.VALIDATION_VARIANT
+    return distill.MaskedBatches(val_seqs if validation else train_seqs, tokenizer, args, epoch=max(variant, 0),
+                                 train=not validation, mask_variant=variant)
 
 
 def main(argv=None):

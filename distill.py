@@ -18,10 +18,20 @@ With --teacher_cache DIR the teacher runs once per (mask variant, sequence): epo
 variant e mod --mask_variants, the first K epochs store the teacher's logits in DIR as they are
 computed and later epochs, and later runs with the same data and masking, read them instead
 (see teacher_cache.py; cache_teacher.py fills DIR ahead of training).
+
+Several GPUs or machines: `torchrun --nproc_per_node N distill.py ...` (DistributedDataParallel;
+nccl on CUDA, gloo on CPU). Every rank builds the same epoch of batches and takes every N-th
+batch of each optimizer step, so a step trains on N x --grad_accumulation_steps batches (the
+global batch; the learning rate is not scaled for you), the same batches as one process
+accumulating N x as many. Each rank runs its own frozen copy of the teacher; rank 0 alone
+prints, logs and writes checkpoints, which hold the position in the global list of batches and
+so resume on any number of processes. A cache is read by every rank but filled only by one
+process (or by cache_teacher.py under torchrun).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -29,12 +39,19 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
+from dataclasses import dataclass
+from datetime import timedelta
+from itertools import islice
 from pathlib import Path
+from typing import NoReturn
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 import cli
@@ -44,6 +61,8 @@ from cli import UserError
 from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 
 TRAINING_STATE = "training_state.pt"
+# What the training log sums between two records (over all ranks when there are several).
+WINDOW_SUMS = ("tokens", "seqs", "masked", "loss", "kl", "ce", "cos", "correct", "agree")
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +168,9 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp16 autocast + GradScaler, fp16 teacher (CUDA; falls back to fp32 on CPU)")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 autocast, fp16 teacher (CUDA; allowed but slow on most CPUs)")
+    g.add_argument("--dist_timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others at a synchronisation point "
+                        "before the job fails")
 
 
 def validate_args(args) -> None:
@@ -200,6 +222,8 @@ def validate_shared_args(args) -> None:
         raise UserError(f"--mask_prob must be between 0 and 1 (got {args.mask_prob})")
     if args.fp16 and args.bf16:
         raise UserError("choose one of --fp16 and --bf16")
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist_timeout must be positive (got {args.dist_timeout})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +257,150 @@ def resolve_precision(args, device: torch.device) -> torch.dtype | None:
                   "several times slower than fp32")
         return torch.bfloat16
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: one, or one rank of a torchrun job
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank `rank` of `size` processes, `local_rank` on its
+    machine. With size 1 (no torchrun) every collective below is a no-op."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, logs, writes metrics, W&B, plots and checkpoints."""
+        return self.rank == 0
+
+
+def join_world(device: torch.device, timeout_minutes: float) -> tuple[World, torch.device]:
+    """(World, device) of this process. Under torchrun (WORLD_SIZE > 1) it joins the process
+    group: nccl with GPU LOCAL_RANK as this process's device on CUDA, gloo on CPU; a collective
+    that waits longer than `timeout_minutes` for another rank fails. Otherwise World(), `device`."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    world = World(int(os.environ["RANK"]), size, int(os.environ["LOCAL_RANK"]))
+    if device.type == "mps":
+        raise UserError("several processes need CUDA GPUs or CPUs; on MPS run distill.py as one process")
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {world.local_rank} has no GPU of its own ({torch.cuda.device_count()} on "
+                            "this machine): pass --nproc_per_node at most the number of GPUs")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return world, device
+
+
+def all_reduce(values: list[float], world: World, op: str = "sum") -> list[float]:
+    """Each value summed (op "max": its maximum) over the ranks; alone, the values themselves."""
+    if world.size == 1:
+        return values
+    nccl = dist.get_backend() == "nccl"  # nccl reduces CUDA tensors only
+    tensor = torch.tensor(values, dtype=torch.float64, device=torch.cuda.current_device() if nccl else "cpu")
+    dist.all_reduce(tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank is here."""
+    if world.size > 1:
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
+
+
+def optimizer_steps(n_batches: int, start: int, batches_per_step: int, world_size: int) -> list[range]:
+    """The optimizer steps of an epoch from its batch `start` on, each the range of (global) batch
+    numbers it trains on: batches_per_step = processes x --grad_accumulation_steps of them, the
+    epoch's last step fewer. Rank r takes every world_size-th batch of a step from the r-th, so a
+    step is the same set of batches, weighted alike, on any number of processes. For every rank
+    to take the same number, the epoch's last (n_batches - start) mod world_size batches are
+    dropped: fewer than world_size of a shuffled epoch, other ones each epoch, none alone."""
+    end = n_batches - (n_batches - start) % world_size
+    return [range(first, min(first + batches_per_step, end)) for first in range(start, end, batches_per_step)]
+
+
+def gradient_sync(model, last_micro_batch: bool):
+    """DDP all-reduces gradients in the backward pass of a step's last micro-batch only: the
+    others (forward and backward) run under no_sync and just accumulate."""
+    if last_micro_batch or not isinstance(model, DDP):
+        return nullcontext()
+    return model.no_sync()
+
+
+def average_gradients(module: torch.nn.Module, world: World) -> None:
+    """Average a module's gradients over the ranks, as DDP does for the student's."""
+    if world.size > 1:
+        for p in module.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world.size
+
+
+def seed_dropout(seed: int, step: int, world: World) -> None:
+    """Seed this rank's dropout from (seed, step, rank): ranks must not draw the same masks, and a
+    job resumed at `step` re-derives them, on any number of processes."""
+    digest = hashlib.blake2b(f"dropout:{seed}:{step}:{world.rank}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def run_as_rank(world: World, job, *job_args):
+    """job(*job_args) in this process. Under torchrun: only rank 0 prints to stdout (the others'
+    stdout goes nowhere; their stderr is kept), an error on any rank ends this rank at once
+    (fail_fast), and a normal end leaves the process group."""
+    if world.size == 1:
+        return job(*job_args)
+    try:
+        with open(os.devnull, "w") as devnull, redirect_stdout(sys.stdout if world.is_main else devnull):
+            result = job(*job_args)
+    except SystemExit:  # a stop that every rank agreed on (a signal): all of them are here
+        dist.destroy_process_group()
+        raise
+    except BaseException as err:
+        fail_fast(err, world)
+    dist.destroy_process_group()
+    return result
+
+
+def broadcast_from_main(obj, world: World):
+    """Rank 0's obj (any picklable value), on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(obj, world: World) -> list:
+    """On rank 0, every rank's obj in rank order, Nones left out; [] on the other ranks."""
+    if world.size == 1:
+        return [] if obj is None else [obj]
+    gathered = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return [o for o in gathered if o is not None] if world.is_main else []
+
+
+def fail_fast(err: BaseException, world: World) -> NoReturn:
+    """Report an error raised on this rank as cli.run would, and exit at once, non-zero. The other
+    ranks may be blocked in a collective waiting for this one; tearing the process group down
+    could block with them, while an exit is seen at once: torchrun stops the other ranks, and
+    gloo peers' collectives fail."""
+    if isinstance(err, cli.USER_ERRORS):
+        print(f"error: {err} (rank {world.rank})", file=sys.stderr)
+        code = 2
+    elif isinstance(err, KeyboardInterrupt):
+        print(f"interrupted (rank {world.rank})", file=sys.stderr)
+        code = 130
+    else:
+        traceback.print_exception(err)
+        print(f"rank {world.rank} failed; exiting so that the job stops", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,10 +470,11 @@ def fit_max_seq_len(args, max_positions: int) -> None:
 
 
 def load_teacher_targets(args, train_seqs, val_seqs, device, half: bool, variants,
-                         hidden_states: bool = False) -> TeacherTargets:
+                         hidden_states: bool = False, fill_cache: bool = True) -> TeacherTargets:
     """Where this run's teacher outputs come from (with the last hidden states if asked). With
     --teacher_cache holding every mask variant in `variants`, the teacher is not loaded at all;
-    otherwise it is, and with a cache the variants it lacks are written there as it computes them."""
+    otherwise it is, and with a cache the variants it lacks are written there as it computes them
+    (unless not `fill_cache`: then a cache that lacks any is refused)."""
     cache = None
     if args.teacher_cache:
         cache = TeacherCache(args.teacher_cache)
@@ -317,6 +486,13 @@ def load_teacher_targets(args, train_seqs, val_seqs, device, half: bool, variant
             print(f"teacher: {cache.teacher['name']} not loaded: its outputs for every mask variant of this run "
                   f"are in the teacher cache {args.teacher_cache}")
             return TeacherTargets(None, cache, cache.tokenizer, cache.teacher)
+        if not fill_cache:
+            missing = ", ".join("val" if v == data.VALIDATION_VARIANT else f"train{v}"
+                                for v in sorted(variants) if not cache.is_complete(v))
+            raise UserError(f"teacher cache {args.teacher_cache} lacks mask variants {missing}, and a run of several "
+                            "processes does not fill a cache: fill it first with `torchrun --nproc_per_node N "
+                            "cache_teacher.py` and the same data, teacher and masking flags, or train without "
+                            "--teacher_cache")
 
     from teacher import load_teacher  # transformers' models are heavy: import them only when needed
     teacher = load_teacher(args.teacher_model, device=device, use_8bit=args.use_8bit, half=half,
@@ -382,14 +558,16 @@ def masked_metrics(student_logits, teacher_logits, labels) -> dict:
 
 
 @torch.no_grad()
-def evaluate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args, device, autocast_dtype) -> dict:
+def evaluate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args, device, autocast_dtype,
+             world: World = World()) -> dict:
     """Loss terms, masked accuracy (student and teacher), top-1 agreement with the teacher and
     perplexity on the validation split with fixed masks. `teacher_outputs(i, batch)` returns the
-    teacher's (logits, last hidden states) for validation batch i."""
+    teacher's (logits, last hidden states) for validation batch i. Each rank evaluates every
+    world.size-th batch; the sums are all-reduced, so that every rank returns the same metrics."""
     was_training = student.training
     student.eval()
     sums = dict.fromkeys(["loss", "kl", "ce", "cos", "n", "student_correct", "teacher_correct", "agree"], 0.0)
-    for i in range(len(val_set)):
+    for i in range(world.rank, len(val_set), world.size):
         batch = {k: v.to(device) for k, v in val_set[i].items()}
         with autocast(device, autocast_dtype):
             out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
@@ -401,6 +579,7 @@ def evaluate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args
         for k in ("n", "student_correct", "teacher_correct", "agree"):
             sums[k] += counts[k]
     student.train(was_training)
+    sums = dict(zip(sums, all_reduce(list(sums.values()), world)))
     n = max(sums["n"], 1)
     metrics = {k: sums[k] / n for k in ("loss", "kl", "ce", "cos")}
     metrics.update(masked_acc=sums["student_correct"] / n, teacher_masked_acc=sums["teacher_correct"] / n,
@@ -615,8 +794,10 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            return  # torchrun follows the terminal's Ctrl-C with a SIGTERM: the stop is under way
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step", file=sys.stderr)
 
@@ -625,19 +806,36 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(args) -> dict:
-    """Run a distillation; returns the summary (also written to output_dir/summary.json)."""
+def planned_steps(n_batches: int, position: dict, batches_per_step: int, world_size: int, num_epochs: int) -> int:
+    """Optimizer steps of the whole run: an epoch's x --num_epochs. A run resumed with another
+    global batch (processes x accumulation) than its checkpoint's counts the steps left from the
+    checkpoint's position instead, so that it still ends after --num_epochs."""
+    if position.get("batches_per_step", batches_per_step) == batches_per_step:
+        return num_epochs * len(optimizer_steps(n_batches, 0, batches_per_step, world_size))
+    return position["step"] + sum(
+        len(optimizer_steps(n_batches, position["batch"] if epoch == position["epoch"] else 0, batches_per_step,
+                            world_size)) for epoch in range(position["epoch"], num_epochs))
+
+
+def train(args) -> dict | None:
+    """Run a distillation in this process, alone or as one rank of a torchrun job. Returns the
+    summary (also written to output_dir/summary.json); None on ranks other than 0."""
     validate_args(args)
+    world, device = join_world(resolve_device(args.device), args.dist_timeout)
+    return run_as_rank(world, training_run, args, world, device)
+
+
+def training_run(args, world: World, device: torch.device) -> dict | None:
+    """The training run of train(), on this process's device and share of the data."""
     output_dir = check_output_dir(args)
     resume_from = resolve_resume(args.resume, output_dir)
-    device = resolve_device(args.device)
     autocast_dtype = resolve_precision(args, device)
 
     train_seqs, val_seqs = load_sequences(args)
     variants = {data.VALIDATION_VARIANT} | {mask_variant(e, args) for e in range(args.num_epochs)}
     targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants,
                                    half=autocast_dtype is not None and device.type == "cuda",
-                                   hidden_states=args.hidden_weight > 0)
+                                   hidden_states=args.hidden_weight > 0, fill_cache=world.size == 1)
     tokenizer, about = targets.tokenizer, targets.about
     if args.teacher_cache and args.num_epochs < args.mask_variants:
         print(f"note: {args.num_epochs} epochs use {args.num_epochs} of the --mask_variants {args.mask_variants} "
@@ -657,32 +855,54 @@ def train(args) -> dict:
 
     first_epoch = train_batches(0)
     val_set = MaskedBatches(val_seqs, tokenizer, args, epoch=0, train=False)
-    steps_per_epoch = math.ceil(len(first_epoch) / args.grad_accumulation_steps)
-    total_steps = steps_per_epoch * args.num_epochs
+    if len(first_epoch) < world.size:
+        raise UserError(f"the training split makes {len(first_epoch)} batches, too few for {world.size} processes: "
+                        "lower --batch_size (or --max_tokens), or start fewer processes")
+    # An optimizer step takes one micro-batch per rank per accumulation step: the global batch.
+    batches_per_step = world.size * args.grad_accumulation_steps
+    position = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": math.inf, "elapsed_s": 0.0,
+                "batches_per_step": batches_per_step}  # "batch": the epoch's next batch, counted over all ranks
+    if resume_from is not None:
+        weights, state = read_checkpoint(resume_from, config)
+        position = dict(state["position"])
+    total_steps = planned_steps(len(first_epoch), position, batches_per_step, world.size, args.num_epochs)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     budget = f"; at most {args.max_time:g} min" if args.max_time else ""
+    ranks = f" ({world.size} processes x {args.grad_accumulation_steps})" if world.size > 1 else ""
     print(f"data: {len(train_seqs)} train / {len(val_seqs)} val sequences, {len(first_epoch)} batches per "
-          f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {total_steps} optimizer steps{budget}")
+          f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {batches_per_step} batches{ranks} per "
+          f"optimizer step, {total_steps} optimizer steps{budget}")
 
     start_time = time.perf_counter()  # moved back by the elapsed time of a resumed run, below
     optimizer = torch.optim.AdamW(adamw_param_groups(trainable, args.weight_decay), lr=args.learning_rate)
     if args.max_time:
         budget_s = args.max_time * 60
         scheduler = budget_schedule(optimizer, args.warmup_steps, args.scheduler,
-                                    lambda: (time.perf_counter() - start_time) / budget_s)
+                                    lambda: position["elapsed_s"] / budget_s)
     else:
         from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
         make_schedule = get_cosine_schedule_with_warmup if args.scheduler == "cosine" else get_linear_schedule_with_warmup
         scheduler = make_schedule(optimizer, min(args.warmup_steps, total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
-    position = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": math.inf, "elapsed_s": 0.0}
     if resume_from is not None:
-        position = load_training_state(resume_from, student, hidden_proj, optimizer, scheduler, scaler, config)
+        restore_training_state(resume_from, weights, state, student, hidden_proj, optimizer, scheduler, scaler)
         print(f"resumed from {resume_from} at step {position['step']} (epoch {position['epoch']}, "
               f"batch {position['batch']})")
-    start_output_dir(output_dir, args, position["step"] if resume_from is not None else None)
+        if position.get("batches_per_step", batches_per_step) != batches_per_step:
+            print(f"note: the checkpoint was written with {position['batches_per_step']} batches per optimizer step, "
+                  f"this run takes {batches_per_step}: the schedule is planned anew for the steps left")
+        position["batches_per_step"] = batches_per_step
+    # The teacher stays as it is on every rank: frozen, never wrapped. The student's only buffers
+    # are RoPE tables that each rank grows to its longest sequence: not broadcast.
+    ddp_student = student if world.size == 1 else DDP(
+        student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    if world.size > 1:
+        seed_dropout(args.seed, position["step"], world)
+    barrier(world)  # every rank has read the output folder and checkpoint before rank 0 changes them
+    if world.is_main:
+        start_output_dir(output_dir, args, position["step"] if resume_from is not None else None)
     start_time -= position["elapsed_s"]
     # Plain masked-LM training (no KL, no hidden term) needs the teacher for evaluation only.
     teacher_in_loss = args.distill_weight > 0 or args.hidden_weight > 0
@@ -698,11 +918,11 @@ def train(args) -> dict:
             val_teacher_outputs_by_batch[i] = (t["logits"], t.get("hidden_states"))
         return val_teacher_outputs_by_batch[i]
 
-    run_config = {**vars(args), "student_parameters": student.num_parameters(),
+    run_config = {**vars(args), "student_parameters": student.num_parameters(), "processes": world.size,
                   "teacher_parameters": about["num_parameters"], "teacher_backend": about["backend"]}
-    wandb_run = start_wandb(args, run_config) if args.use_wandb else None
+    wandb_run = start_wandb(args, run_config) if args.use_wandb and world.is_main else None
     metrics_path = output_dir / "metrics.jsonl"
-    metrics_file = open(metrics_path, "a")
+    metrics_file = open(metrics_path if world.is_main else os.devnull, "a")  # other ranks log to nowhere
 
     def log(record: dict):
         metrics_file.write(json.dumps(record) + "\n")
@@ -712,81 +932,93 @@ def train(args) -> dict:
                           step=record["step"])
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(student, hidden_proj, val_teacher_outputs, val_set, args, device, autocast_dtype)
+        metrics = evaluate(student, hidden_proj, val_teacher_outputs, val_set, args, device, autocast_dtype, world)
         log({"split": "val", "step": step, "epoch": position["epoch"], **metrics})
         if metrics["loss"] < position["best_val_loss"]:
             position["best_val_loss"] = metrics["loss"]
-            save_student(student, output_dir / "best_model", {**metadata, "step": step, "val": metrics})
+            if world.is_main:
+                save_student(student, output_dir / "best_model", {**metadata, "step": step, "val": metrics})
         return metrics
 
     def checkpoint() -> Path:
-        saved = output_dir / f"checkpoint-{position['step']}"
-        if saved in list_checkpoints(output_dir) and saved_steps and saved_steps[-1] == position["step"]:
-            return saved  # this run saved this very step already
-        saved_steps.append(position["step"])
-        if targets.cache is not None:  # the cache entries written so far survive with the checkpoint
-            targets.cache.flush()
-        return save_checkpoint(output_dir, student, hidden_proj, optimizer, scheduler, scaler, dict(position),
-                               {**metadata, "step": position["step"]}, args.keep_last)
+        """Rank 0 writes checkpoint-STEP/ (unless this run saved this very step already); the other
+        ranks wait for it."""
+        path = output_dir / f"checkpoint-{position['step']}"
+        saved_already = saved_steps and saved_steps[-1] == position["step"] and path in list_checkpoints(output_dir)
+        if world.is_main and not saved_already:
+            saved_steps.append(position["step"])
+            if targets.cache is not None:  # the cache entries written so far survive with the checkpoint
+                targets.cache.flush()
+            save_checkpoint(output_dir, student, hidden_proj, optimizer, scheduler, scaler, dict(position),
+                            {**metadata, "step": position["step"]}, args.keep_last)
+        barrier(world)  # no rank goes on, or exits, before the checkpoint is complete
+        return path
 
     from tqdm.auto import tqdm
     step = position["step"]
     saved_steps = []
-    window = {"tokens": 0, "seqs": 0, "masked": 0, "loss": 0.0, "kl": 0.0, "ce": 0.0, "cos": 0.0,
-              "correct": 0, "agree": 0, "t0": time.perf_counter()}
+    window = dict.fromkeys(WINDOW_SUMS, 0) | {"t0": time.perf_counter()}
     bad_steps, last_eval, stopped_by = 0, None, None
     if step == 0:  # the starting point of the curves: how far the untrained student is from the teacher
         last_eval = (0, run_eval(0))
     bar = tqdm(total=None if args.max_time else total_steps, initial=step, desc="distill", unit="step",
-               dynamic_ncols=True)
-    out_of_time = False
+               dynamic_ncols=True, disable=not world.is_main)
+    stop_signum, out_of_time = 0, False  # agreed on by all ranks at every step
     student.train()
     with StopRequest() as stop:
         for epoch in range(position["epoch"], args.num_epochs):
-            if step >= total_steps or stop.signum or out_of_time:
+            if step >= total_steps or stop_signum or out_of_time:
                 break
             position["epoch"] = epoch
             epoch_set = first_epoch if epoch == 0 else train_batches(epoch)
-            n_batches = len(epoch_set)
+            steps = optimizer_steps(len(epoch_set), position["batch"], batches_per_step, world.size)
+            mine = [group[world.rank::world.size] for group in steps]  # this rank's batches of each step
+            micro_batches = iter(batch_loader(epoch_set, [i for part in mine for i in part], args.num_workers))
             optimizer.zero_grad(set_to_none=True)
-            group_loss_ok = True
-            batches = batch_loader(epoch_set, range(position["batch"], n_batches), args.num_workers)
-            for i, batch in enumerate(batches, start=position["batch"]):
-                group_start = i - i % args.grad_accumulation_steps
-                group_size = min(args.grad_accumulation_steps, n_batches - group_start)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                t = targets(batch, epoch_set.mask_variant) if teacher_in_loss else {"logits": None}
-                with autocast(device, autocast_dtype):
-                    out = student(batch["input_ids"], batch["attention_mask"],
-                                  output_hidden_states=hidden_proj is not None)
-                    terms = loss_terms(out, hidden_proj, t["logits"], t.get("hidden_states"), batch, args,
-                                       distill_positions=args.distill_positions)
-                if torch.isfinite(terms["loss"]):
-                    scaler.scale(terms["loss"] / group_size).backward()
-                else:
-                    group_loss_ok = False
-                counts = masked_metrics(out["logits"].detach(), t["logits"], batch["labels"])
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["seqs"] += batch["input_ids"].shape[0]
-                window["masked"] += counts["n"]
-                window["correct"] += counts["student_correct"]
-                window["agree"] += counts["agree"]
-                for k in ("loss", "kl", "ce", "cos"):
-                    window[k] += float(terms[k].detach()) * counts["n"]
+            for group, part in zip(steps, mine):
+                loss_ok = True
+                for j, batch in enumerate(islice(micro_batches, len(part))):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    t = targets(batch, epoch_set.mask_variant) if teacher_in_loss else {"logits": None}
+                    with gradient_sync(ddp_student, last_micro_batch=j == len(part) - 1):
+                        with autocast(device, autocast_dtype):
+                            out = ddp_student(batch["input_ids"], batch["attention_mask"],
+                                              output_hidden_states=hidden_proj is not None)
+                            terms = loss_terms(out, hidden_proj, t["logits"], t.get("hidden_states"), batch, args,
+                                               distill_positions=args.distill_positions)
+                        # A non-finite loss goes backward too, to be dropped below with its step:
+                        # under DDP every rank must take part in the gradient all-reduce.
+                        scaler.scale(terms["loss"] / len(part)).backward()
+                    loss_ok = loss_ok and bool(torch.isfinite(terms["loss"]))
+                    counts = masked_metrics(out["logits"].detach(), t["logits"], batch["labels"])
+                    window["tokens"] += int(batch["attention_mask"].sum())
+                    window["seqs"] += batch["input_ids"].shape[0]
+                    window["masked"] += counts["n"]
+                    window["correct"] += counts["student_correct"]
+                    window["agree"] += counts["agree"]
+                    for k in ("loss", "kl", "ce", "cos"):
+                        window[k] += float(terms[k].detach()) * counts["n"]
 
-                if i + 1 < group_start + group_size:
-                    continue  # keep accumulating
-                position["batch"] = i + 1
-                if not group_loss_ok:  # skip the step: a non-finite loss would poison the weights
+                position["batch"] = group.stop
+                # One all-reduce a step has every rank decide alike: skip the step if any rank's loss
+                # is not finite, stop if any rank got a signal, and run the budget on one clock.
+                bad, stop_signum, position["elapsed_s"] = all_reduce(
+                    [not loss_ok, stop.signum or 0, time.perf_counter() - start_time], world, op="max")
+                stop_signum = int(stop_signum)
+                out_of_time = bool(args.max_time) and position["elapsed_s"] >= budget_s
+                if bad:  # skip the step: a non-finite loss would poison the weights
                     optimizer.zero_grad(set_to_none=True)
-                    group_loss_ok, bad_steps = True, bad_steps + 1
-                    warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({bad_steps} in a row)",
-                                  stacklevel=1)
+                    bad_steps += 1
+                    if world.is_main:
+                        warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({bad_steps} in a row)",
+                                      stacklevel=1)
                     if bad_steps >= args.max_bad_steps:
                         stopped_by = "non-finite losses"
                         break
                     continue
                 bad_steps = 0
+                if hidden_proj is not None:
+                    average_gradients(hidden_proj, world)
                 if args.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_([p for m in trainable for p in m.parameters()],
@@ -797,43 +1029,43 @@ def train(args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 position["step"] = step
-                position["elapsed_s"] = time.perf_counter() - start_time
                 bar.update(1)
 
                 if step % args.log_every == 0 or step == total_steps:
                     dt = max(time.perf_counter() - window["t0"], 1e-9)
-                    m = max(window["masked"], 1)
+                    sums = dict(zip(WINDOW_SUMS, all_reduce([window[k] for k in WINDOW_SUMS], world)))
+                    m = max(sums["masked"], 1)
                     record = {"split": "train", "step": step, "epoch": epoch,
-                              **{k: window[k] / m for k in ("loss", "kl", "ce", "cos")},
-                              "masked_acc": window["correct"] / m,
-                              "agreement": window["agree"] / m if teacher_in_loss else None,
-                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / dt,
-                              "sequences_per_s": window["seqs"] / dt, "elapsed_s": position["elapsed_s"]}
+                              **{k: sums[k] / m for k in ("loss", "kl", "ce", "cos")},
+                              "masked_acc": sums["correct"] / m,
+                              "agreement": sums["agree"] / m if teacher_in_loss else None,
+                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": sums["tokens"] / dt,
+                              "sequences_per_s": sums["seqs"] / dt, "elapsed_s": position["elapsed_s"]}
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['masked_acc']:.3f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
-                    window.update(tokens=0, seqs=0, masked=0, loss=0.0, kl=0.0, ce=0.0, cos=0.0,
-                                  correct=0, agree=0, t0=time.perf_counter())
+                    window = dict.fromkeys(WINDOW_SUMS, 0) | {"t0": time.perf_counter()}
                 if step % args.eval_every == 0:
                     last_eval = (step, run_eval(step))
                 if step % args.save_every == 0:
                     checkpoint()
-                out_of_time = bool(args.max_time) and time.perf_counter() - start_time >= budget_s
-                if step >= total_steps or stop.signum or out_of_time:
+                if step >= total_steps or stop_signum or out_of_time:
                     break
-            if stopped_by or stop.signum or step >= total_steps or out_of_time:
+            if stopped_by or stop_signum or step >= total_steps or out_of_time:
                 break
             position["epoch"], position["batch"] = epoch + 1, 0
             if last_eval is None or last_eval[0] != step:
                 last_eval = (step, run_eval(step))
         bar.close()
 
-        if stop.signum:
+        if stop_signum:
             path = checkpoint()
             metrics_file.close()
-            print(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint {path}\n"
-                  f"resume with: python distill.py <same arguments> --resume auto", file=sys.stderr)
-            sys.exit(128 + stop.signum)
+            launcher = "torchrun <same launcher arguments> distill.py" if world.size > 1 else "python distill.py"
+            if world.is_main:
+                print(f"stopped by {signal.Signals(stop_signum).name} at step {step}; checkpoint {path}\n"
+                      f"resume with: {launcher} <same arguments> --resume auto", file=sys.stderr)
+            sys.exit(128 + stop_signum)
     if stopped_by:
         metrics_file.close()
         if targets.cache is not None:
@@ -846,15 +1078,19 @@ def train(args) -> dict:
     metrics_file.close()
     if targets.cache is not None:
         targets.cache.close()
+    teacher_batches = dict(zip(targets.batches, map(int, all_reduce(list(targets.batches.values()), world))))
+    if not world.is_main:
+        return None
     plot_training_curves(metrics_path, output_dir / "training_curves.png")
     elapsed = time.perf_counter() - start_time
     best = json.loads((output_dir / "best_model" / "config.json").read_text()).get("metadata", {})
     summary = {"teacher": about["name"], "teacher_backend": about["backend"], "device": str(device),
+               "processes": world.size, "batches_per_step": batches_per_step,
                "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
                "student_parameters": student.num_parameters(), "teacher_parameters": about["num_parameters"],
                "compression": about["num_parameters"] / student.num_parameters(),
                "teacher_cache": args.teacher_cache, "teacher_loaded": targets.teacher is not None,
-               "teacher_batches": targets.batches,
+               "teacher_batches": teacher_batches,
                "steps": step, "elapsed_s": elapsed, "final_val": final_metrics,
                "best_val": best.get("val"), "best_step": best.get("step"),
                "padding_efficiency": first_epoch.padding_efficiency,
@@ -870,18 +1106,25 @@ def train(args) -> dict:
     return summary
 
 
-def load_training_state(path: Path, student, hidden_proj, optimizer, scheduler, scaler, config) -> dict:
-    """Restore weights, optimizer, scheduler, scaler and RNGs from checkpoint-STEP/; returns the position."""
+def read_checkpoint(path: Path, config: StudentConfig) -> tuple[dict, dict]:
+    """(student weights, training state) of checkpoint-STEP/, refused unless it holds this run's student."""
     saved = load_student(path, map_location="cpu")
     if saved.model.config != config:
         raise UserError(f"{path} holds a different student ({saved.model.summary()}); pass the same sizes "
                         "and teacher as the run that wrote it")
-    student.load_state_dict(saved.model.state_dict())
     try:
         state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or a pickle that would run code
         raise CheckpointError(f"{path / TRAINING_STATE}: unreadable or unsafe training state "
                               f"({str(err).strip().splitlines()[0]}); resume from an earlier checkpoint") from err
+    return saved.model.state_dict(), state
+
+
+def restore_training_state(path: Path, weights: dict, state: dict, student, hidden_proj, optimizer, scheduler,
+                           scaler) -> None:
+    """Load what read_checkpoint read: weights, optimizer, scheduler, scaler and the RNGs (of the
+    process, or rank 0, that wrote it)."""
+    student.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -892,7 +1135,6 @@ def load_training_state(path: Path, student, hidden_proj, optimizer, scheduler, 
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return dict(state["position"])
 
 
 def main(argv=None):
