@@ -1,0 +1,494 @@
+"""Is distillation worth it? Students trained for equal wall-clock budgets, with and without the teacher.
+
+    python bench/fidelity.py --quick            # ~3.5 min: mlm vs kd-cache, 1 min each, tiny student
+    python bench/fidelity.py --variants mlm-cache,kd-cache --budgets 10
+                                                # the main comparison: ~35 min, 10.7 of them the cache fill
+    python bench/fidelity.py                    # every variant at 10 and 30 minutes: ~9 hours
+
+Teacher: AntiBERTy, int8 on CPU (`--use_8bit`). Data: the 12,990 antibody chains of
+../shared/data/antibody_sample.fasta when present (1,000 held out for test, 500 for validation),
+else the shipped 1,000 of data/antibody_sample.fasta (100 / 100; the output says which). Every run
+is one `distill.py --max_time MINUTES` subprocess, run one after another so that each has the
+CPUs to itself, with the same student, data order, initialisation and learning rate; only the
+loss and where the teacher's outputs come from differ (VARIANTS). Each final checkpoint is then
+scored on the test split, which no run trains or validates on, with fixed masks and evaluate.py's
+statistics (the teacher's test logits computed once): masked accuracy, top-1 agreement with the
+teacher, KL(teacher || student) at T = 1, perplexity.
+
+Teacher time is counted where it is spent. The live variants pay a teacher forward pass per
+training step inside their budget. `kd-cache` reads logits that cache_teacher.py wrote before
+the run: that fill is timed separately and reported next to the run (it is paid once per data
+set and masking, for every student distilled after). `kd-cache-fill` starts from an empty cache
+and fills it while training, inside its budget. The masked-LM-only run never calls the teacher
+in training, but distill.py still loads it and computes its validation logits once, inside the
+budget (the step-0 evaluation); `mlm-cache` reads those from the prefilled cache instead, so that
+its evaluations cost exactly what kd-cache's do and only the loss differs.
+
+Wall-clock budgets are only as fair as the machine is quiet: each run records the optimizer steps
+it reached, its tokens/s, the CPU time of its process and the load average before and after it,
+and the plot shows accuracy by step too, which other jobs cannot distort.
+
+Writes OUTPUT_DIR/fidelity.json (the setup, cache fills and every run: command, steps, times,
+teacher batches, validation curve, test metrics), fidelity.md (the table) and fidelity.png
+(validation masked accuracy and agreement against training minutes, accuracy against steps,
+test accuracy marked at the end of each run). Runs already in fidelity.json are kept and
+skipped (--rerun runs them again), so budgets and variants can be added by later invocations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from architecture import atomic_open, load_student  # noqa: E402
+from cli import UserError  # noqa: E402
+from distill import MaskedBatches  # noqa: E402
+
+SHARED_ANTIBODIES = REPO.parent / "shared" / "data" / "antibody_sample.fasta"
+TEACHER = "antiberty"
+TEST_SEQUENCES, VAL_SEQUENCES = 1000, 500  # held out of the full antibody set
+MAX_SEQ_LEN = 160  # antibody V domains are 101-136 residues: nothing is cropped
+SEED = 42
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    about: str
+    loss: tuple[str, ...]  # distill.py loss flags
+    cache: str | None = None  # None: live teacher; "prefilled": by cache_teacher.py before the run; "fill": during it
+    positions: str = "masked"  # --distill_positions (what a cache stores)
+
+    @property
+    def teacher_in_loss(self) -> bool:
+        """Whether training reads the teacher (else it only serves the validation agreement)."""
+        return self.loss[self.loss.index("--distill_weight") + 1] != "0" or "--hidden_weight" in self.loss
+
+
+KD = ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "2")
+VARIANTS = {v.name: v for v in [
+    Variant("mlm", "masked LM only: CE on the true residues, no teacher in training",
+            ("--distill_weight", "0", "--task_weight", "1")),
+    Variant("mlm-cache", "mlm, validation teacher logits read from the prefilled cache (no teacher loaded): "
+            "its evaluations cost what kd-cache's do", ("--distill_weight", "0", "--task_weight", "1"),
+            cache="prefilled"),
+    Variant("kd", "0.5 KL at T=2 on masked positions + 0.5 CE, live teacher", KD),
+    Variant("kd-hidden", "kd + 0.1 cosine loss to the teacher's last hidden states, live teacher",
+            (*KD, "--hidden_weight", "0.1")),
+    Variant("kd-cache", "kd, teacher logits read from a cache filled before the run", KD, cache="prefilled"),
+    Variant("kd-cache-fill", "kd, teacher cache empty at the start and filled inside the budget", KD, cache="fill"),
+    Variant("kd-cache-all", "kd with the KL on every position, prefilled cache",
+            (*KD, "--distill_positions", "all"), cache="prefilled", positions="all"),
+    Variant("kd-cache-t1", "kd at temperature 1, prefilled cache",
+            ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "1"), cache="prefilled"),
+    Variant("kd-cache-t4", "kd at temperature 4, prefilled cache",
+            ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "4"), cache="prefilled"),
+    Variant("kd-cache-w0.9", "0.9 KL at T=2 + 0.1 CE, prefilled cache",
+            ("--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2"), cache="prefilled"),
+]}
+QUICK = {"variants": "mlm,kd-cache", "budgets": "1", "d_model": 64, "num_heads": 4, "num_layers": 2,
+         "eval_every": 25, "output_dir": "outputs/fidelity_quick"}
+FULL = {"variants": ",".join(VARIANTS), "budgets": "10,30", "d_model": 256, "num_heads": 4, "num_layers": 4,
+        "eval_every": 50, "output_dir": "outputs/fidelity"}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="variants:\n" + "\n".join(f"  {v.name:<15}{v.about}" for v in VARIANTS.values()))
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run on the shipped 1,000 chains: {QUICK['variants']} at {QUICK['budgets']} minute, "
+                        f"d_model {QUICK['d_model']}, {QUICK['num_layers']} layers")
+    p.add_argument("--variants", help=f"comma-separated, from the list below [{FULL['variants']}]")
+    p.add_argument("--budgets", help=f"comma-separated wall-clock training budgets in minutes [{FULL['budgets']}]")
+    p.add_argument("--output_dir", help=f"where everything goes [{FULL['output_dir']}; --quick {QUICK['output_dir']}]")
+    p.add_argument("--d_model", type=int, help=f"student width [{FULL['d_model']}]")
+    p.add_argument("--num_heads", type=int, help=f"student attention heads [{FULL['num_heads']}]")
+    p.add_argument("--num_layers", type=int, help=f"student blocks [{FULL['num_layers']}]")
+    p.add_argument("--eval_every", type=int, help=f"validation every N steps [{FULL['eval_every']}]")
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=20,
+                   help="linear warmup; a 10-minute CPU budget is a few hundred steps")
+    p.add_argument("--mask_variants", type=int, default=1,
+                   help="mask variants a teacher cache holds; 1 covers a budget of under one epoch "
+                        "(later epochs then repeat the masks), each more costs one more teacher pass over the data")
+    p.add_argument("--max_steps", type=int, default=None, help="also cap every run at this many steps (for testing)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where students and teacher run")
+    p.add_argument("--rerun", action="store_true", help="run again the variants and budgets already in fidelity.json")
+    return p
+
+
+def resolve_args(args) -> argparse.Namespace:
+    """Fill the defaults that --quick changes; parse and check the lists."""
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(VARIANTS)}")
+    try:
+        args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--budgets {args.budgets!r}: give minutes separated by commas, e.g. 10,30") from None
+    if not args.budgets or min(args.budgets) <= 0:
+        raise UserError("--budgets: every budget must be a positive number of minutes")
+    for name in ("d_model", "num_heads", "num_layers", "eval_every", "batch_size", "mask_variants"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    args.output_dir = cli.writable_folder(REPO / args.output_dir, "--output_dir")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data: one split for every run
+# --------------------------------------------------------------------------------------------
+
+def prepare_data(folder: Path, quick: bool) -> dict:
+    """Write folder/{train,val,test}.fasta from the full antibody set (or the shipped sample);
+    returns where they came from and the counts."""
+    if not quick and SHARED_ANTIBODIES.is_file():
+        source, note = SHARED_ANTIBODIES, "full antibody set"
+        proteins = data.read_fasta(source)
+        val_fraction, test_fraction = VAL_SEQUENCES / len(proteins), TEST_SEQUENCES / len(proteins)
+    else:
+        source = data.SHIPPED_ANTIBODIES
+        note = ("--quick: shipped 1,000-chain sample" if quick else
+                f"{SHARED_ANTIBODIES} not found: shipped 1,000-chain sample, numbers not comparable to the full set")
+        proteins = data.read_fasta(source)
+        val_fraction = test_fraction = 0.1
+    train, val, test = data.split_proteins(proteins, val_fraction, test_fraction, seed=SEED)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("val", val), ("test", test)):
+        data.write_fasta(folder / f"{name}.fasta", part)
+    return {"source": str(source), "note": note, "train": len(train), "val": len(val), "test": len(test)}
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+def shared_flags(args, data_dir: Path) -> list[str]:
+    """What distill.py and cache_teacher.py must agree on for a cache to serve a run."""
+    return ["--data_path", str(data_dir), "--teacher_model", TEACHER, "--use_8bit", "--device", args.device,
+            "--max_seq_len", str(MAX_SEQ_LEN), "--batch_size", str(args.batch_size), "--seed", str(SEED),
+            "--mask_variants", str(args.mask_variants)]
+
+
+def distill_command(variant: Variant, budget: float, run_dir: Path, cache_dir: Path | None, args,
+                    data_dir: Path) -> list[str]:
+    command = [sys.executable, str(REPO / "distill.py"), *shared_flags(args, data_dir), *variant.loss,
+               "--output_dir", str(run_dir), "--overwrite",
+               "--d_model", str(args.d_model), "--num_heads", str(args.num_heads), "--num_layers", str(args.num_layers),
+               "--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps),
+               "--max_time", f"{budget:g}", "--num_epochs", "1000", "--eval_every", str(args.eval_every),
+               "--log_every", "5", "--save_every", "1000000", "--keep_last", "1"]
+    if cache_dir is not None:
+        command += ["--teacher_cache", str(cache_dir)]
+    if args.max_steps:
+        command += ["--max_steps", str(args.max_steps)]
+    return command
+
+
+def run_logged(command: list[str], log_path: Path) -> tuple[int, float, float]:
+    """Run a command with its output in log_path; returns (exit status, wall seconds, CPU seconds).
+    CPU time (user + system) does not grow when other jobs share the cores, wall time does."""
+    start, cpu_start = time.perf_counter(), _children_cpu_s()
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n\n")
+        log.flush()
+        status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    return status, time.perf_counter() - start, _children_cpu_s() - cpu_start
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def log_tail(log_path: Path, lines: int = 15) -> str:
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def fill_cache(cache_dir: Path, positions: str, args, data_dir: Path) -> dict:
+    """Fill a teacher cache with cache_teacher.py (timed); a cache already complete is reused
+    with the record of its fill."""
+    record_path = cache_dir.with_name(cache_dir.name + ".fill.json")
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a half-filled one: time a whole fill
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO / "cache_teacher.py"), *shared_flags(args, data_dir),
+               "--distill_positions", positions, "--teacher_cache", str(cache_dir)]
+    print(f"filling the teacher cache {cache_dir} ({positions} positions, {args.mask_variants} mask variant(s))",
+          flush=True)
+    status, seconds, cpu_seconds = run_logged(command, cache_dir.with_name(cache_dir.name + ".fill.log"))
+    if status:
+        raise UserError(f"cache_teacher.py failed (exit {status}); see {cache_dir.name}.fill.log:\n"
+                        + log_tail(cache_dir.with_name(cache_dir.name + ".fill.log")))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    record = {"dir": str(cache_dir), "positions": positions, "mask_variants": args.mask_variants,
+              "fill_s": seconds, "fill_cpu_s": cpu_seconds, "command": " ".join(command),
+              "complete": manifest["complete"],
+              "bytes": sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file())}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"  filled in {seconds / 60:.1f} min", flush=True)
+    return record
+
+
+def learning_curve(metrics_path: Path, end_s: float) -> list[dict]:
+    """The validation records with the training time at which each was taken: their own
+    elapsed_s, else interpolated from the train records' elapsed_s (0 at step 0; end_s for a
+    final evaluation after the last train record)."""
+    records = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    train = [(0, 0.0)] + [(r["step"], r["elapsed_s"]) for r in records if r["split"] == "train"]
+    steps, seconds = zip(*train)
+    return [{"step": r["step"], "elapsed_s": r.get("elapsed_s", float(np.interp(r["step"], steps, seconds,
+                                                                                right=end_s))),
+             "masked_acc": r["masked_acc"], "agreement": r["agreement"], "kl": r["kl"],
+             "perplexity": r["perplexity"]} for r in records if r["split"] == "val"]
+
+
+def tokens_per_second(metrics_path: Path) -> float | None:
+    """Training tokens/s over the run (the mean of the logged windows, all of equal step count)."""
+    rates = [r["tokens_per_s"] for r in map(json.loads, open(metrics_path))
+             if r["split"] == "train" and r.get("tokens_per_s")]
+    return float(np.mean(rates)) if rates else None
+
+
+def train_and_score(variant: Variant, budget: float, args, data_dir: Path, test_set: "TestSet",
+                    caches: dict) -> dict:
+    """One distill.py run, then its final checkpoint scored on the test split."""
+    run_dir = args.output_dir / "runs" / f"{variant.name}-{budget:g}min"
+    cache_dir, fill = None, None
+    if variant.cache == "prefilled":
+        key = f"{variant.positions}-k{args.mask_variants}"
+        if key not in caches:
+            caches[key] = fill_cache(args.output_dir / "caches" / key, variant.positions, args, data_dir)
+        cache_dir, fill = Path(caches[key]["dir"]), caches[key]
+    elif variant.cache == "fill":
+        cache_dir = run_dir.with_name(run_dir.name + "-cache")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    command = distill_command(variant, budget, run_dir, cache_dir, args, data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    print(f"{variant.name}, {budget:g} min: {variant.about} (load average {load_before:.2f})", flush=True)
+    status, process_s, process_cpu_s = run_logged(command, run_dir / "log.txt")
+    record = {"variant": variant.name, "about": variant.about, "budget_min": budget, "command": " ".join(command),
+              "process_s": process_s, "process_cpu_s": process_cpu_s, "load_before": load_before,
+              "load_after": os.getloadavg()[0]}
+    if status:
+        print(f"  failed (exit {status}):\n{log_tail(run_dir / 'log.txt')}", flush=True)
+        return {**record, "error": f"exit {status}: {log_tail(run_dir / 'log.txt')}"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record.update(steps=summary["steps"], training_s=summary["elapsed_s"],
+                  tokens_per_s=tokens_per_second(run_dir / "metrics.jsonl"),
+                  teacher_loaded=summary["teacher_loaded"], teacher_batches=summary["teacher_batches"],
+                  cache_fill_s=fill["fill_s"] if fill and variant.teacher_in_loss else None,
+                  final_val=summary["final_val"],
+                  # the last step ends once the budget is spent; the final evaluation comes after it
+                  curve=learning_curve(run_dir / "metrics.jsonl", min(summary["elapsed_s"], budget * 60)),
+                  checkpoint=summary["last_checkpoint"], test=test_set.score(summary["last_checkpoint"]))
+    t = record["test"]
+    print(f"  {record['steps']} steps in {record['training_s'] / 60:.1f} min: test masked acc {t['masked_acc']:.3f}, "
+          f"agreement {t['agreement']:.3f}, KL {t['kl']:.3f}, perplexity {t['perplexity']:.2f}", flush=True)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Test-split scoring
+# --------------------------------------------------------------------------------------------
+
+class TestSet:
+    """The test split under fixed masks (evaluate.py's: the validation masks of its seed), with the
+    teacher's logits computed once and replayed, so that every student is scored by
+    evaluate.masked_statistics on the same positions against the same teacher outputs."""
+
+    def __init__(self, fasta: Path, args):
+        from teacher import load_teacher  # transformers is heavy: only once there is data to score
+        self.device = torch.device(args.device)
+        teacher = load_teacher(TEACHER, device=self.device, use_8bit=True)
+        self.tokenizer, self.teacher_backend = teacher.tokenizer, teacher.backend
+        sequences = [p.sequence for p in data.read_fasta(fasta)]
+        masking = argparse.Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None,
+                                     batch_size=args.batch_size)
+        self.batches = MaskedBatches(sequences, self.tokenizer, masking, epoch=0, train=False)
+        self.residues = evaluate.residue_counts(
+            [data.collate([sequences[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
+             for batch in self.batches.batches], self.tokenizer)
+        self._logits = {}
+        for i in range(len(self.batches)):
+            batch = {k: v.to(self.device) for k, v in self.batches[i].items()}
+            self._logits[self._key(batch["input_ids"])] = teacher(batch["input_ids"], batch["attention_mask"])["logits"]
+        self.sequences = len(sequences)
+
+    @staticmethod
+    def _key(input_ids: torch.Tensor) -> bytes:
+        return input_ids.cpu().numpy().tobytes()
+
+    def __call__(self, input_ids, attention_mask) -> dict:
+        """The teacher's interface, as masked_statistics calls it, for a test batch."""
+        return {"logits": self._logits[self._key(input_ids)]}
+
+    def score(self, model_path) -> dict:
+        student, tokenizer, _ = load_student(model_path, map_location=self.device)
+        if tokenizer.vocab_hash != self.tokenizer.vocab_hash:
+            raise UserError(f"{model_path}: the student's vocabulary is not the teacher's")
+        stats = evaluate.masked_statistics(student, self, self.batches, self.device)
+        m = evaluate.build_report(stats, self.residues, tokenizer, None)["metrics"]
+        return {"masked_acc": m["student"]["masked_acc"], "agreement": m["agreement"], "kl": m["kl_teacher_student"],
+                "perplexity": m["student"]["perplexity"], "teacher_masked_acc": m["teacher"]["masked_acc"],
+                "teacher_perplexity": m["teacher"]["perplexity"], "baseline_masked_acc": m["baseline"]["masked_acc"],
+                "masked_tokens": stats["n"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Results: JSON, table, plot
+# --------------------------------------------------------------------------------------------
+
+def load_results(path: Path, setup: dict) -> dict:
+    """Earlier results in this folder, if made with the same setup; else a new record."""
+    if not path.is_file():
+        return {"setup": setup, "caches": {}, "runs": []}
+    results = json.loads(path.read_text())
+    differ = [k for k in setup if k not in ("started", "machine") and results["setup"].get(k) != setup[k]]
+    if differ:
+        raise UserError(f"{path} holds runs made with other settings ({', '.join(differ)}); "
+                        "pass another --output_dir or delete it")
+    return results
+
+
+def save_results(results: dict, output_dir: Path) -> None:
+    with atomic_open(output_dir / "fidelity.json", "w") as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+    with atomic_open(output_dir / "fidelity.md", "w") as f:
+        f.write(results_table(results) + "\n")
+    plot_results(results, output_dir / "fidelity.png")
+
+
+def results_table(results: dict) -> str:
+    setup = results["setup"]
+    teacher = next((r["test"] for r in results["runs"] if "test" in r), None)
+    lines = [f"Data: {setup['data']['note']} ({setup['data']['train']:,} train / {setup['data']['val']:,} val / "
+             f"{setup['data']['test']:,} test chains). Student d_model {setup['student']['d_model']}, "
+             f"{setup['student']['num_layers']} layers, {setup['student']['num_heads']} heads; "
+             f"batch {setup['batch_size']}, lr {setup['learning_rate']:g}, warmup {setup['warmup_steps']} steps. "
+             f"Teacher {TEACHER} ({setup.get('teacher_backend')})"
+             + (f": test masked acc {teacher['teacher_masked_acc']:.3f}, perplexity "
+                f"{teacher['teacher_perplexity']:.2f}" if teacher else "") + ".", "",
+             "| variant | budget (min) | steps | training (min) | process CPU (min) | tokens/s "
+             "| teacher batches live / cached | cache fill outside budget (min) | test acc | agreement | KL "
+             "| perplexity | load avg before / after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results["runs"], key=lambda r: (r["budget_min"], list(VARIANTS).index(r["variant"]))):
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['budget_min']:g} | failed: {r['error'].splitlines()[0]} |")
+            continue
+        t, live = r["test"], r["teacher_batches"]
+        fill = f"{r['cache_fill_s'] / 60:.1f}" if r["cache_fill_s"] else "—"
+        rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
+        lines.append(f"| {r['variant']} | {r['budget_min']:g} | {r['steps']} | {r['training_s'] / 60:.1f} "
+                     f"| {r['process_cpu_s'] / 60:.1f} | {rate} | {live['live']} / {live['cached']} | {fill} "
+                     f"| {t['masked_acc']:.3f} | {t['agreement']:.3f} | {t['kl']:.3f} | {t['perplexity']:.2f} "
+                     f"| {r['load_before']:.1f} / {r['load_after']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if "error" not in r]
+    if not runs:
+        return
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(VARIANTS)}
+    budgets = sorted({r["budget_min"] for r in runs})
+    styles = dict(zip(budgets, ["-", "--", ":", "-."] * len(budgets)))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    panels = ((axes[0], "masked_acc", "masked accuracy", "minutes"),
+              (axes[1], "agreement", "top-1 agreement", "minutes"), (axes[2], "masked_acc", "masked accuracy", "step"))
+    for ax, key, title, x in panels:
+        for r in runs:
+            xs = [p["elapsed_s"] / 60 if x == "minutes" else p["step"] for p in r["curve"]]
+            label = f"{r['variant']} {r['budget_min']:g} min ({r['steps']} steps)"
+            ax.plot(xs, [p[key] for p in r["curve"]], styles[r["budget_min"]], color=colors[r["variant"]],
+                    marker="o", ms=3, label=label)
+            ax.plot(xs[-1], r["test"][key], "*", color=colors[r["variant"]], ms=12, mec="black")
+            if r["cache_fill_s"] and x == "minutes":  # the curve had the cache fill been paid inside the budget
+                ax.plot([m + r["cache_fill_s"] / 60 for m in xs], [p[key] for p in r["curve"]], ":",
+                        color=colors[r["variant"]], alpha=0.5,
+                        label=f"{r['variant']} {r['budget_min']:g} min, shifted by its cache fill")
+        if key == "masked_acc":
+            ax.axhline(runs[0]["test"]["teacher_masked_acc"], ls="--", color="grey", label="teacher (test)")
+        # Steps are what a shared machine cannot distort: wall-clock budgets buy more or fewer of them.
+        ax.set(xlabel="training wall-clock minutes" if x == "minutes" else "optimizer step", ylabel=title,
+               title=f"Validation {title} by {x} (lines), test at the end (stars)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    setup = results["setup"]
+    fig.suptitle(f"{TEACHER} -> student d_model {setup['student']['d_model']}, "
+                 f"{setup['student']['num_layers']} layers; {setup['data']['note']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = resolve_args(build_parser().parse_args(argv))
+    output_dir = args.output_dir
+    data_dir = output_dir / "data"
+    setup = {"data": prepare_data(data_dir, args.quick),
+             "student": {k: getattr(args, k) for k in ("d_model", "num_heads", "num_layers")},
+             **{k: getattr(args, k) for k in ("batch_size", "learning_rate", "warmup_steps", "mask_variants",
+                                              "eval_every", "max_steps", "device")},
+             "max_seq_len": MAX_SEQ_LEN, "seed": SEED,
+             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"data: {setup['data']['note']}: {setup['data']['train']:,} train / {setup['data']['val']:,} val / "
+          f"{setup['data']['test']:,} test chains", flush=True)
+    results = load_results(output_dir / "fidelity.json", setup)
+    done = {(r["variant"], r["budget_min"]) for r in results["runs"] if "error" not in r}
+    todo = [(VARIANTS[v], b) for b in args.budgets for v in args.variants if args.rerun or (v, b) not in done]
+    if not todo:
+        print("every requested run is in fidelity.json already (--rerun runs them again)")
+    else:
+        print(f"scoring set-up: the teacher on the {setup['data']['test']:,} test chains, once", flush=True)
+        test_set = TestSet(data_dir / "test.fasta", args)
+        results["setup"]["teacher_backend"] = test_set.teacher_backend
+        for variant, budget in todo:
+            record = train_and_score(variant, budget, args, data_dir, test_set, results["caches"])
+            results["runs"] = [r for r in results["runs"]
+                               if (r["variant"], r["budget_min"]) != (variant.name, budget)] + [record]
+            save_results(results, output_dir)
+    save_results(results, output_dir)
+    print("\n" + results_table(results))
+    print(f"\nwritten: {output_dir / 'fidelity.json'}, {output_dir / 'fidelity.md'}, {output_dir / 'fidelity.png'}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
