@@ -552,6 +552,17 @@ def masked_metrics(student_logits, teacher_logits, labels) -> dict:
     return counts
 
 
+def add_to_window(window: dict, batch: dict, counts: dict, terms: dict) -> None:
+    """Add one micro-batch to the running sums behind the next metrics.jsonl train record."""
+    window["tokens"] += int(batch["attention_mask"].sum())
+    window["seqs"] += batch["input_ids"].shape[0]
+    window["masked"] += counts["n"]
+    window["correct"] += counts["student_correct"]
+    window["agree"] += counts["agree"]
+    for k in ("loss", "kl", "ce", "cos"):
+        window[k] += float(terms[k].detach()) * counts["n"]
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
@@ -992,14 +1003,8 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
                         # under DDP every rank must take part in the gradient all-reduce.
                         scaler.scale(terms["loss"] / len(part)).backward()
                     loss_ok = loss_ok and bool(torch.isfinite(terms["loss"]))
-                    counts = masked_metrics(out["logits"].detach(), t["logits"], batch["labels"])
-                    window["tokens"] += int(batch["attention_mask"].sum())
-                    window["seqs"] += batch["input_ids"].shape[0]
-                    window["masked"] += counts["n"]
-                    window["correct"] += counts["student_correct"]
-                    window["agree"] += counts["agree"]
-                    for k in ("loss", "kl", "ce", "cos"):
-                        window[k] += float(terms[k].detach()) * counts["n"]
+                    add_to_window(window, batch, masked_metrics(out["logits"].detach(), t["logits"], batch["labels"]),
+                                  terms)
 
                 position["batch"] = group.stop
                 # One all-reduce a step has every rank decide alike: skip the step if any rank's loss

@@ -129,14 +129,8 @@ class Trainer:
         t = targets(batch, variant)
         laps.lap("teacher targets")
         out, terms = self.forward_backward(batch, t)
-        counts = distill.masked_metrics(out["logits"].detach(), t["logits"], batch["labels"])
-        window["tokens"] += int(batch["attention_mask"].sum())
-        window["seqs"] += batch["input_ids"].shape[0]
-        window["masked"] += counts["n"]
-        window["correct"] += counts["student_correct"]
-        window["agree"] += counts["agree"]
-        for k in ("loss", "kl", "ce", "cos"):
-            window[k] += float(terms[k].detach()) * counts["n"]
+        distill.add_to_window(window, batch, distill.masked_metrics(out["logits"].detach(), t["logits"],
+                                                                    batch["labels"]), terms)
         laps.lap("metrics + window sums")
         self.update()
 
