@@ -129,10 +129,14 @@ class Trainer:
         t = targets(batch, variant)
         laps.lap("teacher targets")
         out, terms = self.forward_backward(batch, t)
-        distill.add_to_window(window, batch, distill.masked_metrics(out["logits"].detach(), t["logits"],
-                                                                    batch["labels"]), terms)
+        self.accumulate(window, batch, out, t, terms)
         laps.lap("metrics + window sums")
         self.update()
+
+    def accumulate(self, window: dict, batch: dict, out: dict, t: dict, terms: dict) -> None:
+        """distill.train's running sums behind a metrics.jsonl record."""
+        distill.add_to_window(window, batch, distill.masked_metrics(out["logits"].detach(), t["logits"],
+                                                                    batch["labels"]), terms)
 
     def student_step(self, batch: dict, teacher_logits: torch.Tensor) -> None:
         """The student's part of a step alone, on given teacher logits: forward, loss, backward, update."""

@@ -53,16 +53,7 @@ class SyncFreeTrainer(Trainer):
     """Prototype: distill.train's step with the window sums kept as tensors (no int()/float()
     per step). The isfinite check stays: skipping a bad step needs its answer."""
 
-    def step(self, loader, targets, variant: int) -> None:
-        laps, window = self.laps, self.window
-        laps.start()
-        batch = next(loader)
-        laps.lap("batch (loader)")
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        laps.lap("to device")
-        t = targets(batch, variant)
-        laps.lap("teacher targets")
-        out, terms = self.forward_backward(batch, t)
+    def accumulate(self, window: dict, batch: dict, out: dict, t: dict, terms: dict) -> None:
         masked = batch["labels"] != data.IGNORE_INDEX
         s_pred = out["logits"].detach()[masked].argmax(-1)
         t_pred = t["logits"][masked].argmax(-1)
@@ -74,8 +65,6 @@ class SyncFreeTrainer(Trainer):
         window["agree"] += (s_pred == t_pred).sum()
         for k in ("loss", "kl", "ce", "cos"):
             window[k] += terms[k].detach() * n
-        laps.lap("metrics + window sums")
-        self.update()
 
 
 def make_trainers(args, tokenizer, total_steps, device) -> dict[str, Trainer]:
