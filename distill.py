@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in the student")
 
     g = p.add_argument_group("loss")
-    g.add_argument("--distill_weight", type=float, default=0.5, help="weight of the KL term")
-    g.add_argument("--task_weight", type=float, default=0.5, help="weight of the masked-LM cross-entropy")
+    g.add_argument("--distill_weight", type=float, default=0.9,
+                   help="weight of the KL term (0.9 beat 0.5 and plain masked LM in bench/fidelity.py)")
+    g.add_argument("--task_weight", type=float, default=0.1, help="weight of the masked-LM cross-entropy")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
     g.add_argument("--hidden_weight", type=float, default=0.0,
                    help="weight of a cosine loss between projected student and teacher last hidden states")
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--max_time", type=float, default=None, metavar="MINUTES",
                    help="train for this wall-clock budget: after warmup the learning rate decays with the "
-                        "fraction of the budget used, and the run ends with an evaluation and a checkpoint")
+                        "fraction of the budget used (or of --max_steps / --num_epochs, if they end the run "
+                        "first), and the run ends with an evaluation and a checkpoint")
     g.add_argument("--grad_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--max_bad_steps", type=int, default=10,
@@ -419,9 +421,15 @@ def load_sequences(args) -> tuple[list[str], list[str]]:
     return train_seqs, val_seqs
 
 
+def teacher_in_loss(args) -> bool:
+    """Whether training reads the teacher; plain masked-LM training needs it for evaluation only."""
+    return args.distill_weight > 0 or args.hidden_weight > 0
+
+
 def mask_variant(epoch: int, args) -> int:
-    """The training masks of an epoch: fresh ones each epoch, or one of K with a teacher cache."""
-    return epoch % args.mask_variants if args.teacher_cache else epoch
+    """The training masks of an epoch: one of K when a teacher cache serves the training loss,
+    otherwise fresh ones each epoch (masked-LM training with a cache reads only its validation part)."""
+    return epoch % args.mask_variants if args.teacher_cache and teacher_in_loss(args) else epoch
 
 
 class MaskedBatches(Dataset):
@@ -782,11 +790,11 @@ def adamw_param_groups(modules, weight_decay: float):
 
 def budget_schedule(optimizer, warmup_steps: int, kind: str, budget_fraction) -> torch.optim.lr_scheduler.LambdaLR:
     """--max_time's schedule: linear warmup over steps, then linear (or cosine) decay to 0 as
-    budget_fraction() -- the share of the wall-clock budget used -- goes from 0 to 1."""
+    budget_fraction(step) -- the share of the budget used -- goes from 0 to 1."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return step / warmup_steps
-        used = min(max(budget_fraction(), 0.0), 1.0)
+        used = min(max(budget_fraction(step), 0.0), 1.0)
         return 0.5 * (1 + math.cos(math.pi * used)) if kind == "cosine" else 1.0 - used
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -843,7 +851,8 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
     autocast_dtype = resolve_precision(args, device)
 
     train_seqs, val_seqs = load_sequences(args)
-    variants = {data.VALIDATION_VARIANT} | {mask_variant(e, args) for e in range(args.num_epochs)}
+    variants = {data.VALIDATION_VARIANT} | ({mask_variant(e, args) for e in range(args.num_epochs)}
+                                            if teacher_in_loss(args) else set())
     targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants,
                                    half=autocast_dtype is not None and device.type == "cuda",
                                    hidden_states=args.hidden_weight > 0, fill_cache=world.size == 1)
@@ -891,8 +900,10 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
                                   fused=device.type in ("cpu", "cuda"))
     if args.max_time:
         budget_s = args.max_time * 60
+        # The share of the wall-clock budget, or of the steps where --max_steps (or --num_epochs)
+        # ends the run first: the learning rate reaches 0 at whichever limit stops it.
         scheduler = budget_schedule(optimizer, args.warmup_steps, args.scheduler,
-                                    lambda: position["elapsed_s"] / budget_s)
+                                    lambda step: max(position["elapsed_s"] / budget_s, step / total_steps))
     else:
         from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
         make_schedule = get_cosine_schedule_with_warmup if args.scheduler == "cosine" else get_linear_schedule_with_warmup
@@ -917,8 +928,6 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
     if world.is_main:
         start_output_dir(output_dir, args, position["step"] if resume_from is not None else None)
     start_time -= position["elapsed_s"]
-    # Plain masked-LM training (no KL, no hidden term) needs the teacher for evaluation only.
-    teacher_in_loss = args.distill_weight > 0 or args.hidden_weight > 0
     metadata = {"teacher": about["name"], "teacher_vocab_hash": tokenizer.vocab_hash,
                 "max_seq_len": args.max_seq_len, "distill_args": {k: v for k, v in vars(args).items()}}
 
@@ -992,7 +1001,7 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
                 loss_ok = True
                 for j, batch in enumerate(islice(micro_batches, len(part))):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    t = targets(batch, epoch_set.mask_variant) if teacher_in_loss else {"logits": None}
+                    t = targets(batch, epoch_set.mask_variant) if teacher_in_loss(args) else {"logits": None}
                     with gradient_sync(ddp_student, last_micro_batch=j == len(part) - 1):
                         with autocast(device, autocast_dtype):
                             out = ddp_student(batch["input_ids"], batch["attention_mask"],
@@ -1045,7 +1054,7 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
                     record = {"split": "train", "step": step, "epoch": epoch,
                               **{k: sums[k] / m for k in ("loss", "kl", "ce", "cos")},
                               "masked_acc": sums["correct"] / m,
-                              "agreement": sums["agree"] / m if teacher_in_loss else None,
+                              "agreement": sums["agree"] / m if teacher_in_loss(args) else None,
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": sums["tokens"] / dt,
                               "sequences_per_s": sums["seqs"] / dt, "elapsed_s": position["elapsed_s"]}
                     log(record)

@@ -120,7 +120,7 @@ def test_int8_teacher_and_wandb_offline(protbert_teacher_dir, small_fasta, tmp_p
 def test_budget_schedule_warms_up_by_steps_then_decays_with_the_budget():
     used = {"fraction": 0.0}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = distill.budget_schedule(optimizer, warmup_steps=4, kind="linear", budget_fraction=lambda: used["fraction"])
+    schedule = distill.budget_schedule(optimizer, warmup_steps=4, kind="linear", budget_fraction=lambda step: used["fraction"])
     lrs = []
     for fraction in (0.0, 0.0, 0.0, 0.1, 0.25, 0.5, 1.0, 1.5):
         used["fraction"] = fraction
@@ -128,7 +128,7 @@ def test_budget_schedule_warms_up_by_steps_then_decays_with_the_budget():
         schedule.step()
         lrs.append(schedule.get_last_lr()[0])
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 0.9, 0.75, 0.5, 0.0, 0.0])
-    cosine = distill.budget_schedule(optimizer, warmup_steps=0, kind="cosine", budget_fraction=lambda: 0.5)
+    cosine = distill.budget_schedule(optimizer, warmup_steps=0, kind="cosine", budget_fraction=lambda step: 0.5)
     assert cosine.get_last_lr()[0] == pytest.approx(0.5)
 
 
@@ -144,6 +144,17 @@ def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(pro
     assert last_train["lr"] < 0.2 * 3e-3  # decayed with the budget, not with a step count
     assert records[-1]["split"] == "val" and records[-1]["step"] == summary["steps"]
     assert [p.name for p in distill.list_checkpoints(out)] == [f"checkpoint-{summary['steps']}"]
+
+
+def test_max_time_with_max_steps_decays_to_zero_at_the_last_step(protbert_teacher_dir, small_fasta, tmp_path):
+    out = tmp_path / "run"  # an hour's budget that 8 steps never use up: the steps end the run, and the decay
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_time", "60", "--max_steps", "8",
+                           "--num_epochs", "10000", "--eval_every", "100000"))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out) if r["split"] == "train"}
+    assert sorted(lrs) == [2, 4, 6, 8]
+    # warmup 2 steps, then 3e-3 x (1 - step / 8); the seconds used of 3,600 move it by under 1%
+    assert [lrs[s] for s in (4, 6)] == pytest.approx([1.5e-3, 0.75e-3], rel=0.01)
+    assert lrs[8] == 0.0
 
 
 def test_masked_lm_only_never_calls_the_teacher_in_training(protbert_teacher_dir, small_fasta, tmp_path):

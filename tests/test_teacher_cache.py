@@ -122,6 +122,9 @@ def test_epoch_e_uses_mask_variant_e_mod_k(tiny_fasta, teacher_dir, tmp_path):
     fresh = [masks_by_sequence(live, epoch) for epoch in range(3)]
     assert [variant for variant, _ in fresh] == [0, 1, 2]
     assert fresh[0][1] == runs[0][1] and fresh[2][1] != fresh[0][1]
+    # Masked-LM training reads only the cache's validation part: its training masks stay fresh.
+    mlm = parsed(flags(teacher_dir, tiny_fasta, tmp_path / "cache", "--distill_weight", "0", "--task_weight", "1"))
+    assert [masks_by_sequence(mlm, epoch)[1] for epoch in range(3)] == [masks for _, masks in fresh]
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,3 +322,21 @@ def test_evaluate_sees_the_validation_masks_of_distill(first_run, teacher_dir, t
         assert report["counts"]["masked_tokens"] == last["masked_tokens"]
         assert report["metrics"]["teacher"]["masked_acc"] == pytest.approx(last["teacher_masked_acc"])
         assert report["metrics"]["student"]["masked_acc"] == pytest.approx(last["masked_acc"])
+
+
+def test_masked_lm_training_needs_only_the_validation_part_of_a_cache(teacher_dir, tiny_fasta, tmp_path):
+    # A run stopped at step 2 completes the validation part and half of training variant 0.
+    cache = tmp_path / "cache"
+    distill.main(flags(teacher_dir, tiny_fasta, cache) + student_flags(tmp_path / "stopped", *RUN, "--max_steps", "2"))
+    assert list(json.loads((cache / "manifest.json").read_text())["complete"]) == ["val"]
+    hidden = tmp_path / "teacher_elsewhere"
+    shutil.move(teacher_dir, hidden)  # plain masked LM over 3 epochs (more than K) must not need the teacher
+    try:
+        distill.main(flags(teacher_dir, tiny_fasta, cache, "--distill_weight", "0", "--task_weight", "1")
+                     + student_flags(tmp_path / "mlm"))
+    finally:
+        shutil.move(hidden, teacher_dir)
+    summary = summary_of(tmp_path / "mlm")
+    assert summary["steps"] == 12 and not summary["teacher_loaded"]
+    assert summary["teacher_batches"] == {"live": 0, "cached": 1}  # the validation batch, once
+    assert all(0 <= r["agreement"] <= 1 for r in val_records(tmp_path / "mlm"))
