@@ -1,8 +1,10 @@
 """Is distillation worth it? Students trained for equal wall-clock budgets, with and without the teacher.
 
     python bench/fidelity.py --quick            # ~3.5 min: mlm vs kd-cache, 1 min each, tiny student
-    python bench/fidelity.py --variants mlm-cache,kd-cache --budgets 10
-                                                # the main comparison: ~35 min, 10.7 of them the cache fill
+    python bench/fidelity.py --variants mlm-cache,kd-cache --budgets 10,30
+                                                # the main comparison: ~95 min, 10.7 of them the cache fill
+    python bench/fidelity.py --variants kd,kd-cache-t1 --budgets 792steps --jobs 2
+                                                # quality per step, two runs at a time
     python bench/fidelity.py                    # every variant at 10 and 30 minutes: ~9 hours
 
 Teacher: AntiBERTy, int8 on CPU (`--use_8bit`). Data: the 12,990 antibody chains of
@@ -22,7 +24,15 @@ set and masking, for every student distilled after). `kd-cache-fill` starts from
 and fills it while training, inside its budget. The masked-LM-only run never calls the teacher
 in training, but distill.py still loads it and computes its validation logits once, inside the
 budget (the step-0 evaluation); `mlm-cache` reads those from the prefilled cache instead, so that
-its evaluations cost exactly what kd-cache's do and only the loss differs.
+its evaluations cost exactly what kd-cache's do and only the loss differs. Masked-LM runs draw
+fresh masks every epoch; the cached KD runs see the cache's --mask_variants (default 1) again in
+later epochs, as a cache must.
+
+Budgets are wall-clock minutes (`--budgets 10,30`) or optimizer steps (`--budgets 800steps`).
+Masked LM and the cached KD variants cost the same per step (811 steps each in 10 quiet minutes
+here), so among them a step budget is an equal-compute budget; it also measures the quality per
+step of any variant, live teacher included. Unlike minutes, steps are not changed by other jobs,
+so step-budget runs may share the machine: `--jobs 2` runs two at a time, one CPU thread each.
 
 Wall-clock budgets are only as fair as the machine is quiet: each run records the optimizer steps
 it reached, its tokens/s, the CPU time of its process and the load average before and after it,
@@ -44,6 +54,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,14 +92,56 @@ class Variant:
         return self.loss[self.loss.index("--distill_weight") + 1] != "0" or "--hidden_weight" in self.loss
 
 
-KD = ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "2")
+@dataclass(frozen=True)
+class Budget:
+    """What a run may spend: wall-clock minutes (`10`), or optimizer steps (`800steps`). Step
+    budgets compare variants whose steps cost the same (masked LM and the cached KD runs) or the
+    quality per step of any two, and unlike minutes they are not changed by other jobs on the
+    machine, so such runs may share it (--jobs)."""
+    minutes: float | None = None
+    steps: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        text = text.strip()
+        if text.endswith("steps"):
+            steps = int(text[:-len("steps")])
+            if steps <= 0:
+                raise ValueError
+            return cls(steps=steps)
+        minutes = float(text)
+        if minutes <= 0:
+            raise ValueError
+        return cls(minutes=minutes)
+
+    @classmethod
+    def of(cls, record: dict) -> "Budget":
+        return cls(minutes=record.get("budget_min"), steps=record.get("budget_steps"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.minutes:g} min" if self.minutes is not None else f"{self.steps} steps"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.minutes:g}min" if self.minutes is not None else f"{self.steps}steps"
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--max_time", f"{self.minutes:g}"] if self.minutes is not None else ["--max_steps", str(self.steps)]
+
+    def sort_key(self) -> tuple:
+        return (self.minutes is None, self.minutes or 0, self.steps or 0)
+
+
+KD = ("--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2")  # distill.py's defaults
 VARIANTS = {v.name: v for v in [
-    Variant("mlm", "masked LM only: CE on the true residues, no teacher in training",
+    Variant("mlm", "masked LM only: CE on the true residues, fresh masks each epoch, no teacher in training",
             ("--distill_weight", "0", "--task_weight", "1")),
     Variant("mlm-cache", "mlm, validation teacher logits read from the prefilled cache (no teacher loaded): "
             "its evaluations cost what kd-cache's do", ("--distill_weight", "0", "--task_weight", "1"),
             cache="prefilled"),
-    Variant("kd", "0.5 KL at T=2 on masked positions + 0.5 CE, live teacher", KD),
+    Variant("kd", "0.9 KL at T=2 on masked positions + 0.1 CE (the defaults), live teacher", KD),
     Variant("kd-hidden", "kd + 0.1 cosine loss to the teacher's last hidden states, live teacher",
             (*KD, "--hidden_weight", "0.1")),
     Variant("kd-cache", "kd, teacher logits read from a cache filled before the run", KD, cache="prefilled"),
@@ -96,11 +149,11 @@ VARIANTS = {v.name: v for v in [
     Variant("kd-cache-all", "kd with the KL on every position, prefilled cache",
             (*KD, "--distill_positions", "all"), cache="prefilled", positions="all"),
     Variant("kd-cache-t1", "kd at temperature 1, prefilled cache",
-            ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "1"), cache="prefilled"),
+            ("--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "1"), cache="prefilled"),
     Variant("kd-cache-t4", "kd at temperature 4, prefilled cache",
-            ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "4"), cache="prefilled"),
-    Variant("kd-cache-w0.9", "0.9 KL at T=2 + 0.1 CE, prefilled cache",
-            ("--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2"), cache="prefilled"),
+            ("--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "4"), cache="prefilled"),
+    Variant("kd-cache-w0.5", "0.5 KL at T=2 + 0.5 CE (the defaults before this benchmark), prefilled cache",
+            ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "2"), cache="prefilled"),
 ]}
 QUICK = {"variants": "mlm,kd-cache", "budgets": "1", "d_model": 64, "num_heads": 4, "num_layers": 2,
          "eval_every": 25, "output_dir": "outputs/fidelity_quick"}
@@ -120,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"smoke run on the shipped 1,000 chains: {QUICK['variants']} at {QUICK['budgets']} minute, "
                         f"d_model {QUICK['d_model']}, {QUICK['num_layers']} layers")
     p.add_argument("--variants", help=f"comma-separated, from the list below [{FULL['variants']}]")
-    p.add_argument("--budgets", help=f"comma-separated wall-clock training budgets in minutes [{FULL['budgets']}]")
+    p.add_argument("--budgets", help="comma-separated training budgets: wall-clock minutes (10), or optimizer steps "
+                                     f"(800steps) for step-matched runs [{FULL['budgets']}]")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each variant and budget; a wall-clock run repeated differs by the learning rates "
+                        "its timing gave (the schedule follows the clock), which measures run-to-run noise")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, with the CPU threads shared out; step budgets only (a wall-clock budget "
+                        "needs the machine to itself)")
     p.add_argument("--output_dir", help=f"where everything goes [{FULL['output_dir']}; --quick {QUICK['output_dir']}]")
     p.add_argument("--d_model", type=int, help=f"student width [{FULL['d_model']}]")
     p.add_argument("--num_heads", type=int, help=f"student attention heads [{FULL['num_heads']}]")
@@ -150,12 +210,15 @@ def resolve_args(args) -> argparse.Namespace:
         raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
                         f"choose from {', '.join(VARIANTS)}")
     try:
-        args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+        args.budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
-        raise UserError(f"--budgets {args.budgets!r}: give minutes separated by commas, e.g. 10,30") from None
-    if not args.budgets or min(args.budgets) <= 0:
-        raise UserError("--budgets: every budget must be a positive number of minutes")
-    for name in ("d_model", "num_heads", "num_layers", "eval_every", "batch_size", "mask_variants"):
+        raise UserError(f"--budgets {args.budgets!r}: give positive minutes or step counts separated by commas, "
+                        "e.g. 10,30 or 800steps") from None
+    if not args.budgets:
+        raise UserError("--budgets: give at least one budget")
+    if args.jobs > 1 and any(b.minutes is not None for b in args.budgets):
+        raise UserError("--jobs: runs with wall-clock budgets must run one at a time; use step budgets (800steps)")
+    for name in ("d_model", "num_heads", "num_layers", "eval_every", "batch_size", "mask_variants", "jobs", "repeats"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
     args.output_dir = cli.writable_folder(REPO / args.output_dir, "--output_dir")
@@ -197,30 +260,32 @@ def shared_flags(args, data_dir: Path) -> list[str]:
             "--mask_variants", str(args.mask_variants)]
 
 
-def distill_command(variant: Variant, budget: float, run_dir: Path, cache_dir: Path | None, args,
+def distill_command(variant: Variant, budget: Budget, run_dir: Path, cache_dir: Path | None, args,
                     data_dir: Path) -> list[str]:
     command = [sys.executable, str(REPO / "distill.py"), *shared_flags(args, data_dir), *variant.loss,
                "--output_dir", str(run_dir), "--overwrite",
                "--d_model", str(args.d_model), "--num_heads", str(args.num_heads), "--num_layers", str(args.num_layers),
                "--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps),
-               "--max_time", f"{budget:g}", "--num_epochs", "1000", "--eval_every", str(args.eval_every),
+               *budget.flags, "--num_epochs", "1000", "--eval_every", str(args.eval_every),
                "--log_every", "5", "--save_every", "1000000", "--keep_last", "1"]
     if cache_dir is not None:
         command += ["--teacher_cache", str(cache_dir)]
-    if args.max_steps:
+    if args.max_steps and budget.steps is None:
         command += ["--max_steps", str(args.max_steps)]
     return command
 
 
-def run_logged(command: list[str], log_path: Path) -> tuple[int, float, float]:
-    """Run a command with its output in log_path; returns (exit status, wall seconds, CPU seconds).
-    CPU time (user + system) does not grow when other jobs share the cores, wall time does."""
+def run_logged(command: list[str], log_path: Path, threads: int | None = None) -> tuple[int, float, float | None]:
+    """Run a command with its output in log_path (on `threads` CPU threads if given); returns
+    (exit status, wall seconds, CPU seconds). CPU time (user + system) does not grow when other
+    jobs share the cores, wall time does; it is None when other runs go on alongside."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     start, cpu_start = time.perf_counter(), _children_cpu_s()
     with open(log_path, "w") as log:
         log.write(" ".join(command) + "\n\n")
         log.flush()
-        status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-    return status, time.perf_counter() - start, _children_cpu_s() - cpu_start
+        status = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return status, time.perf_counter() - start, None if threads else _children_cpu_s() - cpu_start
 
 
 def _children_cpu_s() -> float:
@@ -278,42 +343,82 @@ def tokens_per_second(metrics_path: Path) -> float | None:
     return float(np.mean(rates)) if rates else None
 
 
-def train_and_score(variant: Variant, budget: float, args, data_dir: Path, test_set: "TestSet",
-                    caches: dict) -> dict:
-    """One distill.py run, then its final checkpoint scored on the test split."""
-    run_dir = args.output_dir / "runs" / f"{variant.name}-{budget:g}min"
+def run_key(record: dict) -> tuple:
+    """What identifies a run in fidelity.json: variant, budget and repeat."""
+    return record["variant"], Budget.of(record), record.get("repeat", 1)
+
+
+def run_dir_of(variant: Variant, budget: Budget, repeat: int, args) -> Path:
+    return args.output_dir / "runs" / (f"{variant.name}-{budget.slug}" + (f"-r{repeat}" if repeat > 1 else ""))
+
+
+def prefilled_cache(variant: Variant, args, data_dir: Path, caches: dict) -> dict:
+    """The fill record of the prefilled cache the variant reads (filled now if missing)."""
+    key = f"{variant.positions}-k{args.mask_variants}"
+    if key not in caches:
+        caches[key] = fill_cache(args.output_dir / "caches" / key, variant.positions, args, data_dir)
+    return caches[key]
+
+
+def train(variant: Variant, budget: Budget, repeat: int, args, data_dir: Path, caches: dict) -> dict:
+    """One distill.py run; returns its record (without test scores). Prefilled caches must be
+    in `caches` already: runs may go on in parallel."""
+    run_dir = run_dir_of(variant, budget, repeat, args)
     cache_dir, fill = None, None
     if variant.cache == "prefilled":
-        key = f"{variant.positions}-k{args.mask_variants}"
-        if key not in caches:
-            caches[key] = fill_cache(args.output_dir / "caches" / key, variant.positions, args, data_dir)
-        cache_dir, fill = Path(caches[key]["dir"]), caches[key]
+        fill = caches[f"{variant.positions}-k{args.mask_variants}"]
+        cache_dir = Path(fill["dir"])
     elif variant.cache == "fill":
         cache_dir = run_dir.with_name(run_dir.name + "-cache")
         shutil.rmtree(cache_dir, ignore_errors=True)
     command = distill_command(variant, budget, run_dir, cache_dir, args, data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    print(f"{variant.name}, {budget:g} min: {variant.about} (load average {load_before:.2f})", flush=True)
-    status, process_s, process_cpu_s = run_logged(command, run_dir / "log.txt")
-    record = {"variant": variant.name, "about": variant.about, "budget_min": budget, "command": " ".join(command),
+    print(f"{variant.name}, {budget.label}" + (f", repeat {repeat}" if repeat > 1 else "")
+          + f": {variant.about} (load average {load_before:.2f})", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    status, process_s, process_cpu_s = run_logged(command, run_dir / "log.txt", threads)
+    record = {"variant": variant.name, "about": variant.about, "budget_min": budget.minutes,
+              "budget_steps": budget.steps, "repeat": repeat, "command": " ".join(command), "threads": threads,
               "process_s": process_s, "process_cpu_s": process_cpu_s, "load_before": load_before,
               "load_after": os.getloadavg()[0]}
     if status:
-        print(f"  failed (exit {status}):\n{log_tail(run_dir / 'log.txt')}", flush=True)
+        print(f"  {variant.name}, {budget.label} failed (exit {status}):\n{log_tail(run_dir / 'log.txt')}", flush=True)
         return {**record, "error": f"exit {status}: {log_tail(run_dir / 'log.txt')}"}
     summary = json.loads((run_dir / "summary.json").read_text())
+    end_s = summary["elapsed_s"] if budget.minutes is None else min(summary["elapsed_s"], budget.minutes * 60)
     record.update(steps=summary["steps"], training_s=summary["elapsed_s"],
                   tokens_per_s=tokens_per_second(run_dir / "metrics.jsonl"),
                   teacher_loaded=summary["teacher_loaded"], teacher_batches=summary["teacher_batches"],
                   cache_fill_s=fill["fill_s"] if fill and variant.teacher_in_loss else None,
                   final_val=summary["final_val"],
                   # the last step ends once the budget is spent; the final evaluation comes after it
-                  curve=learning_curve(run_dir / "metrics.jsonl", min(summary["elapsed_s"], budget * 60)),
-                  checkpoint=summary["last_checkpoint"], test=test_set.score(summary["last_checkpoint"]))
+                  curve=learning_curve(run_dir / "metrics.jsonl", end_s), checkpoint=summary["last_checkpoint"])
+    return record
+
+
+def trained(todo, args, data_dir: Path, caches: dict):
+    """The records of the runs in `todo` as they finish. One at a time, each run has the machine
+    to itself: the caller scores it before the next starts. With --jobs J, J run at once."""
+    if args.jobs == 1:
+        for variant, budget, repeat in todo:
+            yield train(variant, budget, repeat, args, data_dir, caches)
+        return
+    with ThreadPoolExecutor(args.jobs) as pool:
+        running = [pool.submit(train, *run, args, data_dir, caches) for run in todo]
+        for finished in as_completed(running):
+            yield finished.result()
+
+
+def score(record: dict, test_set: "TestSet") -> dict:
+    """The record with its final checkpoint's scores on the test split."""
+    if "error" in record:
+        return record
+    record = {**record, "test": test_set.score(record["checkpoint"])}
     t = record["test"]
-    print(f"  {record['steps']} steps in {record['training_s'] / 60:.1f} min: test masked acc {t['masked_acc']:.3f}, "
-          f"agreement {t['agreement']:.3f}, KL {t['kl']:.3f}, perplexity {t['perplexity']:.2f}", flush=True)
+    print(f"  {record['variant']}, {Budget.of(record).label}, repeat {record.get('repeat', 1)}: {record['steps']} steps in "
+          f"{record['training_s'] / 60:.1f} min: test masked acc {t['masked_acc']:.3f}, agreement {t['agreement']:.3f}, "
+          f"KL {t['kl']:.3f}, perplexity {t['perplexity']:.2f}", flush=True)
     return record
 
 
@@ -398,21 +503,38 @@ def results_table(results: dict) -> str:
              f"Teacher {TEACHER} ({setup.get('teacher_backend')})"
              + (f": test masked acc {teacher['teacher_masked_acc']:.3f}, perplexity "
                 f"{teacher['teacher_perplexity']:.2f}" if teacher else "") + ".", "",
-             "| variant | budget (min) | steps | training (min) | process CPU (min) | tokens/s "
+             "| variant | budget | steps | training (min) | process CPU (min) | tokens/s "
              "| teacher batches live / cached | cache fill outside budget (min) | test acc | agreement | KL "
              "| perplexity | load avg before / after |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results["runs"], key=lambda r: (r["budget_min"], list(VARIANTS).index(r["variant"]))):
+    for r in sorted(results["runs"], key=lambda r: (Budget.of(r).sort_key(), list(VARIANTS).index(r["variant"]),
+                                                    r.get("repeat", 1))):
+        budget = Budget.of(r).label + (f" (repeat {r['repeat']})" if r.get("repeat", 1) > 1 else "")
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['budget_min']:g} | failed: {r['error'].splitlines()[0]} |")
+            lines.append(f"| {r['variant']} | {budget} | failed: {r['error'].splitlines()[0]} |")
             continue
         t, live = r["test"], r["teacher_batches"]
         fill = f"{r['cache_fill_s'] / 60:.1f}" if r["cache_fill_s"] else "—"
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
-        lines.append(f"| {r['variant']} | {r['budget_min']:g} | {r['steps']} | {r['training_s'] / 60:.1f} "
-                     f"| {r['process_cpu_s'] / 60:.1f} | {rate} | {live['live']} / {live['cached']} | {fill} "
+        cpu = f"{r['process_cpu_s'] / 60:.1f}" if r.get("process_cpu_s") is not None else "—"
+        if r.get("threads"):  # runs that shared the machine: their times say little
+            rate += f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, shared)"
+        lines.append(f"| {r['variant']} | {budget} | {r['steps']} | {r['training_s'] / 60:.1f} "
+                     f"| {cpu} | {rate} | {live['live']} / {live['cached']} | {fill} "
                      f"| {t['masked_acc']:.3f} | {t['agreement']:.3f} | {t['kl']:.3f} | {t['perplexity']:.2f} "
                      f"| {r['load_before']:.1f} / {r['load_after']:.1f} |")
+    groups = {}
+    for r in results["runs"]:
+        if "error" not in r:
+            groups.setdefault((r["variant"], Budget.of(r)), []).append(r)
+    if any(len(runs) > 1 for runs in groups.values()):
+        lines += ["", "Repeated runs (test masked accuracy):", "",
+                  "| variant | budget | runs | mean | min | max | mean steps |", "|---|---|---:|---:|---:|---:|---:|"]
+        for (variant, budget), runs in sorted(groups.items(), key=lambda g: (g[0][1].sort_key(),
+                                                                             list(VARIANTS).index(g[0][0]))):
+            accs = [r["test"]["masked_acc"] for r in runs]
+            lines.append(f"| {variant} | {budget.label} | {len(runs)} | {np.mean(accs):.3f} | {min(accs):.3f} "
+                         f"| {max(accs):.3f} | {np.mean([r['steps'] for r in runs]):.0f} |")
     return "\n".join(lines)
 
 
@@ -425,33 +547,41 @@ def plot_results(results: dict, png_path: Path) -> None:
     if not runs:
         return
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(VARIANTS)}
-    budgets = sorted({r["budget_min"] for r in runs})
+    budgets = sorted({Budget.of(r) for r in runs}, key=Budget.sort_key)
     styles = dict(zip(budgets, ["-", "--", ":", "-."] * len(budgets)))
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6))
     panels = ((axes[0], "masked_acc", "masked accuracy", "minutes"),
               (axes[1], "agreement", "top-1 agreement", "minutes"), (axes[2], "masked_acc", "masked accuracy", "step"))
     for ax, key, title, x in panels:
         for r in runs:
+            budget = Budget.of(r)
+            if x == "minutes" and budget.minutes is None:
+                continue  # step-budget runs may have shared the machine: their minutes mean little
             xs = [p["elapsed_s"] / 60 if x == "minutes" else p["step"] for p in r["curve"]]
-            label = f"{r['variant']} {r['budget_min']:g} min ({r['steps']} steps)"
-            ax.plot(xs, [p[key] for p in r["curve"]], styles[r["budget_min"]], color=colors[r["variant"]],
+            label = (f"{r['variant']} {budget.label}" + (f" #{r['repeat']}" if r.get("repeat", 1) > 1 else "")
+                     + (f" ({r['steps']} steps)" if budget.minutes else ""))
+            ax.plot(xs, [p[key] for p in r["curve"]], styles[budget], color=colors[r["variant"]],
                     marker="o", ms=3, label=label)
             ax.plot(xs[-1], r["test"][key], "*", color=colors[r["variant"]], ms=12, mec="black")
             if r["cache_fill_s"] and x == "minutes":  # the curve had the cache fill been paid inside the budget
                 ax.plot([m + r["cache_fill_s"] / 60 for m in xs], [p[key] for p in r["curve"]], ":",
                         color=colors[r["variant"]], alpha=0.5,
-                        label=f"{r['variant']} {r['budget_min']:g} min, shifted by its cache fill")
+                        label=f"{r['variant']} {budget.label}, shifted by its cache fill")
         if key == "masked_acc":
             ax.axhline(runs[0]["test"]["teacher_masked_acc"], ls="--", color="grey", label="teacher (test)")
         # Steps are what a shared machine cannot distort: wall-clock budgets buy more or fewer of them.
         ax.set(xlabel="training wall-clock minutes" if x == "minutes" else "optimizer step", ylabel=title,
                title=f"Validation {title} by {x} (lines), test at the end (stars)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    legend = {}  # one legend for the three panels, below them, where it hides no curve
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
     setup = results["setup"]
     fig.suptitle(f"{TEACHER} -> student d_model {setup['student']['d_model']}, "
                  f"{setup['student']['num_layers']} layers; {setup['data']['note']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 * (1 + len(legend) // 4), 1, 1))
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
 
@@ -472,18 +602,20 @@ def main(argv=None):
     print(f"data: {setup['data']['note']}: {setup['data']['train']:,} train / {setup['data']['val']:,} val / "
           f"{setup['data']['test']:,} test chains", flush=True)
     results = load_results(output_dir / "fidelity.json", setup)
-    done = {(r["variant"], r["budget_min"]) for r in results["runs"] if "error" not in r}
-    todo = [(VARIANTS[v], b) for b in args.budgets for v in args.variants if args.rerun or (v, b) not in done]
+    done = {run_key(r) for r in results["runs"] if "error" not in r}
+    todo = [(VARIANTS[v], b, k) for k in range(1, args.repeats + 1) for b in args.budgets for v in args.variants
+            if args.rerun or (v, b, k) not in done]
     if not todo:
         print("every requested run is in fidelity.json already (--rerun runs them again)")
     else:
         print(f"scoring set-up: the teacher on the {setup['data']['test']:,} test chains, once", flush=True)
         test_set = TestSet(data_dir / "test.fasta", args)
         results["setup"]["teacher_backend"] = test_set.teacher_backend
-        for variant, budget in todo:
-            record = train_and_score(variant, budget, args, data_dir, test_set, results["caches"])
-            results["runs"] = [r for r in results["runs"]
-                               if (r["variant"], r["budget_min"]) != (variant.name, budget)] + [record]
+        for variant in {v for v, _, _ in todo if v.cache == "prefilled"}:  # before any run, timed alone
+            prefilled_cache(variant, args, data_dir, results["caches"])
+        for record in trained(todo, args, data_dir, results["caches"]):
+            record = score(record, test_set)
+            results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
             save_results(results, output_dir)
     save_results(results, output_dir)
     print("\n" + results_table(results))

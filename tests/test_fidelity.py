@@ -1,0 +1,116 @@
+"""bench/fidelity.py end to end on the shipped antibodies: AntiBERTy, a prefilled cache, two tiny
+students capped at a few steps. The benchmark's numbers are not tested (they need quiet CPU
+minutes); what it records and how it scores are."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import fidelity  # noqa: E402
+
+import evaluate  # noqa: E402
+from cli import UserError  # noqa: E402
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("fidelity") / "out"
+    fidelity.main(["--quick", "--budgets", "0.5", "--max_steps", str(STEPS), "--output_dir", str(output_dir)])
+    return output_dir, json.loads((output_dir / "fidelity.json").read_text())
+
+
+@pytest.mark.slow  # quick_run: a cache fill of 800 chains through AntiBERTy, two distill.py runs
+def test_every_run_is_recorded_with_its_test_scores(quick_run):
+    output_dir, results = quick_run
+    assert results["setup"]["data"] == {"source": str(fidelity.data.SHIPPED_ANTIBODIES),
+                                        "note": "--quick: shipped 1,000-chain sample",
+                                        "train": 800, "val": 100, "test": 100}
+    runs = {r["variant"]: r for r in results["runs"]}
+    assert sorted(runs) == ["kd-cache", "mlm"]
+    for r in runs.values():
+        assert r["steps"] == STEPS and "error" not in r
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == STEPS
+        assert 0 < r["test"]["masked_acc"] < r["test"]["teacher_masked_acc"] <= 1
+        assert r["test"]["masked_tokens"] > 1000
+    # the KD run trains from the cache filled before it; the masked-LM run never calls the teacher in training
+    assert runs["kd-cache"]["teacher_batches"]["live"] == 0 and not runs["kd-cache"]["teacher_loaded"]
+    assert runs["kd-cache"]["cache_fill_s"] > 0 and runs["mlm"]["cache_fill_s"] is None
+    assert runs["mlm"]["teacher_batches"]["cached"] == 0
+    assert "--distill_weight 0.9 --task_weight 0.1 --temperature 2" in runs["kd-cache"]["command"]
+    table = (output_dir / "fidelity.md").read_text()
+    assert "| mlm | 0.5 min | 4 |" in table and "| kd-cache | 0.5 min | 4 |" in table
+    assert (output_dir / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_test_scores_match_evaluate_py(quick_run):
+    """The replayed teacher logits and fixed masks give what evaluate.py computes from scratch."""
+    output_dir, results = quick_run
+    run = next(r for r in results["runs"] if r["variant"] == "kd-cache")
+    report = evaluate.evaluate_checkpoint(run["checkpoint"], output_dir / "data" / "test.fasta",
+                                          output_dir / "eval", teacher_model="antiberty", use_8bit=True,
+                                          seed=fidelity.SEED, max_seq_len=fidelity.MAX_SEQ_LEN, speed_batches=0,
+                                          device="cpu")
+    one_token = 1 / run["test"]["masked_tokens"]
+    assert report["counts"]["masked_tokens"] == run["test"]["masked_tokens"]
+    assert report["metrics"]["student"]["masked_acc"] == pytest.approx(run["test"]["masked_acc"], abs=one_token)
+    assert report["metrics"]["teacher"]["masked_acc"] == pytest.approx(run["test"]["teacher_masked_acc"], abs=one_token)
+    assert report["metrics"]["agreement"] == pytest.approx(run["test"]["agreement"], abs=one_token)
+
+
+@pytest.mark.slow
+def test_runs_already_recorded_are_skipped(quick_run, capsys):
+    output_dir, results = quick_run
+    fidelity.main(["--quick", "--budgets", "0.5", "--max_steps", str(STEPS), "--output_dir", str(output_dir)])
+    assert "every requested run is in fidelity.json already" in capsys.readouterr().out
+    assert json.loads((output_dir / "fidelity.json").read_text())["runs"] == results["runs"]
+
+
+@pytest.mark.slow
+def test_step_budgets_run_side_by_side_and_join_the_results(quick_run):
+    output_dir, _ = quick_run
+    fidelity.main(["--quick", "--budgets", "3steps", "--jobs", "2", "--max_steps", str(STEPS),
+                   "--output_dir", str(output_dir)])
+    runs = json.loads((output_dir / "fidelity.json").read_text())["runs"]
+    stepped = {r["variant"]: r for r in runs if r["budget_steps"] == 3}
+    assert sorted(stepped) == ["kd-cache", "mlm"] and len(runs) == 4
+    for r in stepped.values():
+        assert r["steps"] == 3 and r["threads"] == max(1, os.cpu_count() // 2) and r["process_cpu_s"] is None
+        assert "--max_steps 3" in r["command"] and "--max_time" not in r["command"]
+        lrs = [json.loads(line)["lr"] for line in open(Path(r["checkpoint"]).parent / "metrics.jsonl")
+               if json.loads(line)["split"] == "train"]
+        assert lrs[-1] == 0.0  # the step schedule decays to 0 at the last step
+    assert "| mlm | 3 steps | 3 |" in (output_dir / "fidelity.md").read_text()
+
+
+@pytest.mark.slow
+def test_results_made_otherwise_are_refused(quick_run):
+    output_dir, _ = quick_run
+    with pytest.raises(UserError, match="other settings"):
+        fidelity.main(["--quick", "--budgets", "0.5", "--max_steps", str(STEPS), "--learning_rate", "5e-4",
+                       "--output_dir", str(output_dir)])
+
+
+def test_budgets_are_minutes_or_steps():
+    ten, steps = fidelity.Budget.parse("10"), fidelity.Budget.parse(" 800steps")
+    assert (ten.label, ten.flags) == ("10 min", ["--max_time", "10"])
+    assert (steps.label, steps.flags, steps.slug) == ("800 steps", ["--max_steps", "800"], "800steps")
+    assert fidelity.Budget.of({"budget_min": 10.0}) == ten  # records written before step budgets existed
+    assert fidelity.Budget.of({"budget_min": None, "budget_steps": 800}) == steps
+    assert sorted([steps, fidelity.Budget.parse("30"), ten], key=fidelity.Budget.sort_key) == [
+        ten, fidelity.Budget.parse("30"), steps]
+
+
+@pytest.mark.parametrize("argv, message", [(["--variants", "kd,nope"], "unknown nope"),
+                                           (["--budgets", "ten"], "separated by commas"),
+                                           (["--budgets", "0"], "positive"),
+                                           (["--budgets", "0steps"], "positive"),
+                                           (["--budgets", "10,800steps", "--jobs", "2"], "one at a time")])
+def test_bad_arguments_are_user_errors(argv, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        fidelity.resolve_args(fidelity.build_parser().parse_args([*argv, "--output_dir", str(tmp_path)]))
