@@ -114,3 +114,34 @@ def test_budgets_are_minutes_or_steps():
 def test_bad_arguments_are_user_errors(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
         fidelity.resolve_args(fidelity.build_parser().parse_args([*argv, "--output_dir", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("name", list(fidelity.VARIANTS))
+def test_every_variant_is_a_valid_distill_command(name, tmp_path):
+    """Each variant's command passes distill.py's checks, asks for the loss it is named for and
+    reads a cache exactly when it is meant to."""
+    import distill
+    variant = fidelity.VARIANTS[name]
+    args = fidelity.resolve_args(fidelity.build_parser().parse_args(["--output_dir", str(tmp_path)]))
+    cache = tmp_path / "cache" if variant.cache else None
+    command = fidelity.distill_command(variant, fidelity.Budget.parse("10"), tmp_path / "run", cache, args,
+                                       tmp_path / "data")
+    parsed = distill.build_parser().parse_args(command[2:])
+    distill.validate_args(parsed)
+    assert parsed.max_time == 10 and parsed.teacher_model == "antiberty" and parsed.use_8bit
+    assert (parsed.teacher_cache is not None) == (variant.cache is not None)
+    assert distill.teacher_in_loss(parsed) == variant.teacher_in_loss == (not name.startswith("mlm"))
+    expected = {"t1": 1.0, "t4": 4.0}.get(name.rsplit("-", 1)[-1], 2.0)
+    if variant.teacher_in_loss:
+        assert parsed.temperature == expected
+        assert (parsed.distill_weight, parsed.task_weight) == ((0.5, 0.5) if name.endswith("w0.5") else (0.9, 0.1))
+    assert parsed.distill_positions == ("all" if name.endswith("-all") else "masked")
+    assert (parsed.hidden_weight > 0) == (name == "kd-hidden")
+
+
+def test_the_kd_variants_measure_distill_defaults():
+    import distill
+    defaults = distill.build_parser().parse_args(["--data_path", "x"])
+    kd = dict(zip(fidelity.KD[::2], fidelity.KD[1::2]))
+    assert (defaults.distill_weight, defaults.task_weight, defaults.temperature) == (
+        float(kd["--distill_weight"]), float(kd["--task_weight"]), float(kd["--temperature"]))
