@@ -569,6 +569,8 @@ def plot_results(results: dict, png_path: Path) -> None:
                         label=f"{r['variant']} {budget.label}, shifted by its cache fill")
         if key == "masked_acc":
             ax.axhline(runs[0]["test"]["teacher_masked_acc"], ls="--", color="grey", label="teacher (test)")
+        # the early climb is alike for all: show where the runs end, which is where they differ
+        ax.set_ylim(bottom=max(0.0, min(r["test"][key] for r in runs) - 0.25))
         # Steps are what a shared machine cannot distort: wall-clock budgets buy more or fewer of them.
         ax.set(xlabel="training wall-clock minutes" if x == "minutes" else "optimizer step", ylabel=title,
                title=f"Validation {title} by {x} (lines), test at the end (stars)")
