@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss")
     g.add_argument("--distill_weight", type=float, default=0.9,
-                   help="weight of the KL term (0.9 beat 0.5 and plain masked LM in bench/fidelity.py)")
+                   help="weight of the KL term (README: \"Does distillation help?\")")
     g.add_argument("--task_weight", type=float, default=0.1, help="weight of the masked-LM cross-entropy")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
     g.add_argument("--hidden_weight", type=float, default=0.0,
@@ -928,6 +928,7 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
     if world.is_main:
         start_output_dir(output_dir, args, position["step"] if resume_from is not None else None)
     start_time -= position["elapsed_s"]
+    reads_teacher = teacher_in_loss(args)  # else plain masked LM: the teacher serves evaluation only
     metadata = {"teacher": about["name"], "teacher_vocab_hash": tokenizer.vocab_hash,
                 "max_seq_len": args.max_seq_len, "distill_args": {k: v for k, v in vars(args).items()}}
 
@@ -1001,7 +1002,7 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
                 loss_ok = True
                 for j, batch in enumerate(islice(micro_batches, len(part))):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    t = targets(batch, epoch_set.mask_variant) if teacher_in_loss(args) else {"logits": None}
+                    t = targets(batch, epoch_set.mask_variant) if reads_teacher else {"logits": None}
                     with gradient_sync(ddp_student, last_micro_batch=j == len(part) - 1):
                         with autocast(device, autocast_dtype):
                             out = ddp_student(batch["input_ids"], batch["attention_mask"],
@@ -1054,7 +1055,7 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
                     record = {"split": "train", "step": step, "epoch": epoch,
                               **{k: sums[k] / m for k in ("loss", "kl", "ce", "cos")},
                               "masked_acc": sums["correct"] / m,
-                              "agreement": sums["agree"] / m if teacher_in_loss(args) else None,
+                              "agreement": sums["agree"] / m if reads_teacher else None,
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": sums["tokens"] / dt,
                               "sequences_per_s": sums["seqs"] / dt, "elapsed_s": position["elapsed_s"]}
                     log(record)

@@ -30,8 +30,8 @@ later epochs, as a cache must.
 
 Budgets are wall-clock minutes (`--budgets 10,30`) or optimizer steps (`--budgets 800steps`).
 Masked LM and the cached KD variants cost the same per step (792 and 811 steps in 10 quiet
-minutes here, 2,439 and 2,483 in 30), so among them a step budget is an equal-compute budget; it also measures the quality per
-step of any variant, live teacher included. Unlike minutes, steps are not changed by other jobs,
+minutes here, 2,439 and 2,483 in 30), so among them a step budget is an equal-compute budget;
+it also measures the quality per step of any variant, live teacher included. Unlike minutes, steps are not changed by other jobs,
 so step-budget runs may share the machine: `--jobs 2` runs two at a time, one CPU thread each.
 
 Wall-clock budgets are only as fair as the machine is quiet: each run records the optimizer steps
@@ -124,7 +124,7 @@ class Budget:
 
     @property
     def slug(self) -> str:
-        return f"{self.minutes:g}min" if self.minutes is not None else f"{self.steps}steps"
+        return self.label.replace(" ", "")
 
     @property
     def flags(self) -> list[str]:
@@ -366,7 +366,7 @@ def train(variant: Variant, budget: Budget, repeat: int, args, data_dir: Path, c
     run_dir = run_dir_of(variant, budget, repeat, args)
     cache_dir, fill = None, None
     if variant.cache == "prefilled":
-        fill = caches[f"{variant.positions}-k{args.mask_variants}"]
+        fill = prefilled_cache(variant, args, data_dir, caches)  # filled by main() before any run starts
         cache_dir = Path(fill["dir"])
     elif variant.cache == "fill":
         cache_dir = run_dir.with_name(run_dir.name + "-cache")
