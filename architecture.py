@@ -11,9 +11,8 @@ import hashlib
 import json
 import math
 import os
+import io
 import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
@@ -420,29 +419,6 @@ class StudentCheckpoint(NamedTuple):
     metadata: dict
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb"):
-    """Write through a temp file beside `path`, fsync'd and renamed over `path` only when the
-    block succeeds: readers (and a resumed run after kill -9) never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); give the usual mode
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
 
 def _reason(err: Exception, limit: int = 300) -> str:
     """Exception type and message on one line, clipped: CheckpointError messages stay one line."""
@@ -472,11 +448,25 @@ def save_student(model: Student, directory: str | os.PathLike, metadata: dict | 
     summary = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                "num_parameters": model.num_parameters(), "config": config, "metadata": metadata}
     model_path = directory / "model.pt"
-    with atomic_open(model_path) as f:
-        torch.save(payload, f)
-    with atomic_open(directory / "config.json", "w") as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _write_whole(model_path, buffer.getvalue())
+    _write_whole(directory / "config.json", (json.dumps(summary, indent=2) + "\n").encode())
     return model_path
+
+
+def _write_whole(path: Path, content: bytes) -> None:
+    """Write `content` to a hidden name beside `path`, fsync it, then rename it over `path`: a
+    reader, or a run resumed after kill -9, never sees half a checkpoint."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 EXPORTED_WEIGHTS = "model.safetensors"

@@ -24,8 +24,12 @@ import time
 
 import cli
 import data
-import distill
 from cli import UserError
+from data import MaskedBatches, batch_loader, load_sequences
+from devices import resolve_device
+from distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
+from options import add_data_arguments, add_device_arguments, add_teacher_arguments, validate_shared_args
+from teacher_targets import load_teacher_targets
 
 FLUSH_EVERY_S = 60.0  # how much teacher work a killed fill can lose
 
@@ -33,9 +37,9 @@ FLUSH_EVERY_S = 60.0  # how much teacher work a killed fill can lose
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    distill.add_data_arguments(p)
-    distill.add_teacher_arguments(p)
-    distill.add_device_arguments(p)
+    add_data_arguments(p)
+    add_teacher_arguments(p)
+    add_device_arguments(p)
     return p
 
 
@@ -44,29 +48,29 @@ def fill_cache(args) -> dict | None:
     returns the cache's manifest (None on ranks other than 0)."""
     if not args.teacher_cache:
         raise UserError("--teacher_cache DIR is required: the folder to fill")
-    distill.validate_shared_args(args)
-    world, device = distill.join_world(distill.resolve_device(args.device), args.dist_timeout)
-    return distill.run_as_rank(world, fill, args, world, device)
+    validate_shared_args(args)
+    world, device = join_world(resolve_device(args.device), args.dist_timeout)
+    return run_as_rank(world, fill, args, world, device)
 
 
-def fill(args, world: distill.World, device) -> dict | None:
+def fill(args, world: World, device) -> dict | None:
     """fill_cache's work on this rank. Each rank runs its own teacher on every world.size-th of
     the batches still missing; rank 0 alone holds the cache: it gathers the logits and writes."""
-    train_seqs, val_seqs = distill.load_sequences(args)
+    train_seqs, val_seqs = load_sequences(args)
     variants = [data.VALIDATION_VARIANT, *range(args.mask_variants)]
     half = (args.fp16 or args.bf16) and device.type == "cuda"
     todo = []  # (variant, the numbers of its batches still to compute)
     cache = teacher = None
     if world.is_main:
-        targets = distill.load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants, half=half)
+        targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants, half=half)
         cache, teacher = targets.cache, targets.teacher
         for variant in variants:
             if not cache.is_complete(variant):
                 indices = mask_batches(args, variant, train_seqs, val_seqs, cache.tokenizer).batches
                 todo.append((variant, [i for i, batch in enumerate(indices) if not cache.is_filled(variant, batch)]))
-    todo = distill.broadcast_from_main(todo, world)
+    todo = broadcast_from_main(todo, world)
     if not world.is_main and todo:  # the teacher alone: rank 0 holds the cache
-        teacher = distill.load_teacher_targets(argparse.Namespace(**{**vars(args), "teacher_cache": None}),
+        teacher = load_teacher_targets(argparse.Namespace(**{**vars(args), "teacher_cache": None}),
                                                train_seqs, val_seqs, device, variants=variants, half=half).teacher
 
     from tqdm.auto import tqdm
@@ -77,12 +81,12 @@ def fill(args, world: distill.World, device) -> dict | None:
         for variant, numbers in todo:
             bar.set_postfix(variant="val" if variant == data.VALIDATION_VARIANT else variant)
             batches = mask_batches(args, variant, train_seqs, val_seqs, teacher.tokenizer)
-            mine = iter(distill.batch_loader(batches, numbers[world.rank::world.size], args.num_workers))
+            mine = iter(batch_loader(batches, numbers[world.rank::world.size], args.num_workers))
             for _ in range(math.ceil(len(numbers) / world.size)):  # the last round: some ranks idle
                 batch = next(mine, None)
                 result = None if batch is None else (
                     batch, teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))["logits"].cpu())
-                for batch, logits in distill.gather_to_main(result, world):
+                for batch, logits in gather_to_main(result, world):
                     cache.write(variant, batch, logits)
                     computed += 1
                     bar.update(1)
@@ -101,10 +105,10 @@ def fill(args, world: distill.World, device) -> dict | None:
     return cache.manifest
 
 
-def mask_batches(args, variant: int, train_seqs, val_seqs, tokenizer) -> distill.MaskedBatches:
+def mask_batches(args, variant: int, train_seqs, val_seqs, tokenizer) -> MaskedBatches:
     """The batches of a mask variant, as distill.py draws them."""
     validation = variant == data.VALIDATION_VARIANT
-    return distill.MaskedBatches(val_seqs if validation else train_seqs, tokenizer, args, epoch=max(variant, 0),
+    return MaskedBatches(val_seqs if validation else train_seqs, tokenizer, args, epoch=max(variant, 0),
                                  train=not validation, mask_variant=variant)
 
 

@@ -6,7 +6,8 @@ with one line naming the file and line. The training-side helpers are vectorised
   - `batch_indices`: length-sorted batches under a token budget (ESM's toks_per_batch),
   - `collate`: crop, encode, pad to the batch's longest, mask; each sequence with its own seed,
   - `masked_batch`: sequences by index, masked as mask variant v prescribes (`mask_seeds`), so
-    sequence j of variant v looks the same in any batch, epoch or run.
+    sequence j of variant v looks the same in any batch, epoch or run,
+  - `MaskedBatches` / `batch_loader`: an epoch of such batches, built by DataLoader workers.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from architecture import atomic_open
+from torch.utils.data import DataLoader, Dataset
+
 from cli import UserError
+from files import atomic_open
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SHIPPED_UNIPROT = DATA_DIR / "uniprot_sample.fasta"
@@ -365,3 +368,48 @@ def kl_positions(labels: torch.Tensor, attention_mask: torch.Tensor, distill_pos
     if distill_positions == "all":
         return attention_mask.bool()
     raise ValueError(f"distill_positions must be 'masked' or 'all', not {distill_positions!r}")
+
+
+def load_sequences(args) -> tuple[list[str], list[str]]:
+    """The training and validation sequences of --data_path."""
+    splits = load_splits(args.data_path, val_fraction=args.val_fraction,
+                         test_fraction=args.test_fraction, seed=args.seed)
+    train_seqs = [p.sequence for p in splits["train"]]
+    val_seqs = [p.sequence for p in splits["val"]]
+    if not train_seqs or not val_seqs:
+        raise UserError(f"{args.data_path}: need training and validation sequences "
+                        f"(got {len(train_seqs)} and {len(val_seqs)})")
+    return train_seqs, val_seqs
+
+
+class MaskedBatches(Dataset):
+    """The batches of one epoch, (seed, epoch) deciding which sequences go together; each
+    sequence is cropped and masked by its own generator, seeded by (seed, mask variant, its
+    index), so it looks the same in any batch, on any worker, after a resume. The mask variant
+    is `mask_variant` (default: the epoch) in training, VALIDATION_VARIANT otherwise."""
+
+    def __init__(self, sequences, tokenizer, args, epoch: int, train: bool, mask_variant: int | None = None):
+        self.sequences, self.tokenizer, self.epoch, self.train = sequences, tokenizer, epoch, train
+        self.max_seq_len, self.mask_prob, self.seed = args.max_seq_len, args.mask_prob, args.seed
+        self.mask_variant = (epoch if mask_variant is None else mask_variant) if train else VALIDATION_VARIANT
+        lengths = token_lengths(sequences, self.max_seq_len)
+        self.batches = batch_indices(lengths, max_tokens=args.max_tokens,
+                                     batch_size=None if args.max_tokens else args.batch_size,
+                                     shuffle=train, seed=args.seed, epoch=epoch)
+        self.padding_efficiency = padding_efficiency(self.batches, lengths)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return masked_batch(self.sequences, self.batches[i], self.tokenizer, self.max_seq_len,
+                            self.mask_prob, self.seed, self.mask_variant)
+
+
+def batch_loader(dataset: MaskedBatches, batch_numbers, num_workers: int) -> DataLoader:
+    """Batches `batch_numbers` of the dataset, in that order, built by num_workers processes."""
+    # An explicit generator keeps the DataLoader from drawing on the global RNG, which dropout
+    # uses: otherwise a resumed run would see different dropout masks.
+    return DataLoader(dataset, batch_size=None, sampler=batch_numbers,
+                      num_workers=num_workers, generator=torch.Generator(),
+                      persistent_workers=False)

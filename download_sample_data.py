@@ -29,7 +29,7 @@ import requests
 from tqdm import tqdm
 
 import cli
-from architecture import atomic_open
+from files import atomic_open
 from data import (SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta,
                   split_proteins, write_fasta)
 

@@ -47,7 +47,7 @@ START=$SECONDS
 banner() { printf '\n==== %s\n' "$*"; }
 
 if [[ "$DEVICE" == auto ]]; then
-  DEVICE="$("$PYTHON" -c 'import distill; print(distill.resolve_device("auto").type)')"
+  DEVICE="$("$PYTHON" -c 'import devices; print(devices.resolve_device("auto").type)')"
 fi
 
 banner "Teacher: checking that $TEACHER can be loaded"

@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 import data
-from architecture import ResidueTokenizer, atomic_open
+from architecture import ResidueTokenizer
 from cli import UserError
+from files import atomic_open
 
 FORMAT = "pepemb-teacher-cache"
 FORMAT_VERSION = 1

@@ -45,9 +45,10 @@ from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
-from architecture import ResidueTokenizer, atomic_open, load_student  # noqa: E402
+from architecture import ResidueTokenizer, load_student  # noqa: E402
 from cli import UserError  # noqa: E402
-from distill import resolve_device  # noqa: E402
+from devices import resolve_device  # noqa: E402
+from files import atomic_open  # noqa: E402
 
 DPI = 130
 MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable

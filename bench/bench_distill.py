@@ -17,7 +17,7 @@ counts real tokens (attention_mask), as distill.py's tokens_per_s does.
 The steps go through distill.py's own pieces: MaskedBatches and batch_loader for the batches,
 load_teacher_targets for the teacher (each mode loaded as a run with those flags loads it),
 loss_terms, masked_metrics, AdamW over adamw_param_groups with the linear warmup schedule.
-distill.py has no one-step function, so Trainer.step is the body of distill.train's loop,
+Trainer.step is distill.py's forward_backward + optimizer_step, one micro-batch a step,
 line for line, for one process, --grad_accumulation_steps 1 and fp32, leaving out what is a
 no-op there (gradient_sync, all_reduce) and the branches that run every --log_every /
 --eval_every / --save_every steps.
@@ -57,9 +57,14 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import data  # noqa: E402
-import distill  # noqa: E402
+import options  # noqa: E402
 import teacher as teacher_module  # noqa: E402
 from architecture import Student, StudentConfig  # noqa: E402
+from data import MaskedBatches, batch_loader, load_sequences  # noqa: E402
+from devices import autocast  # noqa: E402
+from losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
+from schedule import adamw_param_groups  # noqa: E402
+from teacher_targets import load_teacher_targets  # noqa: E402
 
 # Per teacher: its data, and per mode (quick / full) the crop, the batching and the number of
 # batches (the first one a warm-up). UniProt proteins are taken at least as long as the crop, so
@@ -101,7 +106,7 @@ class Laps:
 
 
 class Trainer:
-    """A student, its AdamW and schedule, stepped as distill.train steps them."""
+    """A student, its AdamW and schedule, stepped as distill.py steps them."""
 
     def __init__(self, args, tokenizer, total_steps: int, device: torch.device, optimizer_options: dict | None = None):
         torch.manual_seed(args.seed)  # every trainer starts from the same weights
@@ -109,7 +114,7 @@ class Trainer:
                                               num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout)
         self.args, self.device = args, device
         self.student = Student(config).to(device).train()
-        self.optimizer = torch.optim.AdamW(distill.adamw_param_groups([self.student], args.weight_decay),
+        self.optimizer = torch.optim.AdamW(adamw_param_groups([self.student], args.weight_decay),
                                            lr=args.learning_rate, **(optimizer_options or {}))
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(args.warmup_steps, total_steps),
                                                          total_steps)
@@ -119,7 +124,7 @@ class Trainer:
         self.laps = Laps()
 
     def step(self, loader, targets, variant: int) -> None:
-        """One optimizer step of distill.train: the next batch off the loader to zero_grad."""
+        """One optimizer step of distill.py: the next batch off the loader to zero_grad."""
         laps, window = self.laps, self.window
         laps.start()
         batch = next(loader)
@@ -134,9 +139,8 @@ class Trainer:
         self.update()
 
     def accumulate(self, window: dict, batch: dict, out: dict, t: dict, terms: dict) -> None:
-        """distill.train's running sums behind a metrics.jsonl record."""
-        distill.add_to_window(window, batch, distill.masked_metrics(out["logits"].detach(), t["logits"],
-                                                                    batch["labels"]), terms)
+        """distill.py's running sums behind a metrics.jsonl record."""
+        add_to_window(window, batch, masked_metrics(out["logits"].detach(), t["logits"], batch["labels"]), terms)
 
     def student_step(self, batch: dict, teacher_logits: torch.Tensor) -> None:
         """The student's part of a step alone, on given teacher logits: forward, loss, backward, update."""
@@ -145,14 +149,14 @@ class Trainer:
         self.update()
 
     def forward_backward(self, batch: dict, t: dict):
-        with distill.autocast(self.device, None):
+        with autocast(self.device, None):
             out = self.student(batch["input_ids"], batch["attention_mask"], output_hidden_states=False)
             self.laps.lap("student forward")
-            terms = distill.loss_terms(out, None, t["logits"], t.get("hidden_states"), batch, self.args,
-                                       distill_positions=self.args.distill_positions)
+            terms = loss_terms(out, None, t["logits"], t.get("hidden_states"), batch, self.args,
+                               distill_positions=self.args.distill_positions)
         self.laps.lap("loss")
         self.scaler.scale(terms["loss"] / 1).backward()
-        if not bool(torch.isfinite(terms["loss"])):  # distill.train skips the step; a benchmark stops
+        if not bool(torch.isfinite(terms["loss"])):  # distill.py skips the step; a benchmark stops
             raise RuntimeError("non-finite loss in a benchmark step")
         self.laps.lap("backward")
         return out, terms
@@ -205,16 +209,19 @@ def distill_args(data_dir: Path, teacher: str, settings: dict, student: dict, ca
         argv += ["--teacher_cache", str(cache_dir), "--mask_variants", "1"]
     if use_8bit:
         argv.append("--use_8bit")
-    args = distill.build_parser().parse_args(argv)
-    distill.validate_args(args)
+    parser = argparse.ArgumentParser()
+    options.add_distill_arguments(parser)
+    args = parser.parse_args(argv)
+    options.validate_shared_args(args)
+    options.validate_training_args(args)
     return args
 
 
-def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, distill.MaskedBatches]:
+def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, MaskedBatches]:
     """Fill the cache's mask variant 0 with the fp32 teacher, as epoch 0 of a cached run would;
     returns its cost and the epoch's batches (the batches every mode trains on)."""
-    filler = distill.load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
-    epoch = distill.MaskedBatches(train_seqs, filler.tokenizer, args, epoch=0, train=True, mask_variant=0)
+    filler = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
+    epoch = MaskedBatches(train_seqs, filler.tokenizer, args, epoch=0, train=True, mask_variant=0)
     tokens, start = 0, time.perf_counter()
     for i in range(len(epoch)):
         batch = epoch[i]
@@ -230,11 +237,11 @@ def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, distill.Masked
 
 
 def load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_seqs, device) -> dict:
-    """The teacher targets of each mode, loaded as distill.train loads them with those flags."""
+    """The teacher targets of each mode, loaded as distill.py loads them with those flags."""
     modes = {}
     for mode, cache, use_8bit in (("live fp32", None, False), ("live int8", None, True), ("cached", cache_dir, False)):
         args = distill_args(data_dir, teacher, settings, student, cache, use_8bit)
-        modes[mode] = distill.load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
+        modes[mode] = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
     if modes["cached"].teacher is not None:
         raise RuntimeError("the cached mode loaded the teacher: the cache does not serve the run")
     return modes
@@ -266,7 +273,7 @@ def run_interleaved(tasks_for_batch, n_batches: int) -> dict[str, list[float]]:
     return dict(times)
 
 
-def measure(modes: dict, epoch: distill.MaskedBatches, args, device, repeats: int) -> dict:
+def measure(modes: dict, epoch: MaskedBatches, args, device, repeats: int) -> dict:
     """Full steps of every mode, the teacher alone, the student alone and batch building,
     interleaved batch by batch. The cheap tasks (everything without a live teacher) run
     `repeats` times per batch (the cached mode trains on each batch that many times in a row)."""
@@ -278,7 +285,7 @@ def measure(modes: dict, epoch: distill.MaskedBatches, args, device, repeats: in
     def batch_numbers(mode):  # the cached mode's steps: batch 0 (warm-up) once, the others `repeats` times
         return [0] + [j for j in range(1, n) for _ in range(repeats if mode == "cached" else 1)]
 
-    loaders = {mode: iter(distill.batch_loader(epoch, batch_numbers(mode), 0)) for mode in modes}
+    loaders = {mode: iter(batch_loader(epoch, batch_numbers(mode), 0)) for mode in modes}
 
     def tasks_for_batch(i):
         if i == 1:  # the phases of the timed steps only
@@ -331,7 +338,7 @@ def bench_teacher(name: str, quick: bool, student: dict, device: torch.device, w
         teacher = teacher_module.ANTIBERTY
     cache_dir = workdir / f"cache-{name}"
     cache_args = distill_args(data_dir, teacher, settings, student, cache_dir)
-    train_seqs, val_seqs = distill.load_sequences(cache_args)
+    train_seqs, val_seqs = load_sequences(cache_args)
     fill, epoch = fill_cache(cache_args, train_seqs, val_seqs, device)
     gc.collect()
     modes = load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_seqs, device)

@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, EsmConfig, EsmForMaskedLM  # noqa: E402
 
 import data  # noqa: E402
-import distill  # noqa: E402
+import devices  # noqa: E402
 from architecture import ResidueTokenizer, Student, StudentConfig  # noqa: E402
-from embed import Embedder, embed_sequences  # noqa: E402
+from embedding import Embedder, embed_sequences  # noqa: E402
 from teacher import ESM2_8M_SHAPE, ESM2_VOCAB, PROTBERT_SHAPE, PROTBERT_VOCAB  # noqa: E402
 
 CROP = 1022  # residues: ESM's truncation length, 1024 tokens with start/end
@@ -114,7 +114,7 @@ def main(argv=None):
     p.add_argument("--output", default=str(REPO / "outputs" / "bench_embed.json"), help="JSON results")
     args = p.parse_args(argv)
 
-    device = distill.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     proteins = data.read_fasta(data.SHIPPED_UNIPROT)
     if args.quick:
         proteins = quick_subset(proteins, QUICK_RESIDUES)

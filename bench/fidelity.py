@@ -66,10 +66,11 @@ import torch  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
-import evaluate  # noqa: E402
-from architecture import atomic_open, load_student  # noqa: E402
+import evaluation  # noqa: E402
+from architecture import load_student  # noqa: E402
 from cli import UserError  # noqa: E402
-from distill import MaskedBatches  # noqa: E402
+from data import MaskedBatches  # noqa: E402
+from files import atomic_open  # noqa: E402
 
 SHARED_ANTIBODIES = REPO.parent / "shared" / "data" / "antibody_sample.fasta"
 TEACHER = "antiberty"
@@ -429,7 +430,7 @@ def score(record: dict, test_set: "TestSet") -> dict:
 class TestSet:
     """The test split under fixed masks (evaluate.py's: the validation masks of its seed), with the
     teacher's logits computed once and replayed, so that every student is scored by
-    evaluate.masked_statistics on the same positions against the same teacher outputs."""
+    evaluation.masked_statistics on the same positions against the same teacher outputs."""
 
     def __init__(self, fasta: Path, args):
         from teacher import load_teacher  # transformers is heavy: only once there is data to score
@@ -440,7 +441,7 @@ class TestSet:
         masking = argparse.Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None,
                                      batch_size=args.batch_size)
         self.batches = MaskedBatches(sequences, self.tokenizer, masking, epoch=0, train=False)
-        self.residues = evaluate.residue_counts(
+        self.residues = evaluation.residue_counts(
             [data.collate([sequences[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
              for batch in self.batches.batches], self.tokenizer)
         self._logits = {}
@@ -461,8 +462,8 @@ class TestSet:
         student, tokenizer, _ = load_student(model_path, map_location=self.device)
         if tokenizer.vocab_hash != self.tokenizer.vocab_hash:
             raise UserError(f"{model_path}: the student's vocabulary is not the teacher's")
-        stats = evaluate.masked_statistics(student, self, self.batches, self.device)
-        m = evaluate.build_report(stats, self.residues, tokenizer, None)["metrics"]
+        stats = evaluation.masked_statistics(student, self, self.batches, self.device)
+        m = evaluation.build_report(stats, self.residues, tokenizer, None)["metrics"]
         return {"masked_acc": m["student"]["masked_acc"], "agreement": m["agreement"], "kl": m["kl_teacher_student"],
                 "perplexity": m["student"]["perplexity"], "teacher_masked_acc": m["teacher"]["masked_acc"],
                 "teacher_perplexity": m["teacher"]["perplexity"], "baseline_masked_acc": m["baseline"]["masked_acc"],

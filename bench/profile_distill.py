@@ -7,7 +7,7 @@ With the teacher cache the teacher's cost is gone, so whatever is not the studen
 setting is by default run_test_distillation.sh's offline preset: AntiBERTy's cache on the shipped
 antibody sample, a d_model 128, 4-head, 4-layer student, --batch_size 32, --max_seq_len 160
 (--d_model, --num_heads, --num_layers, --batch_size change the student and batch). Steps are
-bench_distill.Trainer.step: distill.train's loop body, timed phase by phase.
+bench_distill.Trainer.step: distill.py's step (forward_backward + optimizer_step), timed phase by phase.
 
 1. Phases of the step (ms and share), over every timed step of the baseline.
 2. torch.profiler: the operators with the most self CPU time over a few steps.
@@ -41,7 +41,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import data  # noqa: E402
-import distill  # noqa: E402
+from data import batch_loader, load_sequences  # noqa: E402
+from teacher_targets import load_teacher_targets  # noqa: E402
 from bench_distill import Trainer, distill_args, fill_cache, run_interleaved, write_data  # noqa: E402
 
 SETTINGS = {"max_seq_len": 160, "batch_size": 32}
@@ -50,7 +51,7 @@ MODEL_PHASES = ("student forward", "loss", "backward", "clip", "optimizer")
 
 
 class SyncFreeTrainer(Trainer):
-    """Prototype: distill.train's step with the window sums kept as tensors (no int()/float()
+    """Prototype: distill.py's step with the window sums kept as tensors (no int()/float()
     per step). The isfinite check stays: skipping a bad step needs its answer."""
 
     def accumulate(self, window: dict, batch: dict, out: dict, t: dict, terms: dict) -> None:
@@ -112,12 +113,12 @@ def main(argv=None):
         settings = {**SETTINGS, "batch_size": args_cli.batch_size, "batches": batches}
         data_dir = write_data(workdir / "data", data.SHIPPED_ANTIBODIES, settings, fill_crop=False)
         args = distill_args(data_dir, "antiberty", settings, student, workdir / "cache")
-        train_seqs, val_seqs = distill.load_sequences(args)
+        train_seqs, val_seqs = load_sequences(args)
         fill, epoch = fill_cache(args, train_seqs, val_seqs, device)
-        targets = distill.load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
+        targets = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
         n = len(epoch)
         trainers = make_trainers(args, targets.tokenizer, steps + 1, device)
-        loaders = {name: iter(distill.batch_loader(epoch, [j % n for j in range(steps + 4)], 0)) for name in trainers}
+        loaders = {name: iter(batch_loader(epoch, [j % n for j in range(steps + 4)], 0)) for name in trainers}
 
         def tasks_for_step(i):
             if i == 1:

@@ -9,8 +9,11 @@ import torch
 
 import distill
 from architecture import load_student
+from checkpoints import list_checkpoints
 from cli import UserError
+from devices import resolve_precision
 from conftest import write_short_uniprot
+from schedule import budget_schedule
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_short_run_moves_student_towards_teacher(protbert_teacher_dir, small_fas
     best = load_student(out / "best_model" / "model.pt")
     assert best.metadata["step"] == summary["best_step"]
     assert best.metadata["val"]["loss"] == min(r["loss"] for r in val)
-    assert [p.name for p in distill.list_checkpoints(out)] == ["checkpoint-48"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-48"]
 
 
 def test_resume_reaches_the_same_weights(protbert_teacher_dir, small_fasta, tmp_path):
@@ -59,7 +62,7 @@ def test_resume_reaches_the_same_weights(protbert_teacher_dir, small_fasta, tmp_
              "--dropout", "0.1", "--grad_accumulation_steps", "2", "--max_tokens", "512"]
     full = tmp_path / "full"
     distill.main(tiny_args(protbert_teacher_dir, small_fasta, full, *flags))
-    steps = [p.name for p in distill.list_checkpoints(full)]
+    steps = [p.name for p in list_checkpoints(full)]
     last = steps[-1]
     assert "checkpoint-4" in steps and last != "checkpoint-4"
 
@@ -101,7 +104,7 @@ def test_fp16_on_cpu_warns_and_runs_fp32():
     args = Namespace(fp16=True, bf16=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert distill.resolve_precision(args, torch.device("cpu")) is None
+        assert resolve_precision(args, torch.device("cpu")) is None
     assert any("fp32" in str(w.message) for w in caught)
 
 
@@ -120,7 +123,7 @@ def test_int8_teacher_and_wandb_offline(protbert_teacher_dir, small_fasta, tmp_p
 def test_budget_schedule_warms_up_by_steps_then_decays_with_the_budget():
     used = {"fraction": 0.0}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = distill.budget_schedule(optimizer, warmup_steps=4, kind="linear", budget_fraction=lambda step: used["fraction"])
+    schedule = budget_schedule(optimizer, warmup_steps=4, kind="linear", budget_fraction=lambda step: used["fraction"])
     lrs = []
     for fraction in (0.0, 0.0, 0.0, 0.1, 0.25, 0.5, 1.0, 1.5):
         used["fraction"] = fraction
@@ -128,7 +131,7 @@ def test_budget_schedule_warms_up_by_steps_then_decays_with_the_budget():
         schedule.step()
         lrs.append(schedule.get_last_lr()[0])
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 0.9, 0.75, 0.5, 0.0, 0.0])
-    cosine = distill.budget_schedule(optimizer, warmup_steps=0, kind="cosine", budget_fraction=lambda step: 0.5)
+    cosine = budget_schedule(optimizer, warmup_steps=0, kind="cosine", budget_fraction=lambda step: 0.5)
     assert cosine.get_last_lr()[0] == pytest.approx(0.5)
 
 
@@ -143,7 +146,7 @@ def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(pro
     last_train = [r for r in records if r["split"] == "train"][-1]
     assert last_train["lr"] < 0.2 * 3e-3  # decayed with the budget, not with a step count
     assert records[-1]["split"] == "val" and records[-1]["step"] == summary["steps"]
-    assert [p.name for p in distill.list_checkpoints(out)] == [f"checkpoint-{summary['steps']}"]
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{summary['steps']}"]
 
 
 def test_max_time_with_max_steps_decays_to_zero_at_the_last_step(protbert_teacher_dir, small_fasta, tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distill import distillation_loss, masked_metrics
+from losses import distillation_loss, masked_metrics
 
 
 def one_masked_position(student_row, teacher_row, label):

@@ -28,6 +28,10 @@ import cli
 import data
 import distill
 from architecture import load_student
+from checkpoints import TRAINING_STATE, list_checkpoints
+from distributed import optimizer_steps
+from options import validate_shared_args
+from schedule import planned_steps
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -86,18 +90,18 @@ def records(output_dir: Path, split: str) -> list[dict]:
 
 def test_each_rank_takes_its_share_of_a_step_and_a_step_is_the_same_batches_on_any_count():
     # 13 batches, 2 processes x 2 accumulation: batch 12 is dropped, or rank 0 would have one more
-    steps = distill.optimizer_steps(13, 0, batches_per_step=4, world_size=2)
+    steps = optimizer_steps(13, 0, batches_per_step=4, world_size=2)
     assert steps == [range(0, 4), range(4, 8), range(8, 12)]
     assert [list(s[0::2]) for s in steps] == [[0, 2], [4, 6], [8, 10]]
     assert [list(s[1::2]) for s in steps] == [[1, 3], [5, 7], [9, 11]]
     # one process x 4: the same steps, plus the tail as a shorter last step
-    assert distill.optimizer_steps(13, 0, 4, 1) == steps + [range(12, 13)]
+    assert optimizer_steps(13, 0, 4, 1) == steps + [range(12, 13)]
     # resumed at batch 6 on 3 processes x 1: 7 batches left, 1 dropped
-    assert distill.optimizer_steps(13, 6, 3, 3) == [range(6, 9), range(9, 12)]
+    assert optimizer_steps(13, 6, 3, 3) == [range(6, 9), range(9, 12)]
     for n in range(1, 30):
         for world_size in (1, 2, 3, 4):
             for start in range(0, n + 1, 5):
-                steps = distill.optimizer_steps(n, start, 2 * world_size, world_size)
+                steps = optimizer_steps(n, start, 2 * world_size, world_size)
                 taken = [i for s in steps for i in s]
                 assert taken == list(range(start, start + len(taken))) and n - start - len(taken) < world_size
                 assert all(len(s) % world_size == 0 for s in steps)  # every rank the same count
@@ -106,13 +110,13 @@ def test_each_rank_takes_its_share_of_a_step_and_a_step_is_the_same_batches_on_a
 def test_a_resume_with_another_global_batch_plans_the_steps_left():
     # 13 batches an epoch, 2 epochs. Written by 2 processes x 1 at step 3 (batch 6 of epoch 0):
     position = {"step": 3, "epoch": 0, "batch": 6, "batches_per_step": 2}
-    assert distill.planned_steps(13, position, 2, 2, num_epochs=2) == 2 * 6  # the same global batch: as planned
-    assert distill.planned_steps(13, position, 2, 1, num_epochs=2) == 2 * 7  # 1 process x 2: its own plan
+    assert planned_steps(13, position, 2, 2, num_epochs=2) == 2 * 6  # the same global batch: as planned
+    assert planned_steps(13, position, 2, 1, num_epochs=2) == 2 * 7  # 1 process x 2: its own plan
     # 1 process x 1: 7 steps to the end of epoch 0 (batches 6..12), then 13
-    assert distill.planned_steps(13, position, 1, 1, num_epochs=2) == 3 + 7 + 13
+    assert planned_steps(13, position, 1, 1, num_epochs=2) == 3 + 7 + 13
     # 4 processes x 1: epoch 0's last 7 batches make 1 step (3 dropped), then 3 a full epoch
-    assert distill.planned_steps(13, position, 4, 4, num_epochs=2) == 3 + 1 + 3
-    assert distill.planned_steps(13, {"step": 3, "epoch": 0, "batch": 6}, 2, 2, 2) == 12  # older checkpoints
+    assert planned_steps(13, position, 4, 4, num_epochs=2) == 3 + 1 + 3
+    assert planned_steps(13, {"step": 3, "epoch": 0, "batch": 6}, 2, 2, 2) == 12  # older checkpoints
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(runs)
     two, one = runs["two"], runs["one"]
     for step in (2, 4):
         assert_same_weights(two / f"checkpoint-{step}", one / f"checkpoint-{step}")
-        projections = [torch.load(run / f"checkpoint-{step}" / distill.TRAINING_STATE)["hidden_proj"] for run in (two, one)]
+        projections = [torch.load(run / f"checkpoint-{step}" / TRAINING_STATE)["hidden_proj"] for run in (two, one)]
         torch.testing.assert_close(*projections, atol=1e-5, rtol=1e-5)
     moved = load_student(two / "checkpoint-4").model.state_dict()["embed_tokens.weight"]
     assert (moved - load_student(two / "checkpoint-2").model.state_dict()["embed_tokens.weight"]).abs().max() > 1e-3
@@ -199,7 +203,7 @@ def test_a_failing_rank_ends_the_job(protbert_teacher_dir, fasta, tmp_path):
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr and "rank 1 failed" in result.stderr
     # rank 0 could not finish step 2 without rank 1: step 1's checkpoint is the last, and whole
-    assert [p.name for p in distill.list_checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
     assert load_student(out / "checkpoint-1").metadata["step"] == 1
 
 
@@ -212,7 +216,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(prot
         job = start_torchrun("distill.py", argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 90
-        while not (out.is_dir() and distill.list_checkpoints(out)):
+        while not (out.is_dir() and list_checkpoints(out)):
             assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         job.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
@@ -223,9 +227,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(prot
     stopped = re.findall(r"stopped by SIGTERM at step (\d+)", log.read_text())
     assert len(stopped) == 1, log.read_text()[-3000:]  # said by rank 0 alone
     step = int(stopped[0])
-    newest = distill.list_checkpoints(out)[-1]
+    newest = list_checkpoints(out)[-1]
     assert newest.name == f"checkpoint-{step}" and load_student(newest).metadata["step"] == step
-    assert torch.load(newest / distill.TRAINING_STATE)["position"]["step"] == step
+    assert torch.load(newest / TRAINING_STATE)["position"]["step"] == step
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +277,7 @@ def test_two_processes_refuse_to_fill_a_cache_while_training(protbert_teacher_di
 
 def test_a_bad_timeout_is_refused_before_any_process_group():
     with pytest.raises(cli.UserError, match="--dist_timeout must be positive"):
-        distill.validate_shared_args(Namespace(max_seq_len=32, batch_size=4, mask_variants=1, max_tokens=None,
+        validate_shared_args(Namespace(max_seq_len=32, batch_size=4, mask_variants=1, max_tokens=None,
                                                num_workers=0, mask_prob=0.15, fp16=False, bf16=False,
                                                dist_timeout=0))
 

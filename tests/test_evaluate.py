@@ -12,7 +12,7 @@ import data
 import evaluate
 from architecture import Student, StudentConfig, load_student, save_student
 from cli import UserError
-from distill import MaskedBatches
+from data import MaskedBatches
 from teacher import load_teacher
 
 # Three short sequences; with max_seq_len 24 the second is cropped to its first 22 residues.

@@ -31,12 +31,12 @@ import distill
 import evaluate
 import teacher_cache
 from architecture import Student, StudentConfig, load_student, save_student
+from checkpoints import TRAINING_STATE, list_checkpoints
 from conftest import write_short_uniprot
 from teacher import load_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 100_000  # residues of the longest protein fed to every script
-TRAINING_STATE = distill.TRAINING_STATE
 # Tiny models run as fast on one thread, and a busy machine then cannot stall them: OpenMP
 # threads spin-waiting for a core made a step 30x slower under load.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -307,7 +307,7 @@ def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicat
     summary = json.loads((trained_run / "summary.json").read_text())
     # 45 sequences in batches of 16: the 4 steps see all of them, each cropped to 30 residues
     assert summary["steps"] == 4 and summary["elapsed_s"] < 60
-    assert [p.name for p in distill.list_checkpoints(trained_run)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in list_checkpoints(trained_run)] == ["checkpoint-2", "checkpoint-4"]
     assert finite_weights(trained_run / "checkpoint-4")
 
 
@@ -406,14 +406,14 @@ class Distill:
 
 
 def newest_step(out: Path) -> int:
-    found = distill.list_checkpoints(out) if out.is_dir() else []
+    found = list_checkpoints(out) if out.is_dir() else []
     return int(found[-1].name.split("-")[-1]) if found else -1
 
 
 def assert_checkpoints_complete(out: Path, unpruned: bool = True) -> list[Path]:
     """Every checkpoint a resume may pick loads (weights and training state) and names its own
     step; `unpruned` (--keep_last 0): every checkpoint-STEP folder is one of them."""
-    folders = distill.list_checkpoints(out)
+    folders = list_checkpoints(out)
     if unpruned:
         assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(p.name for p in folders)
     for folder in folders:

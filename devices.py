@@ -1,0 +1,42 @@
+"""Where and in what precision models run: the device, the autocast dtype, the autocast context."""
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+from cli import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_precision(args, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the student, or None for fp32. fp16 needs CUDA: elsewhere fp32."""
+    if args.fp16:
+        if device.type == "cuda":
+            return torch.float16
+        warnings.warn(f"--fp16 needs a CUDA GPU; training in fp32 on {device.type}", stacklevel=2)
+        return None
+    if args.bf16:
+        if device.type == "cpu":
+            print("note: bf16 on CPU runs through autocast; on CPUs without AMX/AVX512-BF16 it is "
+                  "several times slower than fp32")
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -1,0 +1,82 @@
+"""What a training run reports: metrics.jsonl records, Weights & Biases, the training-curve plot."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+
+def start_wandb(args, config: dict):
+    """A W&B run, or None (with one warning) when wandb is missing or not logged in."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("--use_wandb: wandb is not installed; continuing without W&B", stacklevel=2)
+        return None
+    # The mode as wandb.init will see it (environment and settings files); login() without a
+    # prompt or verification only looks for stored credentials, so this needs no network.
+    offline = wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
+    if not offline and not wandb.login(prompt=False, verify=False):
+        warnings.warn("--use_wandb: not logged in to W&B (run `python setup_wandb.py`, or set "
+                      "WANDB_MODE=offline); continuing without W&B", stacklevel=2)
+        return None
+    try:
+        return wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config,
+                          dir=str(args.output_dir))
+    except Exception as err:  # network, auth: training must not die for monitoring
+        warnings.warn(f"--use_wandb: could not start a W&B run ({err}); continuing without W&B", stacklevel=2)
+        return None
+
+
+def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in (("loss", "total"), ("kl", "KL (x T²)"), ("ce", "masked CE"), ("cos", "hidden cosine")):
+        if train and any(r[key] for r in train):
+            ax_loss.plot([r["step"] for r in train], [r[key] for r in train], label=f"train {label}", lw=1)
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val total", color="black")
+        ax_acc.plot([r["step"] for r in val], [r["masked_acc"] for r in val], "o-", label="student masked acc")
+        ax_acc.plot([r["step"] for r in val], [r["agreement"] for r in val], "s-", label="agreement with teacher")
+        ax_acc.axhline(val[-1]["teacher_masked_acc"], ls="--", color="grey",
+                       label=f"teacher masked acc ({val[-1]['teacher_masked_acc']:.3f})")
+        ax_acc.set_ylim(0, 1)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Training and validation loss")
+    ax_acc.set(xlabel="optimizer step", ylabel="fraction of masked residues", title="Validation (fixed masks)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+class RunLog:
+    """metrics.jsonl, one JSON record a line, mirrored to W&B when a run is given. With no path
+    (ranks other than 0) records go nowhere."""
+
+    def __init__(self, metrics_path: Path | None, wandb_run=None):
+        self.file = open(metrics_path if metrics_path is not None else os.devnull, "a")
+        self.wandb_run = wandb_run
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
+                               step=record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def finish_wandb(self, final_metrics: dict) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({"final_val/" + k: v for k, v in final_metrics.items()})
+            self.wandb_run.finish()
