@@ -27,7 +27,8 @@ from architecture import load_student
 from cli import UserError
 from data import MaskedBatches
 from devices import resolve_device
-from evaluation import build_report, masked_statistics, residue_counts
+from evaluation import (MutationProbe, build_report, last_hidden_states, masked_statistics,
+                        representation_measures, residue_counts, sample_proteins)
 from files import atomic_open
 
 DEFAULT_MAX_SEQ_LEN = 512
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_sequences", type=int, default=None, help="evaluate only the first N sequences")
     p.add_argument("--speed_batches", type=int, default=20,
                    help="batches timed per model, spread over all lengths (0 skips timing)")
+    g = p.add_argument_group("fidelity beyond masked accuracy (needs the teacher)")
+    g.add_argument("--mutation_proteins", type=int, default=150,
+                   help="proteins drawn (by --seed) for zero-shot mutation effects; 0 skips them")
+    g.add_argument("--mutation_positions", type=int, default=8,
+                   help="random sites per protein, each scored for its 19 substitutions by masked marginals")
+    g.add_argument("--embedding_proteins", type=int, default=1000,
+                   help="proteins drawn (by --seed) for CKA and 10-NN overlap of the last hidden states; 0 skips them")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
     return p
 
@@ -71,10 +79,15 @@ def main(argv=None):
 
 def evaluate_checkpoint(model_path, data_path, output_dir, teacher_model=None, *, max_seq_len=None,
                         batch_size=32, max_tokens=None, mask_prob=0.15, seed=42, max_sequences=None,
-                        speed_batches=20, device="auto", use_8bit=False, trust_remote_code=False) -> dict:
+                        speed_batches=20, device="auto", use_8bit=False, trust_remote_code=False,
+                        mutation_proteins=150, mutation_positions=8, embedding_proteins=1000) -> dict:
     """Evaluate the checkpoint (and teacher) and write report.json, report.md and
     per_residue_accuracy.png into output_dir; returns the report (report.json's content)."""
     check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len)
+    for name, value in (("mutation_proteins", mutation_proteins), ("mutation_positions", mutation_positions),
+                        ("embedding_proteins", embedding_proteins)):
+        if value < 0:
+            raise UserError(f"--{name} must not be negative (got {value})")
     cli.writable_folder(output_dir, "--output_dir")  # before the work, not after it
     device = resolve_device(device)
     student, tokenizer, metadata = load_student(model_path, map_location=device)
@@ -106,6 +119,10 @@ def evaluate_checkpoint(model_path, data_path, output_dir, teacher_model=None, *
                                 for k in ("sequences_per_s", "tokens_per_s")}
 
     stats = masked_statistics(student, teacher, masked_batches, device)
+    fidelity = None
+    if teacher is not None and (mutation_proteins and mutation_positions or embedding_proteins):
+        fidelity = fidelity_measures(student, teacher, sequences, tokenizer, device, max_seq_len, seed,
+                                     mutation_proteins, mutation_positions, embedding_proteins, batching)
     student_params = student.num_parameters()
     report = {
         "setup": {"model_path": str(model_path), "data_path": str(fasta),
@@ -115,9 +132,28 @@ def evaluate_checkpoint(model_path, data_path, output_dir, teacher_model=None, *
                   "max_tokens": max_tokens, "sequences": len(sequences), "batches": len(masked_batches)},
         "parameters": {"student": student_params, "teacher": teacher.num_parameters if teacher else None,
                        "compression": teacher.num_parameters / student_params if teacher else None},
-        **build_report(stats, residue_counts(unmasked, tokenizer), tokenizer, speed)}
+        **build_report(stats, residue_counts(unmasked, tokenizer), tokenizer, speed), "fidelity": fidelity}
     write_outputs(report, Path(output_dir))
     return report
+
+
+def fidelity_measures(student, teacher, sequences, tokenizer, device, max_seq_len, seed, mutation_proteins,
+                      mutation_positions, embedding_proteins, batching) -> dict:
+    """Mutation-effect agreement, CKA and 10-NN overlap with the teacher (evaluation.py), timed."""
+    start = time.perf_counter()
+    fidelity = {}
+    if mutation_proteins and mutation_positions:
+        probe = MutationProbe(sequences, tokenizer, proteins=mutation_proteins, positions=mutation_positions,
+                              seed=seed, max_seq_len=max_seq_len)
+        fidelity["mutation_effects"] = probe.report(probe.scores(student, device), probe.scores(teacher, device))
+    if embedding_proteins:
+        chosen = [sequences[i] for i in sample_proteins(len(sequences), embedding_proteins, seed)]
+        batches = [data.collate([chosen[j] for j in batch], tokenizer, max_seq_len, mask_prob=0.0, random_crop=False)
+                   for batch in MaskedBatches(chosen, tokenizer, batching, epoch=0, train=False).batches]
+        fidelity["representations"] = representation_measures(
+            last_hidden_states(student, batches, device), last_hidden_states(teacher, batches, device), seed=seed)
+    fidelity["seconds"] = time.perf_counter() - start
+    return fidelity
 
 
 def check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len) -> None:
@@ -350,6 +386,7 @@ def markdown_report(report: dict) -> str:
         f"seed {setup['seed']}); metrics are over all of them\n"
         f"- teacher: {teacher}; device: {setup['device']}",
         "## Masked-residue prediction\n\n" + metrics_table(report),
+        *fidelity_section(report),
         "## Accuracy by true residue\n\n" + _table(
             ["residue", "masked", "frequency in the data", "student acc", "teacher acc"], per_residue_rows),
         "## Size and speed\n\n" + speed_table(report)]
@@ -362,8 +399,48 @@ def markdown_report(report: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def fidelity_table(report: dict) -> str | None:
+    """What the student keeps of the teacher beyond top-1: the distribution and the representations."""
+    fidelity = report.get("fidelity") or {}
+    mutations, reps = fidelity.get("mutation_effects"), fidelity.get("representations")
+    rows = []
+    if mutations:
+        s, b = mutations["student"], mutations["baseline"]
+        rows += [["mutation effects: Spearman with the teacher, all pairs", _fmt(s["spearman"]), _fmt(b["spearman"])],
+                 ["mutation effects: mean per protein", _fmt(s["spearman_per_protein_mean"]),
+                  _fmt(b["spearman_per_protein_mean"])],
+                 ["mutation effects: mean within a position (19 substitutions)",
+                  _fmt(s["spearman_within_position_mean"]), _fmt(b["spearman_within_position_mean"])]]
+    if reps:
+        rows += [["linear CKA of the last hidden states (residue tokens)", _fmt(reps["cka"]), "—"],
+                 [f"{reps['knn_k']}-NN overlap of mean embeddings (chance {_fmt(reps['knn_chance'])})",
+                  _fmt(reps["knn_overlap"]), _fmt(reps["knn_chance"])]]
+    return _table(["measure (against the teacher)", "student", "baseline / chance"], rows) if rows else None
+
+
+def fidelity_section(report: dict) -> list[str]:
+    table = fidelity_table(report)
+    if table is None:
+        return []
+    fidelity = report["fidelity"]
+    notes = []
+    if "mutation_effects" in fidelity:
+        m = fidelity["mutation_effects"]
+        notes.append(f"Mutation effects: {m['student']['sites']:,} sites ({m['positions_per_protein']} random "
+                     f"positions in each of {m['proteins']} proteins, seed {m['seed']}), every substitution scored "
+                     "as log p(mutant) - log p(wild type) with the site masked (ESM-1v's masked marginal), "
+                     f"{m['student']['pairs']:,} pairs; the baseline scores log f(mutant) - log f(wild type) "
+                     "from residue frequencies alone.")
+    if "representations" in fidelity:
+        r = fidelity["representations"]
+        notes.append(f"Representations: linear CKA over {r['cka_tokens']:,} residue tokens; neighbours by cosine "
+                     f"of mean-pooled last hidden states of {r['knn_proteins']:,} proteins.")
+    return ["## Fidelity to the teacher beyond masked accuracy\n\n" + table + "\n\n" + " ".join(notes)]
+
+
 def summary_table(report: dict) -> str:
-    return metrics_table(report) + "\n\n" + speed_table(report)
+    fidelity = fidelity_table(report)
+    return "\n\n".join(part for part in (metrics_table(report), fidelity, speed_table(report)) if part)
 
 
 def plot_per_residue(report: dict, png_path: Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
+import measures
 from architecture import STANDARD_RESIDUES
 from data import MaskedBatches
 from losses import distillation_loss
@@ -88,3 +90,73 @@ def build_report(stats: dict, residues: torch.Tensor, tokenizer, speed: dict | N
                                         if c and tokenizer.vocab[i] not in STANDARD_RESIDUES)}
     return {"metrics": metrics, "counts": counts, "per_residue": per_residue, "speed": speed}
 
+
+# --------------------------------------------------------------------------------------------
+# Fidelity beyond masked accuracy (measures.py): mutation effects, CKA, embedding neighbours
+# --------------------------------------------------------------------------------------------
+
+def sample_proteins(count: int, limit: int | None, seed: int) -> list[int]:
+    """`limit` indices of `count` items drawn without replacement by `seed`, in order (all when
+    limit is None or not below count): the same held-out set and seed, the same proteins."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted(np.random.default_rng(seed).choice(count, size=limit, replace=False).tolist())
+
+
+class MutationProbe:
+    """Zero-shot mutation effects (ESM-1v masked marginals) on `positions` random sites of
+    `proteins` random sequences, every 19 substitutions each: score any model with `scores`, then
+    compare with the teacher's (`agreement`), or the residue-frequency baseline's, which knows no
+    context (what chance-level knowledge scores)."""
+
+    def __init__(self, sequences: list[str], tokenizer, *, proteins: int, positions: int, seed: int,
+                 max_seq_len: int, max_tokens: int = 8192):
+        self.sequences = [sequences[i] for i in sample_proteins(len(sequences), proteins, seed)]
+        self.sites = measures.sample_mutation_sites(self.sequences, positions, seed)
+        self.wild_types = measures.wild_type_columns(self.sequences, self.sites)
+        self.tokenizer, self.max_seq_len, self.max_tokens = tokenizer, max_seq_len, max_tokens
+        self.about = {"proteins": len(self.sequences), "positions_per_protein": positions, "seed": seed}
+        frequencies = [sum(s.upper().count(a) for s in sequences) for a in STANDARD_RESIDUES]
+        self.baseline = measures.frequency_baseline_scores(np.maximum(frequencies, 1), self.sites, self.wild_types)
+
+    def scores(self, model, device) -> np.ndarray:
+        """[sites, 20] masked-marginal scores of a student or teacher (anything returning logits)."""
+        return measures.masked_marginals(model, self.tokenizer, self.sequences, self.sites, max_tokens=self.max_tokens,
+                                         max_len=self.max_seq_len, device=device)
+
+    def agreement(self, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
+        return measures.mutation_effect_agreement(scores, teacher_scores, self.sites, self.wild_types)
+
+    def report(self, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
+        return {"student": self.agreement(scores, teacher_scores),
+                "baseline": self.agreement(self.baseline, teacher_scores), **self.about}
+
+
+@torch.inference_mode()
+def last_hidden_states(model, batches: list[dict], device) -> dict:
+    """A student's or a teacher's last hidden states over unmasked batches: "pooled", the mean
+    over each protein's residues [proteins, H], and "tokens", every residue token's [tokens, H]."""
+    pooled, tokens = [], []
+    for batch in batches:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = model(ids, mask, output_hidden_states=True)["hidden_states"]
+        hidden = (out[-1] if isinstance(out, tuple) else out).float()  # a student returns every layer's
+        residues = mask.bool().clone()
+        residues[:, 0] = False
+        residues[torch.arange(len(ids)), mask.sum(1) - 1] = False  # start and end tokens
+        pooled.append(measures.mean_pooled(hidden, mask).cpu())
+        tokens.append(hidden[residues].cpu())
+    return {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens)}
+
+
+def representation_measures(student_states: dict, teacher_states: dict, *, knn_k: int = 10,
+                            max_tokens: int = 20000, seed: int = 0) -> dict:
+    """Linear CKA of the student's and the teacher's last hidden states over residue tokens (at
+    most max_tokens, drawn by seed), and the k-NN overlap of their mean-pooled protein embeddings."""
+    rows = sample_proteins(len(student_states["tokens"]), max_tokens, seed)
+    n = len(student_states["pooled"])
+    return {"cka": measures.linear_cka(student_states["tokens"][rows], teacher_states["tokens"][rows]),
+            "cka_tokens": len(rows), "knn_k": min(knn_k, max(n - 1, 1)), "knn_proteins": n,
+            "knn_overlap": measures.knn_overlap(teacher_states["pooled"], student_states["pooled"], k=knn_k)
+            if n > 1 else None,
+            "knn_chance": measures.knn_overlap_chance(n, knn_k) if n > 1 else None}

@@ -49,6 +49,7 @@ from architecture import ResidueTokenizer, load_student  # noqa: E402
 from cli import UserError  # noqa: E402
 from devices import resolve_device  # noqa: E402
 from files import atomic_open  # noqa: E402
+from measures import spearman  # noqa: E402
 
 DPI = 130
 MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable
@@ -276,23 +277,6 @@ def top_residues(saliency: Saliency, sequence: str, k: int) -> list[dict]:
     scores = saliency.scores
     return [{"position": int(i) + 1, "residue": sequence[i], "score": float(scores[i])}
             for i in saliency.ranked_positions[:k]]
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of their ranks (what Spearman's rho needs)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)
-    return ((last - counts + 1 + last) / 2)[inverse]
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Spearman's rank correlation; None when either side is constant (rho undefined)."""
-    if len(x) < 2:
-        return None
-    rx, ry = average_ranks(np.asarray(x)), average_ranks(np.asarray(y))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denominator) if denominator > 0 else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
     python bench/fidelity.py --variants kd,kd-cache-t1 --budgets 792steps --jobs 2
                                                 # quality per step, two runs at a time
     python bench/fidelity.py                    # every variant at 10 and 30 minutes: ~9 hours
+    python bench/fidelity.py --variants mlm,kd-cache --budgets 1200steps --train_sizes 500,2000,all \
+        --repeats 2 --jobs 2 --mask_variants 8 --d_model 128      # the regime map (README: What distillation buys)
 
 Teacher: AntiBERTy, int8 on CPU (`--use_8bit`). Data: the 12,990 antibody chains of
 ../shared/data/antibody_sample.fasta when present (1,000 held out for test, 500 for validation),
@@ -15,7 +17,15 @@ CPUs to itself, with the same student, data order, initialisation and learning r
 loss and where the teacher's outputs come from differ (VARIANTS). Each final checkpoint is then
 scored on the test split, which no run trains or validates on, with fixed masks and evaluate.py's
 statistics (the teacher's test logits computed once): masked accuracy, top-1 agreement with the
-teacher, KL(teacher || student) at T = 1, perplexity.
+teacher, KL(teacher || student) at T = 1, perplexity; and evaluate.py's fidelity measures at its
+defaults: zero-shot mutation effects (Spearman with the teacher's masked marginals over 8 sites of
+150 test chains, pooled and within a position), linear CKA of the last hidden states, and 10-NN
+overlap of mean embeddings (1,000 test chains).
+
+`--train_sizes 500,2000,all` trains every variant on the first N chains of a fixed shuffled
+training list (a smaller set is part of every larger one; validation and test stay the same), each
+size with its own teacher cache; fidelity_regimes.png plots every measure against N, and against
+the wall-clock budget when there are several.
 
 Teacher time is counted where it is spent. The live variants pay a teacher forward pass per
 training step inside their budget. `kd-cache` reads logits that cache_teacher.py wrote before
@@ -49,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import subprocess
@@ -77,6 +88,7 @@ TEACHER = "antiberty"
 TEST_SEQUENCES, VAL_SEQUENCES = 1000, 500  # held out of the full antibody set
 MAX_SEQ_LEN = 160  # antibody V domains are 101-136 residues: nothing is cropped
 SEED = 42
+MUTATION_POSITIONS = 8  # sites per chain for mutation effects: evaluate.py's default
 
 
 @dataclass(frozen=True)
@@ -157,9 +169,9 @@ VARIANTS = {v.name: v for v in [
             ("--distill_weight", "0.5", "--task_weight", "0.5", "--temperature", "2"), cache="prefilled"),
 ]}
 QUICK = {"variants": "mlm,kd-cache", "budgets": "1", "d_model": 64, "num_heads": 4, "num_layers": 2,
-         "eval_every": 25, "output_dir": "outputs/fidelity_quick"}
+         "eval_every": 25, "output_dir": "outputs/fidelity_quick", "mutation_proteins": 20, "embedding_proteins": 100}
 FULL = {"variants": ",".join(VARIANTS), "budgets": "10,30", "d_model": 256, "num_heads": 4, "num_layers": 4,
-        "eval_every": 50, "output_dir": "outputs/fidelity"}
+        "eval_every": 50, "output_dir": "outputs/fidelity", "mutation_proteins": 150, "embedding_proteins": 1000}
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma-separated, from the list below [{FULL['variants']}]")
     p.add_argument("--budgets", help="comma-separated training budgets: wall-clock minutes (10), or optimizer steps "
                                      f"(800steps) for step-matched runs [{FULL['budgets']}]")
+    p.add_argument("--train_sizes", default="all",
+                   help="comma-separated training-set sizes: the first N chains of a fixed shuffled training list "
+                        "(same validation and test chains), or 'all' [all]")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each variant and budget; a wall-clock run repeated differs by the learning rates "
                         "its timing gave (the schedule follows the clock), which measures run-to-run noise")
@@ -194,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_variants", type=int, default=1,
                    help="mask variants a teacher cache holds; 1 covers a budget of under one epoch "
                         "(later epochs then repeat the masks), each more costs one more teacher pass over the data")
+    p.add_argument("--mutation_proteins", type=int,
+                   help=f"test chains scored for mutation effects, {MUTATION_POSITIONS} sites each, as evaluate.py "
+                        f"[{FULL['mutation_proteins']}; --quick {QUICK['mutation_proteins']}]")
+    p.add_argument("--embedding_proteins", type=int,
+                   help=f"test chains for CKA and 10-NN overlap, as evaluate.py [{FULL['embedding_proteins']}; "
+                        f"--quick {QUICK['embedding_proteins']}]")
     p.add_argument("--max_steps", type=int, default=None, help="also cap every run at this many steps (for testing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where students and teacher run")
     p.add_argument("--rerun", action="store_true", help="run again the variants and budgets already in fidelity.json")
@@ -217,9 +238,17 @@ def resolve_args(args) -> argparse.Namespace:
                         "e.g. 10,30 or 800steps") from None
     if not args.budgets:
         raise UserError("--budgets: give at least one budget")
+    try:
+        args.train_sizes = [None if s.strip() == "all" else int(s) for s in args.train_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--train_sizes {args.train_sizes!r}: give chain counts or 'all' separated by commas, "
+                        "e.g. 500,2000,all") from None
+    if not args.train_sizes or any(n is not None and n < args.batch_size for n in args.train_sizes):
+        raise UserError(f"--train_sizes: give sizes of at least --batch_size ({args.batch_size}) chains, or 'all'")
     if args.jobs > 1 and any(b.minutes is not None for b in args.budgets):
         raise UserError("--jobs: runs with wall-clock budgets must run one at a time; use step budgets (800steps)")
-    for name in ("d_model", "num_heads", "num_layers", "eval_every", "batch_size", "mask_variants", "jobs", "repeats"):
+    for name in ("d_model", "num_heads", "num_layers", "eval_every", "batch_size", "mask_variants", "jobs", "repeats",
+                 "mutation_proteins", "embedding_proteins"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
     args.output_dir = cli.writable_folder(REPO / args.output_dir, "--output_dir")
@@ -249,6 +278,26 @@ def prepare_data(folder: Path, quick: bool) -> dict:
         data.write_fasta(folder / f"{name}.fasta", part)
     return {"source": str(source), "note": note, "train": len(train), "val": len(val), "test": len(test)}
 
+
+def sized_data(data_dir: Path, size: int | None) -> Path:
+    """The data folder of a training-set size: the first `size` chains of the training split in a
+    fixed shuffled order (so a smaller set is part of every larger one), the same val and test."""
+    if size is None:
+        return data_dir
+    folder = data_dir.with_name(f"{data_dir.name}-n{size}")
+    train = data.read_fasta(data_dir / "train.fasta")
+    if size > len(train):
+        raise UserError(f"--train_sizes {size}: the training split has only {len(train):,} chains")
+    if not (folder / "train.fasta").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        data.write_fasta(folder / "train.fasta", random.Random(SEED).sample(train, len(train))[:size])
+        for name in ("val", "test"):
+            shutil.copyfile(data_dir / f"{name}.fasta", folder / f"{name}.fasta")
+    return folder
+
+
+def size_label(size: int | None) -> str:
+    return "all" if size is None else f"{size:,}"
 
 # --------------------------------------------------------------------------------------------
 # Runs
@@ -345,42 +394,45 @@ def tokens_per_second(metrics_path: Path) -> float | None:
 
 
 def run_key(record: dict) -> tuple:
-    """What identifies a run in fidelity.json: variant, budget and repeat."""
-    return record["variant"], Budget.of(record), record.get("repeat", 1)
+    """What identifies a run in fidelity.json: variant, budget, repeat and training-set size."""
+    return record["variant"], Budget.of(record), record.get("repeat", 1), record.get("train_size")
 
 
-def run_dir_of(variant: Variant, budget: Budget, repeat: int, args) -> Path:
-    return args.output_dir / "runs" / (f"{variant.name}-{budget.slug}" + (f"-r{repeat}" if repeat > 1 else ""))
+def run_dir_of(variant: Variant, budget: Budget, repeat: int, size: int | None, args) -> Path:
+    return args.output_dir / "runs" / (f"{variant.name}-{budget.slug}" + (f"-n{size}" if size else "")
+                                       + (f"-r{repeat}" if repeat > 1 else ""))
 
 
-def prefilled_cache(variant: Variant, args, data_dir: Path, caches: dict) -> dict:
+def prefilled_cache(variant: Variant, size: int | None, args, data_dir: Path, caches: dict) -> dict:
     """The fill record of the prefilled cache the variant reads (filled now if missing)."""
-    key = f"{variant.positions}-k{args.mask_variants}"
+    key = f"{variant.positions}-k{args.mask_variants}" + (f"-n{size}" if size else "")
     if key not in caches:
-        caches[key] = fill_cache(args.output_dir / "caches" / key, variant.positions, args, data_dir)
+        caches[key] = fill_cache(args.output_dir / "caches" / key, variant.positions, args, sized_data(data_dir, size))
     return caches[key]
 
 
-def train(variant: Variant, budget: Budget, repeat: int, args, data_dir: Path, caches: dict) -> dict:
+def train(variant: Variant, budget: Budget, repeat: int, size: int | None, args, data_dir: Path,
+          caches: dict) -> dict:
     """One distill.py run; returns its record (without test scores). Prefilled caches must be
     in `caches` already: runs may go on in parallel."""
-    run_dir = run_dir_of(variant, budget, repeat, args)
+    run_dir = run_dir_of(variant, budget, repeat, size, args)
     cache_dir, fill = None, None
     if variant.cache == "prefilled":
-        fill = prefilled_cache(variant, args, data_dir, caches)  # filled by main() before any run starts
+        fill = prefilled_cache(variant, size, args, data_dir, caches)  # filled by main() before any run starts
         cache_dir = Path(fill["dir"])
     elif variant.cache == "fill":
         cache_dir = run_dir.with_name(run_dir.name + "-cache")
         shutil.rmtree(cache_dir, ignore_errors=True)
-    command = distill_command(variant, budget, run_dir, cache_dir, args, data_dir)
+    command = distill_command(variant, budget, run_dir, cache_dir, args, sized_data(data_dir, size))
     run_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    print(f"{variant.name}, {budget.label}" + (f", repeat {repeat}" if repeat > 1 else "")
+    print(f"{variant.name}, {budget.label}, {size_label(size)} training chains" + (f", repeat {repeat}" if repeat > 1 else "")
           + f": {variant.about} (load average {load_before:.2f})", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     status, process_s, process_cpu_s = run_logged(command, run_dir / "log.txt", threads)
     record = {"variant": variant.name, "about": variant.about, "budget_min": budget.minutes,
-              "budget_steps": budget.steps, "repeat": repeat, "command": " ".join(command), "threads": threads,
+              "budget_steps": budget.steps, "repeat": repeat, "train_size": size, "mask_variants": args.mask_variants,
+              "command": " ".join(command), "threads": threads,
               "process_s": process_s, "process_cpu_s": process_cpu_s, "load_before": load_before,
               "load_after": os.getloadavg()[0]}
     if status:
@@ -402,8 +454,8 @@ def trained(todo, args, data_dir: Path, caches: dict):
     """The records of the runs in `todo` as they finish. One at a time, each run has the machine
     to itself: the caller scores it before the next starts. With --jobs J, J run at once."""
     if args.jobs == 1:
-        for variant, budget, repeat in todo:
-            yield train(variant, budget, repeat, args, data_dir, caches)
+        for variant, budget, repeat, size in todo:
+            yield train(variant, budget, repeat, size, args, data_dir, caches)
         return
     with ThreadPoolExecutor(args.jobs) as pool:
         running = [pool.submit(train, *run, args, data_dir, caches) for run in todo]
@@ -449,6 +501,16 @@ class TestSet:
             batch = {k: v.to(self.device) for k, v in self.batches[i].items()}
             self._logits[self._key(batch["input_ids"])] = teacher(batch["input_ids"], batch["attention_mask"])["logits"]
         self.sequences = len(sequences)
+        # evaluate.py's fidelity measures at its defaults, the teacher's side computed once
+        self.probe = evaluation.MutationProbe(sequences, self.tokenizer, proteins=args.mutation_proteins,
+                                              positions=MUTATION_POSITIONS, seed=SEED, max_seq_len=MAX_SEQ_LEN)
+        self.teacher_mutation_scores = self.probe.scores(teacher, self.device)
+        chosen = [sequences[i] for i in evaluation.sample_proteins(len(sequences), args.embedding_proteins, SEED)]
+        self.unmasked = [data.collate([chosen[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0,
+                                      random_crop=False)
+                         for batch in MaskedBatches(chosen, self.tokenizer, masking, epoch=0, train=False).batches]
+        self.teacher_states = evaluation.last_hidden_states(teacher, self.unmasked, self.device)
+        self.baseline_mutations = self.probe.agreement(self.probe.baseline, self.teacher_mutation_scores)
 
     @staticmethod
     def _key(input_ids: torch.Tensor) -> bytes:
@@ -464,7 +526,14 @@ class TestSet:
             raise UserError(f"{model_path}: the student's vocabulary is not the teacher's")
         stats = evaluation.masked_statistics(student, self, self.batches, self.device)
         m = evaluation.build_report(stats, self.residues, tokenizer, None)["metrics"]
-        return {"masked_acc": m["student"]["masked_acc"], "agreement": m["agreement"], "kl": m["kl_teacher_student"],
+        mutations = self.probe.agreement(self.probe.scores(student, self.device), self.teacher_mutation_scores)
+        reps = evaluation.representation_measures(evaluation.last_hidden_states(student, self.unmasked, self.device),
+                                                  self.teacher_states, seed=SEED)
+        return {"mutation_spearman": mutations["spearman"],
+                "mutation_spearman_per_protein": mutations["spearman_per_protein_mean"],
+                "mutation_spearman_within_position": mutations["spearman_within_position_mean"],
+                "cka": reps["cka"], "knn_overlap": reps["knn_overlap"], "knn_chance": reps["knn_chance"],
+                "masked_acc": m["student"]["masked_acc"], "agreement": m["agreement"], "kl": m["kl_teacher_student"],
                 "perplexity": m["student"]["perplexity"], "teacher_masked_acc": m["teacher"]["masked_acc"],
                 "teacher_perplexity": m["teacher"]["perplexity"], "baseline_masked_acc": m["baseline"]["masked_acc"],
                 "masked_tokens": stats["n"]}
@@ -492,27 +561,45 @@ def save_results(results: dict, output_dir: Path) -> None:
     with atomic_open(output_dir / "fidelity.md", "w") as f:
         f.write(results_table(results) + "\n")
     plot_results(results, output_dir / "fidelity.png")
+    plot_regimes(results, output_dir / "fidelity_regimes.png")
+
+
+MEASURES = (("masked_acc", "test acc"), ("mutation_spearman", "mutation ρ"),
+            ("mutation_spearman_within_position", "ρ within position"), ("cka", "CKA"), ("knn_overlap", "10-NN overlap"))
+
+
+def _value(record: dict, key: str, spec: str = ".3f") -> str:
+    value = record.get("test", {}).get(key)
+    return "—" if value is None else format(value, spec)
+
+
+def _sort_key(r: dict) -> tuple:
+    return (r.get("train_size") or 10**9, Budget.of(r).sort_key(), list(VARIANTS).index(r["variant"]), r.get("repeat", 1))
 
 
 def results_table(results: dict) -> str:
     setup = results["setup"]
     teacher = next((r["test"] for r in results["runs"] if "test" in r), None)
+    base = setup.get("baseline_mutations")
     lines = [f"Data: {setup['data']['note']} ({setup['data']['train']:,} train / {setup['data']['val']:,} val / "
              f"{setup['data']['test']:,} test chains). Student d_model {setup['student']['d_model']}, "
              f"{setup['student']['num_layers']} layers, {setup['student']['num_heads']} heads; "
              f"batch {setup['batch_size']}, lr {setup['learning_rate']:g}, warmup {setup['warmup_steps']} steps. "
              f"Teacher {TEACHER} ({setup.get('teacher_backend')})"
              + (f": test masked acc {teacher['teacher_masked_acc']:.3f}, perplexity "
-                f"{teacher['teacher_perplexity']:.2f}" if teacher else "") + ".", "",
-             "| variant | budget | steps | training (min) | process CPU (min) | tokens/s "
-             "| teacher batches live / cached | cache fill outside budget (min) | test acc | agreement | KL "
-             "| perplexity | load avg before / after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results["runs"], key=lambda r: (Budget.of(r).sort_key(), list(VARIANTS).index(r["variant"]),
-                                                    r.get("repeat", 1))):
+                f"{teacher['teacher_perplexity']:.2f}" if teacher else "") + "."
+             + (f" Mutation effects: {MUTATION_POSITIONS} sites in each of {setup['mutation_proteins']} test chains, "
+                f"19 substitutions each; the residue-frequency baseline scores ρ {base['spearman']:.3f} "
+                f"(within position {base['spearman_within_position_mean'] or 0:.3f})." if base else ""), "",
+             "| variant | training chains | budget | steps | mask variants | training (min) | process CPU (min) "
+             "| tokens/s | teacher batches live / cached | cache fill outside budget (min) | test acc | agreement "
+             "| KL | perplexity | mutation ρ | ρ within position | CKA | 10-NN overlap | load avg before / after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results["runs"], key=_sort_key):
         budget = Budget.of(r).label + (f" (repeat {r['repeat']})" if r.get("repeat", 1) > 1 else "")
+        size = size_label(r.get("train_size"))
         if "error" in r:
-            lines.append(f"| {r['variant']} | {budget} | failed: {r['error'].splitlines()[0]} |")
+            lines.append(f"| {r['variant']} | {size} | {budget} | failed: {r['error'].splitlines()[0]} |")
             continue
         t, live = r["test"], r["teacher_batches"]
         fill = f"{r['cache_fill_s'] / 60:.1f}" if r["cache_fill_s"] else "—"
@@ -520,23 +607,38 @@ def results_table(results: dict) -> str:
         cpu = f"{r['process_cpu_s'] / 60:.1f}" if r.get("process_cpu_s") is not None else "—"
         if r.get("threads"):  # runs that shared the machine: their times say little
             rate += f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, shared)"
-        lines.append(f"| {r['variant']} | {budget} | {r['steps']} | {r['training_s'] / 60:.1f} "
-                     f"| {cpu} | {rate} | {live['live']} / {live['cached']} | {fill} "
+        lines.append(f"| {r['variant']} | {size} | {budget} | {r['steps']} | {r.get('mask_variants', '—')} "
+                     f"| {r['training_s'] / 60:.1f} | {cpu} | {rate} | {live['live']} / {live['cached']} | {fill} "
                      f"| {t['masked_acc']:.3f} | {t['agreement']:.3f} | {t['kl']:.3f} | {t['perplexity']:.2f} "
+                     f"| {_value(r, 'mutation_spearman')} | {_value(r, 'mutation_spearman_within_position')} "
+                     f"| {_value(r, 'cka')} | {_value(r, 'knn_overlap')} "
                      f"| {r['load_before']:.1f} / {r['load_after']:.1f} |")
+    groups = regime_groups(results)
+    if any(len(runs) > 1 for runs in groups.values()):
+        lines += ["", "Repeated runs: mean (min-max) over the repeats", "",
+                  "| variant | training chains | budget | runs | " + " | ".join(label for _, label in MEASURES) + " |",
+                  "|---|---:|---|---:|" + "---:|" * len(MEASURES)]
+        for (variant, size, budget), runs in sorted(groups.items(), key=lambda g: _sort_key(g[1][0])):
+            if len(runs) > 1:
+                lines.append(f"| {variant} | {size_label(size)} | {budget.label} | {len(runs)} | "
+                             + " | ".join(spread_text([r["test"].get(k) for r in runs]) for k, _ in MEASURES) + " |")
+    return "\n".join(lines)
+
+
+def regime_groups(results: dict) -> dict:
+    """The scored runs grouped by (variant, training-set size, budget): the repeats of one setting."""
     groups = {}
     for r in results["runs"]:
         if "error" not in r:
-            groups.setdefault((r["variant"], Budget.of(r)), []).append(r)
-    if any(len(runs) > 1 for runs in groups.values()):
-        lines += ["", "Repeated runs (test masked accuracy):", "",
-                  "| variant | budget | runs | mean | min | max | mean steps |", "|---|---|---:|---:|---:|---:|---:|"]
-        for (variant, budget), runs in sorted(groups.items(), key=lambda g: (g[0][1].sort_key(),
-                                                                             list(VARIANTS).index(g[0][0]))):
-            accs = [r["test"]["masked_acc"] for r in runs]
-            lines.append(f"| {variant} | {budget.label} | {len(runs)} | {np.mean(accs):.3f} | {min(accs):.3f} "
-                         f"| {max(accs):.3f} | {np.mean([r['steps'] for r in runs]):.0f} |")
-    return "\n".join(lines)
+            groups.setdefault((r["variant"], r.get("train_size"), Budget.of(r)), []).append(r)
+    return groups
+
+
+def spread_text(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def plot_results(results: dict, png_path: Path) -> None:
@@ -559,7 +661,8 @@ def plot_results(results: dict, png_path: Path) -> None:
             if x == "minutes" and budget.minutes is None:
                 continue  # step-budget runs may have shared the machine: their minutes mean little
             xs = [p["elapsed_s"] / 60 if x == "minutes" else p["step"] for p in r["curve"]]
-            label = (f"{r['variant']} {budget.label}" + (f" #{r['repeat']}" if r.get("repeat", 1) > 1 else "")
+            label = (f"{r['variant']} {budget.label}" + (f", {r['train_size']:,} chains" if r.get("train_size") else "")
+                     + (f" #{r['repeat']}" if r.get("repeat", 1) > 1 else "")
                      + (f" ({r['steps']} steps)" if budget.minutes else ""))
             ax.plot(xs, [p[key] for p in r["curve"]], styles[budget], color=colors[r["variant"]],
                     marker="o", ms=3, label=label)
@@ -589,6 +692,59 @@ def plot_results(results: dict, png_path: Path) -> None:
     plt.close(fig)
 
 
+def plot_regimes(results: dict, png_path: Path) -> None:
+    """Every measure against the training-set size (one line per variant and budget) and against
+    the wall-clock budget (one line per variant and size): where a teacher pays, and where not."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = regime_groups(results)
+    n_train = results["setup"]["data"]["train"]
+    by_size, by_minutes = {}, {}  # series -> {x: runs}
+    for (variant, size, budget), runs in groups.items():
+        by_size.setdefault((variant, budget.label), {})[size or n_train] = runs
+        if budget.minutes is not None:
+            by_minutes.setdefault((variant, size_label(size)), {})[budget.minutes] = runs
+    rows = [(name, series) for name, series in (("training chains", by_size), ("wall-clock budget (min)", by_minutes))
+            if any(len(points) > 1 for points in series.values())]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), len(MEASURES), figsize=(4.2 * len(MEASURES), 3.8 * len(rows)), squeeze=False)
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(VARIANTS)}
+    base = results["setup"].get("baseline_mutations") or {}
+    for (xlabel, series), ax_row in zip(rows, axes):
+        for ax, (key, label) in zip(ax_row, MEASURES):
+            for (variant, which), points in sorted(series.items()):
+                if len(points) < 2:
+                    continue
+                xs = sorted(points)
+                values = [[r["test"].get(key) for r in points[x] if r["test"].get(key) is not None] for x in xs]
+                means = [np.mean(v) if v else np.nan for v in values]
+                low = [m - min(v) if v else 0 for m, v in zip(means, values)]
+                high = [max(v) - m if v else 0 for m, v in zip(means, values)]
+                ax.errorbar(xs, means, yerr=[low, high], marker="o", ms=4, capsize=3, color=colors[variant],
+                            ls="-" if variant.startswith("kd") else "--", label=f"{variant}, {which}")
+            if key == "mutation_spearman" and base.get("spearman") is not None:
+                ax.axhline(base["spearman"], color="grey", ls=":", label="residue-frequency baseline")
+            if xlabel == "training chains":
+                ax.set_xscale("log")
+            ax.set(xlabel=xlabel, title=label)
+            ax.grid(alpha=0.3)
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    setup = results["setup"]
+    fig.suptitle(f"What distillation buys: {TEACHER} -> student d_model {setup['student']['d_model']}, "
+                 f"{setup['student']['num_layers']} layers; test split of {setup['data']['note']} "
+                 "(mean of repeats, bars: min-max)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05 * (1 + len(legend) // 4), 1, 1))
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -597,8 +753,8 @@ def main(argv=None):
     data_dir = output_dir / "data"
     setup = {"data": prepare_data(data_dir, args.quick),
              "student": {k: getattr(args, k) for k in ("d_model", "num_heads", "num_layers")},
-             **{k: getattr(args, k) for k in ("batch_size", "learning_rate", "warmup_steps", "mask_variants",
-                                              "eval_every", "max_steps", "device")},
+             **{k: getattr(args, k) for k in ("batch_size", "learning_rate", "warmup_steps", "eval_every",
+                                              "max_steps", "device", "mutation_proteins", "embedding_proteins")},
              "max_seq_len": MAX_SEQ_LEN, "seed": SEED,
              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -606,16 +762,17 @@ def main(argv=None):
           f"{setup['data']['test']:,} test chains", flush=True)
     results = load_results(output_dir / "fidelity.json", setup)
     done = {run_key(r) for r in results["runs"] if "error" not in r}
-    todo = [(VARIANTS[v], b, k) for k in range(1, args.repeats + 1) for b in args.budgets for v in args.variants
-            if args.rerun or (v, b, k) not in done]
+    todo = [(VARIANTS[v], b, k, n) for n in args.train_sizes for k in range(1, args.repeats + 1) for b in args.budgets
+            for v in args.variants if args.rerun or (v, b, k, n) not in done]
     if not todo:
         print("every requested run is in fidelity.json already (--rerun runs them again)")
     else:
         print(f"scoring set-up: the teacher on the {setup['data']['test']:,} test chains, once", flush=True)
         test_set = TestSet(data_dir / "test.fasta", args)
         results["setup"]["teacher_backend"] = test_set.teacher_backend
-        for variant in {v for v, _, _ in todo if v.cache == "prefilled"}:  # before any run, timed alone
-            prefilled_cache(variant, args, data_dir, results["caches"])
+        results["setup"]["baseline_mutations"] = test_set.baseline_mutations
+        for variant, size in {(v, n) for v, _, _, n in todo if v.cache == "prefilled"}:  # before any run, timed alone
+            prefilled_cache(variant, size, args, data_dir, results["caches"])
         for record in trained(todo, args, data_dir, results["caches"]):
             record = score(record, test_set)
             results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]

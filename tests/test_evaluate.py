@@ -4,13 +4,15 @@ import math
 from argparse import Namespace
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
 import evaluate
-from architecture import Student, StudentConfig, load_student, save_student
+import measures
+from architecture import STANDARD_RESIDUES, Student, StudentConfig, load_student, save_student
 from cli import UserError
 from data import MaskedBatches
 from teacher import load_teacher
@@ -192,3 +194,78 @@ def test_unrecorded_teacher_must_be_named(teacher, fasta, tmp_path):
     student = save_tiny_student(tmp_path / "student", teacher, {})
     with pytest.raises(UserError, match="--teacher_model"):
         evaluate.evaluate_checkpoint(student, fasta, tmp_path / "out")
+
+
+def residue_states(model, sequences, tokenizer, teacher_model: bool):
+    """Last hidden states of every residue token (start/end excluded), one sequence at a time."""
+    rows = []
+    with torch.no_grad():
+        for sequence in sequences:
+            ids = tokenizer.encode(sequence[:MAX_SEQ_LEN - 2])[None]
+            out = model(ids, torch.ones_like(ids), output_hidden_states=True)["hidden_states"]
+            rows.append((out if teacher_model else out[-1])[0, 1:-1])
+    return torch.cat(rows).double()
+
+
+def test_fidelity_measures_match_a_hand_computation(report, student_dir, teacher):
+    _, report = report
+    fidelity = report["fidelity"]
+    checkpoint = load_student(student_dir)
+    student, tokenizer = checkpoint.model, checkpoint.tokenizer
+
+    # mutation effects: 8 sites of each of the 3 proteins (fewer than --mutation_proteins), scored
+    # by hand: mask the site, log-softmax, log p(mutant) - log p(wild type), Spearman with the teacher
+    sites = measures.sample_mutation_sites(SEQUENCES, 8, SEED)
+    wild = measures.wild_type_columns(SEQUENCES, sites)
+    residue_ids = [tokenizer.vocab.index(a) for a in STANDARD_RESIDUES]
+
+    def scores(model):
+        rows = []
+        for (protein, position), w in zip(sites, wild):
+            sequence = SEQUENCES[protein]
+            start = min(max(position - (MAX_SEQ_LEN - 2) // 2, 0), max(len(sequence) - (MAX_SEQ_LEN - 2), 0))
+            ids = tokenizer.encode(sequence[start:start + MAX_SEQ_LEN - 2])[None]
+            ids[0, position - start + 1] = tokenizer.mask_id
+            with torch.no_grad():
+                log_p = F.log_softmax(model(ids, torch.ones_like(ids))["logits"][0, position - start + 1].double(), -1)
+            rows.append((log_p[residue_ids] - log_p[residue_ids[w]]).numpy())
+        return np.array(rows)
+
+    s, t = scores(student), scores(teacher)
+    keep = np.ones_like(s, dtype=bool)
+    keep[np.arange(len(sites)), wild] = False
+    m = fidelity["mutation_effects"]
+    assert (m["proteins"], m["student"]["sites"], m["student"]["pairs"]) == (3, 24, 24 * 19)
+    assert m["student"]["spearman"] == pytest.approx(measures.spearman(s[keep], t[keep]), abs=1e-6)
+    within = np.mean([measures.spearman(a[k], b[k]) for a, b, k in zip(s, t, keep)])
+    assert m["student"]["spearman_within_position_mean"] == pytest.approx(within, abs=1e-6)
+
+    # linear CKA over every residue token (fewer than the 20,000 sampled), by the HSIC formula
+    x, y = residue_states(student, SEQUENCES, tokenizer, False), residue_states(teacher, SEQUENCES, tokenizer, True)
+    n = len(x)
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+
+    def hsic(a, b):
+        return torch.trace(a @ a.T @ h @ b @ b.T @ h)
+
+    reps = fidelity["representations"]
+    assert reps["cka_tokens"] == n
+    assert reps["cka"] == pytest.approx((hsic(x, y) / torch.sqrt(hsic(x, x) * hsic(y, y))).item(), rel=1e-6)
+    # 3 proteins: each one's 2 other proteins are its neighbours in any space
+    assert (reps["knn_k"], reps["knn_overlap"], reps["knn_chance"]) == (2, 1.0, 1.0)
+
+
+def test_the_report_shows_fidelity_next_to_masked_accuracy(report):
+    out, report = report
+    markdown = (out / "report.md").read_text()
+    assert "## Fidelity to the teacher beyond masked accuracy" in markdown
+    spearman = report["fidelity"]["mutation_effects"]["student"]["spearman"]
+    assert f"| mutation effects: Spearman with the teacher, all pairs | {spearman:.3f} |" in markdown
+    assert "mutation effects: Spearman" in evaluate.summary_table(report)
+
+
+def test_fidelity_can_be_skipped(student_dir, fasta, tmp_path):
+    report = evaluate.evaluate_checkpoint(student_dir, fasta, tmp_path, **{**EVAL_OPTIONS, "speed_batches": 0},
+                                          mutation_proteins=0, embedding_proteins=0)
+    assert report["fidelity"] is None
+    assert "Fidelity" not in (tmp_path / "report.md").read_text()

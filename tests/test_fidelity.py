@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import fidelity  # noqa: E402
 
+import data  # noqa: E402
 import evaluate  # noqa: E402
 from cli import UserError  # noqa: E402
 
@@ -43,7 +44,10 @@ def test_every_run_is_recorded_with_its_test_scores(quick_run):
     assert runs["mlm"]["teacher_batches"]["cached"] == 0
     assert "--distill_weight 0.9 --task_weight 0.1 --temperature 2" in runs["kd-cache"]["command"]
     table = (output_dir / "fidelity.md").read_text()
-    assert "| mlm | 0.5 min | 4 |" in table and "| kd-cache | 0.5 min | 4 |" in table
+    assert "| mlm | all | 0.5 min | 4 | 1 |" in table and "| kd-cache | all | 0.5 min | 4 | 1 |" in table
+    for r in runs.values():  # evaluate.py's fidelity measures, against the teacher's side computed once
+        assert -1 <= r["test"]["mutation_spearman"] <= 1 and 0 < r["test"]["cka"] <= 1
+        assert r["test"]["knn_chance"] == pytest.approx(10 / 99) and 0 <= r["test"]["knn_overlap"] <= 1
     assert (output_dir / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -55,12 +59,19 @@ def test_test_scores_match_evaluate_py(quick_run):
     report = evaluate.evaluate_checkpoint(run["checkpoint"], output_dir / "data" / "test.fasta",
                                           output_dir / "eval", teacher_model="antiberty", use_8bit=True,
                                           seed=fidelity.SEED, max_seq_len=fidelity.MAX_SEQ_LEN, speed_batches=0,
-                                          device="cpu")
+                                          device="cpu", mutation_proteins=fidelity.QUICK["mutation_proteins"],
+                                          embedding_proteins=fidelity.QUICK["embedding_proteins"])
     one_token = 1 / run["test"]["masked_tokens"]
     assert report["counts"]["masked_tokens"] == run["test"]["masked_tokens"]
     assert report["metrics"]["student"]["masked_acc"] == pytest.approx(run["test"]["masked_acc"], abs=one_token)
     assert report["metrics"]["teacher"]["masked_acc"] == pytest.approx(run["test"]["teacher_masked_acc"], abs=one_token)
     assert report["metrics"]["agreement"] == pytest.approx(run["test"]["agreement"], abs=one_token)
+    mutations, reps = report["fidelity"]["mutation_effects"]["student"], report["fidelity"]["representations"]
+    assert mutations["spearman"] == pytest.approx(run["test"]["mutation_spearman"], abs=1e-6)
+    assert mutations["spearman_within_position_mean"] == pytest.approx(
+        run["test"]["mutation_spearman_within_position"], abs=1e-6)
+    assert reps["cka"] == pytest.approx(run["test"]["cka"], abs=1e-6)
+    assert reps["knn_overlap"] == pytest.approx(run["test"]["knn_overlap"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -85,7 +96,7 @@ def test_step_budgets_run_side_by_side_and_join_the_results(quick_run):
         lrs = [json.loads(line)["lr"] for line in open(Path(r["checkpoint"]).parent / "metrics.jsonl")
                if json.loads(line)["split"] == "train"]
         assert lrs[-1] == 0.0  # the step schedule decays to 0 at the last step
-    assert "| mlm | 3 steps | 3 |" in (output_dir / "fidelity.md").read_text()
+    assert "| mlm | all | 3 steps | 3 |" in (output_dir / "fidelity.md").read_text()
 
 
 @pytest.mark.slow
@@ -94,6 +105,23 @@ def test_results_made_otherwise_are_refused(quick_run):
     with pytest.raises(UserError, match="other settings"):
         fidelity.main(["--quick", "--budgets", "0.5", "--max_steps", str(STEPS), "--learning_rate", "5e-4",
                        "--output_dir", str(output_dir)])
+
+
+@pytest.mark.slow  # the teacher on 100 test chains, two 3-step masked-LM runs
+def test_training_set_sizes_share_the_test_split_and_draw_the_regime_map(tmp_path):
+    out = tmp_path / "out"
+    fidelity.main(["--quick", "--variants", "mlm", "--budgets", "3steps", "--train_sizes", "64,128",
+                   "--output_dir", str(out)])
+    runs = json.loads((out / "fidelity.json").read_text())["runs"]
+    assert sorted(r["train_size"] for r in runs) == [64, 128] and all(r["steps"] == 3 for r in runs)
+    small, large, full = (data.read_fasta(out / folder / "train.fasta") for folder in ("data-n64", "data-n128", "data"))
+    assert [p.id for p in small] == [p.id for p in large][:64]  # a smaller set is part of every larger one
+    assert {p.id for p in large} <= {p.id for p in full} and [p.id for p in large] != [p.id for p in full][:128]
+    for split in ("val.fasta", "test.fasta"):
+        assert (out / "data-n64" / split).read_bytes() == (out / "data" / split).read_bytes()
+    assert any(f"--data_path {out / 'data-n64'} " in r["command"] for r in runs)
+    assert "| mlm | 64 | 3 steps | 3 |" in (out / "fidelity.md").read_text()
+    assert (out / "fidelity_regimes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_budgets_are_minutes_or_steps():
@@ -110,7 +138,9 @@ def test_budgets_are_minutes_or_steps():
                                            (["--budgets", "ten"], "separated by commas"),
                                            (["--budgets", "0"], "positive"),
                                            (["--budgets", "0steps"], "positive"),
-                                           (["--budgets", "10,800steps", "--jobs", "2"], "one at a time")])
+                                           (["--budgets", "10,800steps", "--jobs", "2"], "one at a time"),
+                                           (["--train_sizes", "ten"], "chain counts"),
+                                           (["--train_sizes", "8,all"], "at least --batch_size")])
 def test_bad_arguments_are_user_errors(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
         fidelity.resolve_args(fidelity.build_parser().parse_args([*argv, "--output_dir", str(tmp_path)]))

@@ -69,16 +69,6 @@ def test_head_statistics_of_hand_made_maps():
     torch.testing.assert_close(vis.head_statistics(uniform, middle_rows)["distance"], torch.tensor(1.0))
 
 
-def test_spearman_with_ties_matches_hand_computation():
-    np.testing.assert_array_equal(vis.average_ranks(np.array([10, 20, 20, 5])), [2, 3.5, 3.5, 1])
-    # ranks y = 1, 2, 3.5, 5, 3.5; centred products sum to 8; squares 10 and 9.5
-    assert vis.spearman(np.arange(5), np.array([5, 6, 7, 8, 7])) == pytest.approx(8 / math.sqrt(95))
-    assert vis.spearman(np.arange(6), np.arange(6) ** 3) == pytest.approx(1.0)
-    assert vis.spearman(np.arange(6), -np.arange(6.0)) == pytest.approx(-1.0)
-    assert vis.spearman(np.arange(3), np.ones(3)) is None
-    assert vis.spearman(np.array([1.0]), np.array([2.0])) is None
-
-
 def test_target_positions():
     assert vis.parse_positions("5,10,20-22, 10", 30) == [5, 10, 20, 21, 22]
     for bad in ("0", "3-1", "a", "4-31", "5,,6"):
