@@ -166,6 +166,9 @@ class StudentConfig:
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5  # torch's and ESM-2's default; BERT's 1e-12 buys nothing in fp32
     tie_embeddings: bool = True
+    # With a teacher's hidden size: a linear map from the student's per-protein embedding into the
+    # teacher's embedding space (distill.py --embedding_weight), saved with the student.
+    teacher_hidden_size: int | None = None
 
     def __post_init__(self):
         self.vocab = list(self.vocab)
@@ -331,6 +334,8 @@ class Student(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = MaskedLMHead(config)
+        self.teacher_map = (nn.Linear(config.d_model, config.teacher_hidden_size)
+                            if config.teacher_hidden_size else None)
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.decoder.weight = self.embed_tokens.weight
@@ -495,9 +500,84 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# --------------------------------------------------------------------------------------------
+# The native export: transformers.EsmForMaskedLM's weight names (export.py writes the folder)
+# --------------------------------------------------------------------------------------------
+
+TEACHER_MAP_WEIGHTS = "teacher_map.safetensors"  # beside a native export's model.safetensors
+
+
+def _esm_names(num_layers: int) -> list[tuple[str, str]]:
+    """(student name, EsmForMaskedLM name) of every weight but the fused qkv and the decoder."""
+    pairs = [("embed_tokens.weight", "esm.embeddings.word_embeddings.weight"), ("lm_head.bias", "lm_head.bias")]
+    for suffix in ("weight", "bias"):
+        pairs += [(f"final_norm.{suffix}", f"esm.encoder.emb_layer_norm_after.{suffix}"),
+                  (f"lm_head.dense.{suffix}", f"lm_head.dense.{suffix}"),
+                  (f"lm_head.norm.{suffix}", f"lm_head.layer_norm.{suffix}")]
+        for i in range(num_layers):
+            ours, esm = f"blocks.{i}.", f"esm.encoder.layer.{i}."
+            pairs += [(f"{ours}attn_norm.{suffix}", f"{esm}attention.LayerNorm.{suffix}"),
+                      (f"{ours}attn.out.{suffix}", f"{esm}attention.output.dense.{suffix}"),
+                      (f"{ours}ffn_norm.{suffix}", f"{esm}LayerNorm.{suffix}"),
+                      (f"{ours}ffn.0.{suffix}", f"{esm}intermediate.dense.{suffix}"),
+                      (f"{ours}ffn.2.{suffix}", f"{esm}output.dense.{suffix}")]
+    return pairs
+
+
+def to_esm_state_dict(model: Student) -> dict[str, torch.Tensor]:
+    """The student's weights under transformers.EsmForMaskedLM's names, the fused qkv split into
+    query, key and value (the same architecture: pre-LayerNorm blocks, rotate-half rotary q/k,
+    erf GELU, a final LayerNorm, a RobertaLM head). The teacher map is not part of it."""
+    own, layers = model.state_dict(), model.config.num_layers
+    esm = {theirs: own[ours] for ours, theirs in _esm_names(layers)}
+    for i in range(layers):
+        for suffix in ("weight", "bias"):
+            for name, part in zip(("query", "key", "value"), own[f"blocks.{i}.attn.qkv.{suffix}"].chunk(3)):
+                esm[f"esm.encoder.layer.{i}.attention.self.{name}.{suffix}"] = part
+    esm["lm_head.decoder.weight"] = own["lm_head.decoder.weight"]
+    return esm
+
+
+def from_esm_state_dict(esm: dict[str, torch.Tensor], config: StudentConfig) -> dict[str, torch.Tensor]:
+    """to_esm_state_dict reversed: a student state dict (a tied decoder may be absent from esm)."""
+    own = {ours: esm[theirs] for ours, theirs in _esm_names(config.num_layers)}
+    for i in range(config.num_layers):
+        for suffix in ("weight", "bias"):
+            own[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(
+                [esm[f"esm.encoder.layer.{i}.attention.self.{name}.{suffix}"] for name in ("query", "key", "value")])
+    own["lm_head.decoder.weight"] = esm.get("lm_head.decoder.weight", own["embed_tokens.weight"])
+    return own
+
+
+def _read_native_export(path: Path) -> dict:
+    """save_student's payload from a folder written by export.py (config.json with a "pepemb" entry,
+    model.safetensors with EsmForMaskedLM's names, teacher_map.safetensors when there is a map)."""
+    stored = json.loads((path / "config.json").read_text())["pepemb"]
+    config = StudentConfig(**stored["config"])
+    state = from_esm_state_dict(read_safetensors(path / EXPORTED_WEIGHTS), config)
+    if config.teacher_hidden_size:
+        state.update({f"teacher_map.{k}": v for k, v in read_safetensors(path / TEACHER_MAP_WEIGHTS).items()})
+    return {"format": CHECKPOINT_FORMAT, "format_version": stored["format_version"], "config": stored["config"],
+            "state_dict": state, "metadata": stored.get("metadata", {})}
+
+
+def is_native_export(path: Path) -> bool:
+    """Whether `path` is a folder written by export.py (a transformers ESM model of a student)."""
+    try:
+        return "pepemb" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _read_payload(path: Path, map_location) -> tuple[Path, dict]:
     """(the file read, save_student's payload) from a model.pt, its folder, or an exported folder
     (config.json + model.safetensors, as written by `embed.py --export_hf`)."""
+    if path.is_dir() and is_native_export(path):
+        try:
+            return path, _read_native_export(path)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: unreadable exported student (config.json + {EXPORTED_WEIGHTS}): "
+                                  f"{_reason(err)}") from err
     if path.is_dir() and not (path / "model.pt").is_file() and (path / EXPORTED_WEIGHTS).is_file():
         try:
             payload = json.loads((path / "config.json").read_text())

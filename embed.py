@@ -27,8 +27,9 @@ NAME is the sequence id with characters other than letters, digits, '.', '_' and
 by '_', plus '-' and a short hash when the id was changed or the name is taken (duplicate ids).
 Every file is written to a temporary name and renamed, so none is ever half-written.
 
-    python embed.py checkpoints/best_model --export_hf pepemb-hf/
-writes config.json, model.safetensors, vocab.txt and README.md; `architecture.load_student` reads them back.
+    python embed.py checkpoints/best_model --export_hf pepemb-hf/ [--eval_report outputs/evaluation]
+writes a native transformers ESM-2 model (export.py): config.json, model.safetensors, the tokenizer
+files and a model card; AutoModelForMaskedLM.from_pretrained and `architecture.load_student` read it.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ import argparse
 import hashlib
 import json
 import re
+import shlex
 import shutil
+import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -53,10 +55,10 @@ from safetensors import safe_open
 import cli
 import data
 import devices
-from architecture import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EXPORTED_WEIGHTS,
-                          StudentCheckpoint)
+from architecture import (StudentCheckpoint)
 from files import atomic_open
 from cli import UserError
+from export import export_native, read_eval_report
 from embedding import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
 
 MANIFEST_FORMAT = "pepemb-embeddings"
@@ -98,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue in an OUTPUT_DIR from an earlier run, skipping sequences already done")
     p.add_argument("--overwrite", action="store_true", help="replace the embeddings in OUTPUT_DIR")
     p.add_argument("--export_hf", metavar="DIR", default=None,
-                   help="also write the student as config.json + model.safetensors + vocab.txt to DIR")
+                   help="also write the student to DIR as a native transformers ESM-2 model (config.json, "
+                        "model.safetensors, tokenizer files, model card): AutoModelForMaskedLM, AutoTokenizer and "
+                        "pipeline('fill-mask') load it without this repository")
+    p.add_argument("--eval_report", metavar="PATH", default=None,
+                   help="with --export_hf: evaluate.py's report.json (or its folder), whose held-out metrics go "
+                        "into the model card")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow a Hub model to run its own code (off unless you trust it)")
     return p
@@ -132,46 +139,8 @@ def resolve_precision(args, device: torch.device) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Export
+# Layers and windows
 # --------------------------------------------------------------------------------------------
-
-
-def export_hf(checkpoint: StudentCheckpoint, directory: str | Path) -> Path:
-    """Write a student as config.json + model.safetensors + vocab.txt + README.md (no pickle).
-
-    config.json has save_student's layout (format, config, metadata), so the folder documents
-    itself; `architecture.load_student` rebuilds the model from it.
-    """
-    model = checkpoint.model
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-              "weights": EXPORTED_WEIGHTS, "num_parameters": model.num_parameters(),
-              "config": asdict(model.config), "metadata": checkpoint.metadata}
-    # Tied tensors share storage, which safetensors refuses: store each key as its own copy.
-    weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    _write(directory / EXPORTED_WEIGHTS, safetensors.torch.save(weights, metadata={"format": "pt"}))
-    _write(directory / "vocab.txt", ("\n".join(model.config.vocab) + "\n").encode())
-    _write(directory / "README.md", _EXPORT_README.format(summary=model.summary()).encode())
-    _write(directory / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    return directory
-
-
-_EXPORT_README = """# PepEmb student
-
-{summary}. Token ids follow vocab.txt (one token per line, id = line number); a protein is
-encoded as [cls] residues [eos]. Load it with the PepEmb repository on the Python path:
-
-```python
-from architecture import load_student
-model, tokenizer, metadata = load_student("path/to/this/folder")
-input_ids, attention_mask = tokenizer.batch_encode(["MKTAYIAKQRQISFVKSHFSRQ"])
-hidden = model(input_ids, attention_mask, output_hidden_states=True)["hidden_states"][-1]
-embedding = hidden[0, 1:-1].mean(0)  # mean over residues, start/end tokens excluded
-```
-
-or embed a FASTA file: `python embed.py path/to/this/folder proteins.fasta out/`.
-"""
 
 
 def absolute_layers(repr_layers: Sequence[int], num_layers: int) -> list[int]:
@@ -347,9 +316,11 @@ def main(argv=None):
     if args.export_hf:
         if not embedder.is_student:
             raise UserError(f"--export_hf needs a student checkpoint; {args.model} is a HuggingFace model")
-        export_hf(StudentCheckpoint(embedder.model, embedder.tokenizer, embedder.metadata),
-                  args.export_hf)
-        print(f"exported {embedder.model.summary()} to {args.export_hf}")
+        command = shlex.join(["python", "embed.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+        export_native(StudentCheckpoint(embedder.model, embedder.tokenizer, embedder.metadata), args.export_hf,
+                      read_eval_report(args.eval_report), command)
+        print(f"exported {embedder.model.summary()} to {args.export_hf} as a transformers ESM model "
+              "(AutoModelForMaskedLM.from_pretrained loads it)")
     if output_dir is None:
         return None
 

@@ -74,8 +74,10 @@ def load_embedder(name: str, device: torch.device, half: bool = False,
 
 
 def _is_student_config(path: Path) -> bool:
+    """A config.json of a student: the old export layout, or a native export's (export.py)."""
     try:
-        return json.loads(path.read_text()).get("format") == CHECKPOINT_FORMAT
+        config = json.loads(path.read_text())
+        return config.get("format") == CHECKPOINT_FORMAT or "pepemb" in config
     except (OSError, ValueError, AttributeError):
         return False
 

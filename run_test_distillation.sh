@@ -132,6 +132,16 @@ print(f"masked accuracy on the test split: student {m['student']['masked_acc']:.
       f"teacher {m['teacher']['masked_acc']:.3f}, "
       f"residue-frequency baseline {m['baseline']['masked_acc']:.3f} (always '{m['baseline']['residue']}')")
 print(f"agreement with the teacher {m['agreement']:.3f}, student perplexity {m['student']['perplexity']:.2f}")
+fidelity = report.get("fidelity") or {}
+if "mutation_effects" in fidelity:
+    mut = fidelity["mutation_effects"]
+    print(f"mutation effects, Spearman with the teacher: student {mut['student']['spearman']:.3f} "
+          f"(within a position {mut['student']['spearman_within_position_mean']:.3f}), "
+          f"residue-frequency baseline {mut['baseline']['spearman']:.3f}")
+if "representations" in fidelity:
+    reps = fidelity["representations"]
+    print(f"representations: CKA {reps['cka']:.3f}, {reps['knn_k']}-NN overlap {reps['knn_overlap']:.3f} "
+          f"(chance {reps['knn_chance']:.3f})")
 for name, path in [("data split", "data"), ("best student", "checkpoints/best_model/model.pt"),
                    ("training curves", "checkpoints/training_curves.png"),
                    ("evaluation report", "evaluation/report.md"), ("figures", "visualizations")]:

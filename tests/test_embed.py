@@ -232,8 +232,8 @@ def test_half_precision_on_cpu_warns_and_runs_in_fp32(student_dir, tmp_path):
 def test_export_hf_round_trip_gives_identical_embeddings(student_dir, tmp_path):
     exported = tmp_path / "hf"
     assert run([student_dir / "model.pt", "--export_hf", exported]) == 0
-    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json",
-                                                         "model.safetensors", "vocab.txt"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                         "tokenizer_config.json", "vocab.txt"]
     assert (exported / "vocab.txt").read_text().split() == PROTBERT_VOCAB
     checkpoint = load_student(exported)
     assert checkpoint.metadata == {"step": 7} and not checkpoint.model.training

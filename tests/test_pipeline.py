@@ -31,3 +31,7 @@ def test_pipeline_falls_back_to_the_offline_preset_and_writes_everything(tmp_pat
                  "visualizations/important_residues.csv"):
         assert (out / name).stat().st_size > 0, name
     assert "masked accuracy on the test split" in result.stdout
+    # the summary shows what the student keeps of the teacher beyond top-1, from the report
+    mutations = report["fidelity"]["mutation_effects"]["student"]
+    assert f"mutation effects, Spearman with the teacher: student {mutations['spearman']:.3f}" in result.stdout
+    assert "representations: CKA" in result.stdout
