@@ -357,7 +357,7 @@ class Student(nn.Module):
                 attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool = False,
-                output_attentions: bool = False) -> dict:
+                output_attentions: bool = False, output_embedding: bool = False) -> dict:
         """Masked-LM logits for a padded batch.
 
         input_ids [B, L]; attention_mask [B, L] (1 = real token) defaults to input_ids != pad.
@@ -366,8 +366,11 @@ class Student(nn.Module):
 
         Returns {"logits": [B, L, V]}, plus on request "hidden_states", a tuple of num_layers + 1
         [B, L, D] tensors: the embedding output, then each block's output, where (as in ESM) the
-        LAST entry is taken after the final LayerNorm; and "attentions", a tuple of num_layers
-        [B, H, L, L] softmax weights (computed by an explicit softmax instead of the fused kernel).
+        LAST entry is taken after the final LayerNorm; "attentions", a tuple of num_layers
+        [B, H, L, L] softmax weights (computed by an explicit softmax instead of the fused kernel);
+        and with output_embedding "embedding" [B, D], the per-protein embedding (mean_pooled: the
+        last hidden state averaged over residues), plus "teacher_embedding" [B, teacher hidden
+        size], its image under the teacher map, when the student has one.
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -397,6 +400,10 @@ class Student(nn.Module):
             output["hidden_states"] = tuple(hidden_states)
         if output_attentions:
             output["attentions"] = tuple(attentions)
+        if output_embedding:
+            output["embedding"] = mean_pooled(x, attention_mask)
+            if self.teacher_map is not None:
+                output["teacher_embedding"] = self.teacher_map(output["embedding"])
         return output
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -416,6 +423,27 @@ class Student(nn.Module):
 
 CHECKPOINT_FORMAT = "pepemb-student"
 CHECKPOINT_FORMAT_VERSION = 1
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor,
+                special_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of hidden states [B, L, H] over each row's residue tokens: [B, H].
+
+    Residue tokens are the real tokens (attention_mask 1) that are not special. By default the
+    special ones are the layout of ResidueTokenizer, [start] residues [end] then padding: the
+    first token and the last real token of each row (embed.py's rule: residues only, every
+    residue counted, unknown letters included). `special_mask` [B, L] (true/1 = exclude)
+    replaces that rule. A row without residues pools to zeros.
+    """
+    real = attention_mask.bool()
+    if special_mask is None:
+        special_mask = torch.zeros_like(real)
+        rows = torch.arange(real.shape[0], device=real.device)
+        special_mask[:, 0] = True
+        special_mask[rows, (real.sum(1) - 1).clamp(min=0)] = True  # the end token
+    weights = (real & ~special_mask.bool()).to(hidden.dtype)
+    total = (hidden * weights[..., None]).sum(1)
+    return total / weights.sum(1, keepdim=True).clamp(min=1)
 
 
 class StudentCheckpoint(NamedTuple):

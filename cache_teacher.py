@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     add_teacher_arguments(p)
     add_device_arguments(p)
+    p.add_argument("--embeddings", action="store_true",
+                   help="also store the teacher's per-protein embedding of every training and validation sequence "
+                        "(one vector each), which distill.py --embedding_weight reads")
     return p
 
 
@@ -62,7 +65,8 @@ def fill(args, world: World, device) -> dict | None:
     todo = []  # (variant, the numbers of its batches still to compute)
     cache = teacher = None
     if world.is_main:
-        targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants, half=half)
+        targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants, half=half,
+                                       embeddings=args.embeddings)
         cache, teacher = targets.cache, targets.teacher
         for variant in variants:
             if not cache.is_complete(variant):

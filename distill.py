@@ -8,6 +8,7 @@
 Loss on masked positions (masked LM at --mask_prob):
     distill_weight * T^2 * KL(softmax(t/T) || softmax(s/T))  +  task_weight * CE(s, true residue)
     [+ hidden_weight * (1 - cos(proj(student_hidden), teacher_hidden))]
+    [+ embedding_weight * |map(student embedding) - teacher embedding|^2 / variance: 1 - R^2 per protein]
 
 The script reads top to bottom, like nanoGPT's train.py: set_up (data, teacher, student,
 optimizer, output folder), train_loop (the optimizer steps) and finish (final evaluation,
@@ -56,7 +57,7 @@ from data import MaskedBatches, batch_loader, load_sequences
 from devices import autocast, resolve_device, resolve_precision
 from distributed import (World, all_reduce, average_gradients, barrier, gradient_sync, join_world,
                          optimizer_steps, run_as_rank, seed_dropout)
-from losses import WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
+from losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
 from monitoring import RunLog, plot_training_curves, start_wandb
 from options import add_distill_arguments, validate_shared_args, validate_training_args
 from schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
@@ -92,7 +93,7 @@ def validate_args(args) -> None:
 
 def teacher_in_loss(args) -> bool:
     """Whether training reads the teacher; plain masked-LM training needs it for evaluation only."""
-    return args.distill_weight > 0 or args.hidden_weight > 0
+    return args.distill_weight > 0 or args.hidden_weight > 0 or args.embedding_weight > 0
 
 
 def mask_variant(epoch: int, args) -> int:
@@ -203,7 +204,8 @@ def set_up(args, world: World, device: torch.device) -> Run:
                                             if teacher_in_loss(args) else set())
     targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants,
                                    half=autocast_dtype is not None and device.type == "cuda",
-                                   hidden_states=args.hidden_weight > 0, fill_cache=world.size == 1)
+                                   hidden_states=args.hidden_weight > 0, fill_cache=world.size == 1,
+                                   embeddings=args.embedding_weight > 0)
     tokenizer, about = targets.tokenizer, targets.about
     if args.teacher_cache and args.num_epochs < args.mask_variants:
         print(f"note: {args.num_epochs} epochs use {args.num_epochs} of the --mask_variants {args.mask_variants} "
@@ -211,7 +213,8 @@ def set_up(args, world: World, device: torch.device) -> Run:
 
     torch.manual_seed(args.seed)
     config = StudentConfig.from_tokenizer(tokenizer, d_model=args.d_model, num_heads=args.num_heads,
-                                          num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout)
+                                          num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout,
+                                          teacher_hidden_size=about["hidden_size"] if args.embedding_weight else None)
     student = Student(config).to(device)
     hidden_proj = (torch.nn.Linear(args.d_model, about["hidden_size"]).to(device)
                    if args.hidden_weight > 0 else None)
@@ -384,9 +387,10 @@ def forward_backward(run: Run, batch: dict, variant: int, reads_teacher: bool, w
     with gradient_sync(run.ddp_student, last_micro_batch=last_micro_batch):
         with autocast(run.device, run.autocast_dtype):
             out = run.ddp_student(batch["input_ids"], batch["attention_mask"],
-                                  output_hidden_states=run.hidden_proj is not None)
+                                  output_hidden_states=run.hidden_proj is not None,
+                                  output_embedding=run.student.teacher_map is not None)
             terms = loss_terms(out, run.hidden_proj, t["logits"], t.get("hidden_states"), batch, run.args,
-                               distill_positions=run.args.distill_positions)
+                               distill_positions=run.args.distill_positions, t_embedding=t)
         # A non-finite loss goes backward too, to be dropped with its step by the caller:
         # under DDP every rank must take part in the gradient all-reduce.
         run.scaler.scale(terms["loss"] / micro_batches).backward()
@@ -418,7 +422,7 @@ def log_training(run: Run, window: dict, epoch: int, reads_teacher: bool) -> dic
     sums = dict(zip(WINDOW_SUMS, all_reduce([window[k] for k in WINDOW_SUMS], run.world)))
     m = max(sums["masked"], 1)
     record = {"split": "train", "step": run.position["step"], "epoch": epoch,
-              **{k: sums[k] / m for k in ("loss", "kl", "ce", "cos")},
+              **{k: sums[k] / m for k in TERMS},
               "masked_acc": sums["correct"] / m,
               "agreement": sums["agree"] / m if reads_teacher else None,
               "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": sums["tokens"] / dt,

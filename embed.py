@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cls: the start token")
     p.add_argument("--repr_layers", type=int, nargs="+", default=[-1],
                    help="layers to return: 0 = embeddings, N = last; negative counts from the end")
+    p.add_argument("--space", choices=["student", "teacher"], default="student",
+                   help="teacher: also write mean_teacher, each protein's embedding mapped into the teacher's "
+                        "embedding space by the map a student distilled with --embedding_weight carries")
     p.add_argument("--max_tokens", type=int, default=8192,
                    help="token budget per batch (padding included), like ESM's toks_per_batch; "
                         "a longer window gets a batch of its own")
@@ -203,8 +206,9 @@ def _sequence_hash(sequence: str) -> str:
 
 
 def save_embedded(output_dir: Path, name: str, protein: data.Protein, result: Embedded,
-                  include: Sequence[str]) -> None:
-    """per_tok/NAME (if asked), then partial/NAME: a sequence with a partial file is done."""
+                  include: Sequence[str], teacher_map=None) -> None:
+    """per_tok/NAME (if asked), then partial/NAME: a sequence with a partial file is done. With
+    a teacher map, also the last layer's mean mapped into the teacher's space (mean_teacher)."""
     if "per_tok" in include:
         arrays = {f"layer_{k}": v.numpy() for k, v in result.per_residue.items()}
         _write(output_dir / "per_tok" / f"{name}.safetensors",
@@ -214,6 +218,10 @@ def save_embedded(output_dir: Path, name: str, protein: data.Protein, result: Em
         row.update({f"mean_layer_{k}": v.mean(0).numpy() for k, v in result.per_residue.items()})
     if "cls" in include:
         row.update({f"cls_layer_{k}": v.numpy() for k, v in result.cls.items()})
+    if teacher_map is not None:
+        last = result.per_residue[max(result.per_residue)].mean(0)
+        with torch.no_grad():
+            row["mean_teacher"] = teacher_map(last.to(next(teacher_map.parameters()).device)).float().cpu().numpy()
     residues = next(iter(result.per_residue.values())).shape[0]
     metadata = {"id": protein.id, "sequence_sha1": _sequence_hash(protein.sequence),
                 "residues": str(residues), "windows": str(result.windows)}
@@ -256,6 +264,8 @@ def write_embeddings_npz(output_dir: Path, proteins: Sequence[data.Protein], nam
             for layer in layers:
                 key = f"{kind}_layer_{layer}"
                 arrays[key] = np.stack([row[key] for row in rows]).astype(np.float32)
+    if rows and "mean_teacher" in rows[0]:
+        arrays["mean_teacher"] = np.stack([row["mean_teacher"] for row in rows]).astype(np.float32)
     with atomic_open(output_dir / "embeddings.npz", "wb") as handle:
         np.savez(handle, **arrays)
     return {k: list(v.shape) for k, v in arrays.items()}
@@ -325,12 +335,17 @@ def main(argv=None):
         return None
 
     layers = absolute_layers(args.repr_layers, embedder.num_layers)
+    if args.space == "teacher":
+        if not embedder.is_student or embedder.model.teacher_map is None:
+            raise UserError(f"--space teacher needs a student distilled with --embedding_weight; {args.model} has "
+                            "no map into its teacher's embedding space")
+        layers = list(dict.fromkeys([*layers, embedder.num_layers]))  # the map reads the last layer's mean
     max_length, overlap = window_sizes(args, embedder)
     include = [kind for kind in KINDS if kind in args.include]
     precision = str(autocast_dtype or torch.float32).replace("torch.", "")
     settings = {"model": embedder.name, "layers": layers, "include": include, "max_length": max_length,
                 "long": args.long, "overlap": overlap if args.long == "chunk" else None,
-                "precision": precision}
+                "precision": precision, **({"space": "teacher"} if args.space == "teacher" else {})}
     if previous is not None and previous.get("settings") != settings:
         changed = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
         raise UserError(f"{output_dir} holds embeddings made with other settings "
@@ -370,7 +385,8 @@ def embed_fasta(embedder: Embedder, proteins: Sequence[data.Protein], output_dir
                                   max_tokens=args.max_tokens, max_length=max_length, long=args.long,
                                   overlap=settings["overlap"] or 0, autocast_dtype=autocast_dtype):
         i = todo[result.index]
-        save_embedded(output_dir, names[i], proteins[i], result, settings["include"])
+        save_embedded(output_dir, names[i], proteins[i], result, settings["include"],
+                      embedder.model.teacher_map if settings.get("space") == "teacher" else None)
         residues_done += next(iter(result.per_residue.values())).shape[0]
         bar.update(1)
         bar.set_postfix(res_s=f"{residues_done / max(time.perf_counter() - start, 1e-9):.0f}")
@@ -386,6 +402,8 @@ def embed_fasta(embedder: Embedder, proteins: Sequence[data.Protein], output_dir
                   "num_parameters": sum(p.numel() for p in embedder.model.parameters()),
                   "vocab_hash": embedder.tokenizer.vocab_hash},
         "device": str(embedder.device), "embedding_dim": embedder.hidden_size, "dtype": "float32",
+        **({"teacher_embedding_dim": embedder.model.config.teacher_hidden_size}
+           if settings.get("space") == "teacher" else {}),
         "counts": {"sequences": len(proteins), "residues": int(sum(len(p.sequence) for p in proteins)),
                    "embedded_this_run": len(todo), "already_done": len(proteins) - len(todo),
                    "truncated": too_long if args.long == "truncate" else 0,

@@ -28,7 +28,7 @@ from cli import UserError
 from data import MaskedBatches
 from devices import resolve_device
 from evaluation import (MutationProbe, build_report, last_hidden_states, masked_statistics,
-                        representation_measures, residue_counts, sample_proteins)
+                        representation_measures, residue_counts, sample_proteins, teacher_space_measures)
 from files import atomic_open
 
 DEFAULT_MAX_SEQ_LEN = 512
@@ -150,8 +150,13 @@ def fidelity_measures(student, teacher, sequences, tokenizer, device, max_seq_le
         chosen = [sequences[i] for i in sample_proteins(len(sequences), embedding_proteins, seed)]
         batches = [data.collate([chosen[j] for j in batch], tokenizer, max_seq_len, mask_prob=0.0, random_crop=False)
                    for batch in MaskedBatches(chosen, tokenizer, batching, epoch=0, train=False).batches]
-        fidelity["representations"] = representation_measures(
-            last_hidden_states(student, batches, device), last_hidden_states(teacher, batches, device), seed=seed)
+        student_states, teacher_states = last_hidden_states(student, batches, device), \
+            last_hidden_states(teacher, batches, device)
+        fidelity["representations"] = representation_measures(student_states, teacher_states, seed=seed)
+        if student.teacher_map is not None:  # distilled with --embedding_weight: its teacher-space embeddings
+            with torch.no_grad():
+                mapped = student.teacher_map(student_states["pooled"].to(device)).cpu()
+            fidelity["teacher_space"] = teacher_space_measures(mapped, teacher_states["pooled"])
     fidelity["seconds"] = time.perf_counter() - start
     return fidelity
 
@@ -415,6 +420,14 @@ def fidelity_table(report: dict) -> str | None:
         rows += [["linear CKA of the last hidden states (residue tokens)", _fmt(reps["cka"]), "—"],
                  [f"{reps['knn_k']}-NN overlap of mean embeddings (chance {_fmt(reps['knn_chance'])})",
                   _fmt(reps["knn_overlap"]), _fmt(reps["knn_chance"])]]
+    space = fidelity.get("teacher_space")
+    if space:
+        rows += [[f"teacher space: {reps['knn_k']}-NN overlap of the mapped embeddings", _fmt(space["knn_overlap"]),
+                  _fmt(reps["knn_chance"])],
+                 ["teacher space: cosine with the teacher's embedding, both centred", _fmt(space["centred_cosine"]),
+                  "0"],
+                 ["teacher space: R² of the teacher's embedding (raw cosine " + _fmt(space["raw_cosine"]) + ")",
+                  _fmt(space["r2"]), "0"]]
     return _table(["measure (against the teacher)", "student", "baseline / chance"], rows) if rows else None
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import data
 import measures
-from architecture import STANDARD_RESIDUES
+from architecture import STANDARD_RESIDUES, mean_pooled
 from data import MaskedBatches
 from losses import distillation_loss
 
@@ -144,7 +144,7 @@ def last_hidden_states(model, batches: list[dict], device) -> dict:
         residues = mask.bool().clone()
         residues[:, 0] = False
         residues[torch.arange(len(ids)), mask.sum(1) - 1] = False  # start and end tokens
-        pooled.append(measures.mean_pooled(hidden, mask).cpu())
+        pooled.append(mean_pooled(hidden, mask).cpu())
         tokens.append(hidden[residues].cpu())
     return {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens)}
 
@@ -160,3 +160,24 @@ def representation_measures(student_states: dict, teacher_states: dict, *, knn_k
             "knn_overlap": measures.knn_overlap(teacher_states["pooled"], student_states["pooled"], k=knn_k)
             if n > 1 else None,
             "knn_chance": measures.knn_overlap_chance(n, knn_k) if n > 1 else None}
+
+
+def teacher_space_measures(mapped: torch.Tensor, teacher_pooled: torch.Tensor, *, knn_k: int = 10) -> dict:
+    """How well per-protein embeddings mapped into the teacher's space [proteins, H] stand in
+    for the teacher's own: k-NN overlap, the cosine of each protein's mapped and true embedding
+    after subtracting the teacher's mean embedding (raw cosines of mean-pooled embeddings are all
+    near 1 and say little; the raw one is reported beside it), and R^2."""
+    mapped, truth = measures.as_float64(mapped), measures.as_float64(teacher_pooled)
+    mean = truth.mean(0)
+    residual = ((mapped - truth) ** 2).sum()
+    return {"knn_overlap": measures.knn_overlap(truth, mapped, k=knn_k) if len(truth) > 1 else None,
+            "centred_cosine": mean_cosine(mapped - mean, truth - mean),
+            "raw_cosine": mean_cosine(mapped, truth),
+            "r2": float(1 - residual / ((truth - mean) ** 2).sum()) if len(truth) > 1 else None,
+            "proteins": len(truth)}
+
+
+def mean_cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over rows of the cosine between x's and y's rows."""
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return float(np.mean((x * y).sum(1) / np.maximum(norms, 1e-12)))

@@ -8,21 +8,24 @@ import torch.nn.functional as F
 import data
 
 # What the training log sums between two records (over all ranks when there are several).
-
-
-# What the training log sums between two records (over all ranks when there are several).
-WINDOW_SUMS = ("tokens", "seqs", "masked", "loss", "kl", "ce", "cos", "correct", "agree")
+WINDOW_SUMS = ("tokens", "seqs", "masked", "loss", "kl", "ce", "cos", "emb", "correct", "agree")
+TERMS = ("loss", "kl", "ce", "cos", "emb")
 
 
 def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *, temperature,
                       distill_weight, task_weight, distill_positions="masked",
-                      student_hidden=None, teacher_hidden=None, hidden_weight=0.0):
-    """Weighted KD + MLM (+ hidden cosine) loss; each term averaged per token it covers.
+                      student_hidden=None, teacher_hidden=None, hidden_weight=0.0,
+                      student_embedding=None, teacher_embedding=None, embedding_weight=0.0, embedding_scale=1.0):
+    """Weighted KD + MLM (+ hidden cosine, + teacher-space embedding) loss; each term averaged
+    per token (or protein) it covers.
 
     kl  = T^2 * mean over positions of sum_v p_t(v) (log p_t(v) - log p_s(v)), at temperature T
     ce  = mean over masked positions of -log p_s(true residue)
     cos = mean over non-pad positions of 1 - cos(student_hidden, teacher_hidden)
-    Returns a dict of 0-d tensors: loss, kl, ce, cos. teacher_logits None (masked-LM only): kl = 0.
+    emb = mean over proteins and dimensions of (student_embedding - teacher_embedding)^2 /
+          embedding_scale: with the scale the variance of the teacher's embeddings, 1 - R^2 of
+          the mapped student embedding as a prediction of the teacher's
+    Returns a dict of 0-d tensors: loss, kl, ce, cos, emb. teacher_logits None (masked-LM only): kl = 0.
     """
     masked = labels != -100
     kl = torch.zeros((), device=student_logits.device)
@@ -38,17 +41,26 @@ def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *,
         real = attention_mask.bool()
         cos = (1 - F.cosine_similarity(student_hidden[real].float(), teacher_hidden[real].float(), dim=-1)).mean()
         loss = loss + hidden_weight * cos
-    return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), "cos": cos.detach()}
+    emb = torch.zeros((), device=student_logits.device)
+    if embedding_weight > 0:
+        emb = (student_embedding.float() - teacher_embedding.float()).pow(2).mean() / embedding_scale
+        loss = loss + embedding_weight * emb
+    return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), "cos": cos.detach(), "emb": emb.detach()}
 
 
-def loss_terms(student_out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions):
-    """distillation_loss with this run's weights, projecting the student's hidden states if used."""
+def loss_terms(student_out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions, t_embedding=None):
+    """distillation_loss with this run's weights, projecting the student's hidden states if used;
+    t_embedding: the teacher targets' "embeddings" and "embedding_scale" (--embedding_weight)."""
     s_hidden = hidden_proj(student_out["hidden_states"][-1]) if hidden_proj is not None else None
+    embedding_weight = getattr(args, "embedding_weight", 0.0)
     return distillation_loss(student_out["logits"], t_logits, batch["labels"], batch["attention_mask"],
                              temperature=args.temperature, distill_weight=args.distill_weight,
                              task_weight=args.task_weight, distill_positions=distill_positions,
                              student_hidden=s_hidden, teacher_hidden=t_hidden,
-                             hidden_weight=args.hidden_weight)
+                             hidden_weight=args.hidden_weight, embedding_weight=embedding_weight,
+                             student_embedding=student_out.get("teacher_embedding"),
+                             teacher_embedding=t_embedding["embeddings"] if embedding_weight > 0 else None,
+                             embedding_scale=t_embedding["embedding_scale"] if embedding_weight > 0 else 1.0)
 
 
 def masked_metrics(student_logits, teacher_logits, labels) -> dict:
@@ -72,5 +84,5 @@ def add_to_window(window: dict, batch: dict, counts: dict, terms: dict) -> None:
     window["masked"] += counts["n"]
     window["correct"] += counts["student_correct"]
     window["agree"] += counts["agree"]
-    for k in ("loss", "kl", "ce", "cos"):
+    for k in TERMS:
         window[k] += float(terms[k].detach()) * counts["n"]

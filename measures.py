@@ -7,8 +7,7 @@ Everything here is a small pure function of arrays (numpy or torch in, numpy or 
   - representation similarity: linear_cka (Kornblith et al. 2019),
   - embedding neighbourhoods: knn_overlap, knn_overlap_chance,
   - zero-shot mutation effects (ESM-1v masked marginals): sample_mutation_sites, wild_type_columns,
-    masked_marginals, mutation_effect_agreement, frequency_baseline_scores,
-  - embeddings: mean_pooled.
+    masked_marginals, mutation_effect_agreement, frequency_baseline_scores.
 
 Mutation scores are [n_sites, 20] arrays whose columns are architecture.STANDARD_RESIDUES in that
 order; a site is a (protein index, 0-based residue position) pair.
@@ -280,28 +279,3 @@ def frequency_baseline_scores(residue_frequencies, sites: Sequence[Site], wild_t
         raise ValueError(f"need {len(STANDARD_RESIDUES)} residue frequencies, got shape {log_frequencies.shape}")
     columns = _integer_columns(wild_types, len(sites))
     return log_frequencies[None, :] - log_frequencies[columns][:, None]
-
-
-# --------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------
-
-def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor,
-                special_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of hidden states [B, L, H] over each row's residue tokens: [B, H].
-
-    Residue tokens are the real tokens (attention_mask 1) that are not special. By default the
-    special ones are the layout of ResidueTokenizer, [start] residues [end] then padding: the
-    first token and the last real token of each row (embed.py's rule: residues only, every
-    residue counted, unknown letters included). `special_mask` [B, L] (true/1 = exclude)
-    replaces that rule. A row without residues pools to zeros.
-    """
-    real = attention_mask.bool()
-    if special_mask is None:
-        special_mask = torch.zeros_like(real)
-        rows = torch.arange(real.shape[0], device=real.device)
-        special_mask[:, 0] = True
-        special_mask[rows, (real.sum(1) - 1).clamp(min=0)] = True  # the end token
-    weights = (real & ~special_mask.bool()).to(hidden.dtype)
-    total = (hidden * weights[..., None]).sum(1)
-    return total / weights.sum(1, keepdim=True).clamp(min=1)

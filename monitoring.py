@@ -38,9 +38,10 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in (("loss", "total"), ("kl", "KL (x T²)"), ("ce", "masked CE"), ("cos", "hidden cosine")):
-        if train and any(r[key] for r in train):
-            ax_loss.plot([r["step"] for r in train], [r[key] for r in train], label=f"train {label}", lw=1)
+    for key, label in (("loss", "total"), ("kl", "KL (x T²)"), ("ce", "masked CE"), ("cos", "hidden cosine"),
+                       ("emb", "teacher-space embedding (1 - R²)")):
+        if train and any(r.get(key) for r in train):
+            ax_loss.plot([r["step"] for r in train], [r.get(key, 0) for r in train], label=f"train {label}", lw=1)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val total", color="black")
         ax_acc.plot([r["step"] for r in val], [r["masked_acc"] for r in val], "o-", label="student masked acc")

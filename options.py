@@ -86,6 +86,10 @@ def add_loss_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
     g.add_argument("--hidden_weight", type=float, default=0.0,
                    help="weight of a cosine loss between projected student and teacher last hidden states")
+    g.add_argument("--embedding_weight", type=float, default=0.0,
+                   help="weight of a loss that trains a linear map (saved with the student) from the student's "
+                        "per-protein embedding to the teacher's (mean last hidden state over residues): squared "
+                        "error over the teacher embeddings' variance, i.e. 1 - R^2; embed.py --space teacher uses it")
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,7 +135,7 @@ def validate_training_args(args) -> None:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
     for name in ["warmup_steps", "keep_last", "weight_decay", "max_grad_norm",
-                 "distill_weight", "task_weight", "hidden_weight"]:
+                 "distill_weight", "task_weight", "hidden_weight", "embedding_weight"]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(args, name)})")
     if args.d_model % args.num_heads:
@@ -140,7 +144,7 @@ def validate_training_args(args) -> None:
         raise UserError(f"head size d_model/num_heads = {args.d_model // args.num_heads} must be even for RoPE")
     if args.temperature <= 0:
         raise UserError(f"--temperature must be > 0 (got {args.temperature})")
-    if args.distill_weight == 0 and args.task_weight == 0 and args.hidden_weight == 0:
+    if args.distill_weight == 0 and args.task_weight == 0 and args.hidden_weight == 0 and args.embedding_weight == 0:
         raise UserError("all loss weights are 0: set --distill_weight and/or --task_weight")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1) (got {args.dropout})")

@@ -51,6 +51,7 @@ FORMAT_VERSION = 1
 MAX_VOCAB = 1024
 PRECISION = "fp16"
 MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings"  # DIR/embeddings.npy: the teacher's per-protein embedding of each sequence
 # Settings a cache must have been made with to serve a run; vocab_hash is checked as well
 # whenever the teacher is loaded.
 CHECKED_SETTINGS = ("teacher", "data_hash", "mask_seed", "mask_prob", "max_seq_len", "mask_variants",
@@ -197,6 +198,27 @@ class TeacherCache:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    # -- per-protein embeddings (distill.py --embedding_weight) -------------------------------
+    @property
+    def has_embeddings(self) -> bool:
+        return self.manifest is not None and EMBEDDINGS in self.manifest["complete"]
+
+    def write_embeddings(self, embeddings: np.ndarray) -> None:
+        """Store the teacher's per-protein embedding of every training then validation sequence
+        (float32 [train + val, hidden]); needs start_filling first."""
+        m = self.manifest
+        expected = (m["train_sequences"] + m["val_sequences"], m["teacher_details"]["hidden_size"])
+        if embeddings.shape != expected:
+            raise ValueError(f"teacher embeddings of shape {embeddings.shape}, expected {expected}")
+        with atomic_open(self.directory / f"{EMBEDDINGS}.npy") as f:
+            np.save(f, embeddings.astype(np.float32))
+        self.manifest["complete"][EMBEDDINGS] = True
+        self._write_manifest()
+
+    def read_embeddings(self) -> np.ndarray:
+        """write_embeddings' array, memory-mapped."""
+        return np.load(self.directory / f"{EMBEDDINGS}.npy", mmap_mode="r")
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, variant: int, batch: dict) -> torch.Tensor:
@@ -376,12 +398,29 @@ class TeacherTargets:
         self.teacher, self.cache, self.tokenizer, self.about = teacher, cache, tokenizer, about
         self.output_hidden_states = output_hidden_states
         self.batches = {"live": 0, "cached": 0}
+        self.embeddings: torch.Tensor | None = None  # [train + val, hidden], when the loss needs them
+        self.train_sequences = 0
+
+    def use_embeddings(self, embeddings: torch.Tensor, train_sequences: int) -> None:
+        """Serve each batch's rows of the teacher's per-protein embeddings (training sequences
+        first, then validation ones) as "embeddings", with "embedding_scale", the mean variance per
+        dimension over the training sequences (the scale of the embedding loss)."""
+        self.embeddings, self.train_sequences = embeddings, train_sequences
+        self.embedding_scale = float(embeddings[:train_sequences].var(0).mean())
+
+    def add_embeddings(self, out: dict, batch: dict, variant: int) -> dict:
+        if self.embeddings is not None:
+            offset = self.train_sequences if variant == data.VALIDATION_VARIANT else 0
+            rows = batch["sequence_index"].cpu() + offset
+            out["embeddings"] = self.embeddings[rows].to(batch["input_ids"].device)
+            out["embedding_scale"] = self.embedding_scale
+        return out
 
     def __call__(self, batch: dict, variant: int) -> dict:
         """{"logits": [B, L, V] float32} (+ "hidden_states" when asked) for a batch of this mask variant."""
         if self.cache is not None and self.cache.is_complete(variant):
             self.batches["cached"] += 1
-            return {"logits": self.cache.read(variant, batch)}
+            return self.add_embeddings({"logits": self.cache.read(variant, batch)}, batch, variant)
         if self.teacher is None:
             raise RuntimeError(f"mask variant {variant} is not in the teacher cache and no teacher is loaded")
         self.batches["live"] += 1
@@ -389,4 +428,4 @@ class TeacherTargets:
                            output_hidden_states=self.output_hidden_states)
         if self.cache is not None:
             out["logits"] = self.cache.write(variant, batch, out["logits"])
-        return out
+        return self.add_embeddings(out, batch, variant)

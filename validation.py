@@ -10,7 +10,7 @@ import data
 from devices import autocast
 from distributed import World, all_reduce
 from data import MaskedBatches
-from losses import loss_terms, masked_metrics
+from losses import TERMS, loss_terms, masked_metrics
 from teacher_cache import TeacherTargets
 
 
@@ -19,26 +19,28 @@ def validate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args
              world: World = World()) -> dict:
     """Loss terms, masked accuracy (student and teacher), top-1 agreement with the teacher and
     perplexity on the validation split with fixed masks. `teacher_outputs(i, batch)` returns the
-    teacher's (logits, last hidden states) for validation batch i. Each rank evaluates every
+    teacher's (logits, last hidden states, targets with the embeddings) for validation batch i. Each rank evaluates every
     world.size-th batch; the sums are all-reduced, so that every rank returns the same metrics."""
     was_training = student.training
     student.eval()
-    sums = dict.fromkeys(["loss", "kl", "ce", "cos", "n", "student_correct", "teacher_correct", "agree"], 0.0)
+    sums = dict.fromkeys([*TERMS, "n", "student_correct", "teacher_correct", "agree"], 0.0)
     for i in range(world.rank, len(val_set), world.size):
         batch = {k: v.to(device) for k, v in val_set[i].items()}
         with autocast(device, autocast_dtype):
-            out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None)
-        t_logits, t_hidden = teacher_outputs(i, batch)
-        terms = loss_terms(out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions="masked")
+            out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None,
+                          output_embedding=student.teacher_map is not None)
+        t_logits, t_hidden, t_embedding = teacher_outputs(i, batch)
+        terms = loss_terms(out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions="masked",
+                           t_embedding=t_embedding)
         counts = masked_metrics(out["logits"], t_logits, batch["labels"])
-        for k in ("loss", "kl", "ce", "cos"):
+        for k in TERMS:
             sums[k] += float(terms[k]) * counts["n"]
         for k in ("n", "student_correct", "teacher_correct", "agree"):
             sums[k] += counts[k]
     student.train(was_training)
     sums = dict(zip(sums, all_reduce(list(sums.values()), world)))
     n = max(sums["n"], 1)
-    metrics = {k: sums[k] / n for k in ("loss", "kl", "ce", "cos")}
+    metrics = {k: sums[k] / n for k in TERMS}
     metrics.update(masked_acc=sums["student_correct"] / n, teacher_masked_acc=sums["teacher_correct"] / n,
                    agreement=sums["agree"] / n, perplexity=math.exp(min(metrics["ce"], 50.0)),
                    masked_tokens=int(sums["n"]))
@@ -46,8 +48,8 @@ def validate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args
 
 
 class ValidationTeacher:
-    """The teacher's (logits, last hidden states) of each validation batch: its masks are fixed,
-    so they are computed (or read from the cache) once and kept."""
+    """The teacher's (logits, last hidden states, embeddings) of each validation batch: its masks
+    are fixed, so they are computed (or read from the cache) once and kept."""
 
     def __init__(self, targets: TeacherTargets):
         self.targets = targets
@@ -56,5 +58,5 @@ class ValidationTeacher:
     def __call__(self, i: int, batch: dict) -> tuple:
         if i not in self.outputs:
             t = self.targets(batch, data.VALIDATION_VARIANT)
-            self.outputs[i] = (t["logits"], t.get("hidden_states"))
+            self.outputs[i] = (t["logits"], t.get("hidden_states"), t)
         return self.outputs[i]

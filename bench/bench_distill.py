@@ -119,7 +119,7 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(args.warmup_steps, total_steps),
                                                          total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.window = {"tokens": 0, "seqs": 0, "masked": 0, "loss": 0.0, "kl": 0.0, "ce": 0.0, "cos": 0.0,
+        self.window = {"tokens": 0, "seqs": 0, "masked": 0, "loss": 0.0, "kl": 0.0, "ce": 0.0, "cos": 0.0, "emb": 0.0,
                        "correct": 0, "agree": 0}
         self.laps = Laps()
 

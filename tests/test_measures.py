@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import measures
-from architecture import STANDARD_RESIDUES, ResidueTokenizer, Student, StudentConfig
+from architecture import STANDARD_RESIDUES, ResidueTokenizer, Student, StudentConfig, mean_pooled
 
 torch.set_num_threads(1)
 
@@ -259,18 +259,18 @@ def test_mean_pooled_equals_a_hand_loop():
     sequences = ["MKTAY", "GS", "ACDEFGH"]
     input_ids, attention_mask = tokenizer.batch_encode(sequences)
     hidden = torch.randn(*input_ids.shape, 6, generator=torch.Generator().manual_seed(0))
-    pooled = measures.mean_pooled(hidden, attention_mask)
+    pooled = mean_pooled(hidden, attention_mask)
     for row, sequence in enumerate(sequences):
         expected = torch.stack([hidden[row, 1 + i] for i in range(len(sequence))]).mean(0)
         torch.testing.assert_close(pooled[row], expected)
     # an explicit special-token mask (the tokenizer's special ids) gives the same here
     special = torch.isin(input_ids, torch.tensor(tokenizer.special_ids))
-    torch.testing.assert_close(measures.mean_pooled(hidden, attention_mask, special), pooled)
+    torch.testing.assert_close(mean_pooled(hidden, attention_mask, special), pooled)
 
 
 def test_mean_pooled_row_without_residues_is_zero():
     hidden = torch.ones(1, 4, 3)
-    pooled = measures.mean_pooled(hidden, torch.tensor([[1, 1, 0, 0]]))  # start, end, padding
+    pooled = mean_pooled(hidden, torch.tensor([[1, 1, 0, 0]]))  # start, end, padding
     torch.testing.assert_close(pooled, torch.zeros(1, 3))
 
 
