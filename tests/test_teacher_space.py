@@ -2,6 +2,7 @@
 student, from a live teacher or a cache that never loads it; embed.py --space teacher and
 evaluate.py use it."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,31 @@ def test_data_batches_carry_the_sequence_index():
     tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
     batch = data.masked_batch(["MKTAY", "GSHMS", "ACDEF"], [2, 0], tokenizer, 12, 0.15, 0, 0)
     assert batch["sequence_index"].tolist() == [2, 0]  # what the embedding table is indexed by
+
+
+def test_least_squares_map_recovers_a_planted_affine_map():
+    import importlib
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    teacher_space = importlib.import_module("teacher_space")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    weights, bias = rng.normal(size=(4, 3)), rng.normal(size=3)
+    fitted = teacher_space.least_squares_map(torch.from_numpy(x), x @ weights + bias)
+    new = rng.normal(size=(5, 4))
+    np.testing.assert_allclose(fitted(torch.from_numpy(new)), new @ weights + bias, atol=1e-9)
+
+
+@pytest.mark.slow  # a cache fill of 300 chains with embeddings, three 4-step students
+def test_the_teacher_space_benchmark_scores_three_students(tmp_path):
+    import importlib
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    teacher_space = importlib.import_module("teacher_space")
+    results = teacher_space.main(["--quick", "--steps", "4", "--output_dir", str(tmp_path / "out")])
+    students = results["students"]
+    assert sorted(students) == ["kd", "kd-emb", "mlm"] and all(s["steps"] == 4 for s in students.values())
+    assert "distilled_map" in students["kd-emb"] and "distilled_map" not in students["mlm"]
+    for s in students.values():
+        assert 0 <= s["least_squares_map"]["knn_overlap"] <= 1 and s["least_squares_map"]["proteins"] == 100
+    assert "| kd-emb | distilled map |" in (tmp_path / "out" / "teacher_space.md").read_text()
