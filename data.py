@@ -413,3 +413,11 @@ def batch_loader(dataset: MaskedBatches, batch_numbers, num_workers: int) -> Dat
     return DataLoader(dataset, batch_size=None, sampler=batch_numbers,
                       num_workers=num_workers, generator=torch.Generator(),
                       persistent_workers=False)
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """`count` items evenly spaced over the list, first included (all of them for 0, or for a
+    count of at least the list's length): every length of sorted batches, every part of a sequence."""
+    if not count or count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]

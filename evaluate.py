@@ -110,7 +110,7 @@ def evaluate_checkpoint(model_path, data_path, output_dir, teacher_model=None, *
 
     speed = None
     if speed_batches:
-        timed = spread(unmasked, speed_batches)
+        timed = data.evenly_spaced(unmasked, speed_batches)
         speed = {"student": measure_speed(student, student, timed, device)}
         if teacher is not None:
             speed["teacher"] = measure_speed(
@@ -203,13 +203,6 @@ def load_matching_teacher(name, metadata, tokenizer, device, use_8bit, trust_rem
                         f"{teacher.tokenizer.vocab_hash} vs {tokenizer.vocab_hash}): their token ids do "
                         f"not line up; pass the teacher the student was distilled from, or none")
     return teacher
-
-
-def spread(items: list, count: int) -> list:
-    """`count` items evenly spaced over the list (batches are sorted by length: all lengths)."""
-    if count >= len(items):
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ if [[ -z "${SEQUENCE:-}" ]]; then
   SEQUENCE="$(sed -n 2p "$OUTPUT_DIR/data/test.fasta" | cut -c1-120)"
 fi
 "$PYTHON" visualization.py --model_path "$OUTPUT_DIR/checkpoints/best_model/model.pt" --sequence "$SEQUENCE" \
-  --output_dir "$OUTPUT_DIR/visualizations" --device "$DEVICE" --max_positions 40 --n_steps 32
+  --output_dir "$OUTPUT_DIR/visualizations" --device "$DEVICE" --max_positions 40 \
+  --sanity_check --faithfulness
 
 banner "Summary ($(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s)"
 "$PYTHON" - "$OUTPUT_DIR" <<'EOF'

@@ -38,10 +38,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from captum.attr import LayerIntegratedGradients  # noqa: E402
 from matplotlib.colors import PowerNorm, TwoSlopeNorm  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
 import data  # noqa: E402
@@ -50,12 +48,11 @@ from cli import UserError  # noqa: E402
 from devices import resolve_device  # noqa: E402
 from files import atomic_open  # noqa: E402
 from measures import spearman  # noqa: E402
+from saliency import (Saliency, describe_steps, faithfulness, integrated_gradients, sanity_check,  # noqa: E402
+                      unconverged_targets)
 
 DPI = 130
 MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable
-# Default memory bound of one Integrated Gradients pass, in layers x width x tokens: autograd
-# keeps roughly 16 floats per such unit, so about 1 GB (16 ProtBert samples of 67 tokens).
-ACTIVATION_BUDGET = 2**24
 # Attention is mostly small weights with a few large ones: a square-root colour scale shows both.
 ATTENTION_GAMMA = 0.5
 ATTENTION_BAR_LABEL = "attention weight (square-root colour scale)"
@@ -206,71 +203,6 @@ def head_statistics(attentions: torch.Tensor, query_rows: torch.Tensor) -> dict[
     entropy = -torch.special.xlogy(rows, rows).sum(-1)
     mean_distance = (rows * distance[query_rows]).sum(-1)
     return {"entropy": entropy.mean(-1), "distance": mean_distance.mean(-1)}
-
-
-@dataclass
-class Saliency:
-    targets: list[int]  # 1-based residue positions that were masked and predicted
-    attributions: np.ndarray  # [targets, residues]: attribution of each residue to each target
-    deltas: np.ndarray  # [targets] Captum's convergence delta
-    totals: np.ndarray  # [targets] sum of the attributions over all tokens
-
-    @property
-    def scores(self) -> np.ndarray:
-        """Per residue: its attribution to the single target, or, for several targets, the mean
-        |attribution| it gives to the other targets (a masked residue itself scores exactly 0)."""
-        if len(self.targets) == 1:
-            return self.attributions[0]
-        received = np.abs(self.attributions)
-        others = np.ones_like(received, dtype=bool)
-        others[np.arange(len(self.targets)), np.array(self.targets) - 1] = False
-        return (received * others).sum(0) / others.sum(0)
-
-    @property
-    def ranked_positions(self) -> np.ndarray:
-        """0-based residue indices that have a score (all but a single target), best first."""
-        candidates = np.arange(self.attributions.shape[1])
-        if len(self.targets) == 1:
-            candidates = candidates[candidates != self.targets[0] - 1]
-        return candidates[np.argsort(-self.scores[candidates], kind="stable")]
-
-    @property
-    def max_relative_delta(self) -> float:
-        return float((np.abs(self.deltas) / np.maximum(np.abs(self.totals), 1e-12)).max())
-
-
-def integrated_gradients(explainer: Explainer, sequence: str, targets: list[int], n_steps: int,
-                         internal_batch_size: int | None = None, progress: bool = True) -> Saliency:
-    """Attribute log p(true residue | its position masked) at each target to the token embeddings.
-
-    internal_batch_size: samples (targets x interpolation steps) per forward pass; by default as
-    many as ACTIVATION_BUDGET allows. Targets share a pass when their steps fit in one.
-    """
-    tokenizer, device = explainer.tokenizer, explainer.device
-    true_ids = tokenizer.encode(sequence)[None].to(device)
-    baseline = true_ids.clone()
-    baseline[0, 1:-1] = tokenizer.mask_id
-    per_pass = internal_batch_size or max(
-        1, ACTIVATION_BUDGET // (explainer.num_layers * explainer.width * true_ids.shape[1]))
-    chunk = max(1, per_pass // n_steps)
-    ig = LayerIntegratedGradients(explainer.true_residue_log_probs, explainer.embeddings)
-    attributions, deltas = [], []
-    with tqdm(total=len(targets), desc=f"Integrated Gradients, {explainer.name}", unit="target",
-              disable=not progress, leave=False) as bar:
-        for start in range(0, len(targets), chunk):
-            positions = targets[start:start + chunk]  # token index = residue position (cls is 0)
-            masked = true_ids.repeat(len(positions), 1)
-            masked[torch.arange(len(positions)), positions] = tokenizer.mask_id
-            attribution, delta = ig.attribute(
-                masked, baselines=baseline.expand_as(masked), target=positions,
-                additional_forward_args=(true_ids.expand_as(masked),), n_steps=n_steps,
-                internal_batch_size=max(per_pass, len(positions)), return_convergence_delta=True)
-            attributions.append(attribution.sum(-1).detach().double().cpu())
-            deltas.append(delta.detach().double().cpu())
-            bar.update(len(positions))
-    per_token = torch.cat(attributions)
-    return Saliency(list(targets), per_token[:, 1:-1].numpy(), torch.cat(deltas).numpy(),
-                    per_token.sum(-1).numpy())
 
 
 def top_residues(saliency: Saliency, sequence: str, k: int) -> list[dict]:
@@ -480,6 +412,40 @@ def plot_saliency_comparison(student: Saliency, teacher: Saliency, sequence: str
     save(fig, path, written)
 
 
+def plot_sanity(check: dict, title: str, path: Path, written: list[Path]) -> None:
+    """Spearman of the trained and randomised saliency as layers are re-initialised from the top."""
+    labels = ["+ " + c["down_to"] if i else c["down_to"] for i, c in enumerate(check["cascade"])]
+    rhos = [np.nan if c["spearman"] is None else c["spearman"] for c in check["cascade"]]
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.8 * len(labels) + 2), 3.6), layout="constrained")
+    ax.plot(range(len(rhos)), rhos, "o-", color="tab:red")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(check["flag_threshold"], color="grey", ls=":", lw=1, label=f"flag at {check['flag_threshold']}")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylim=(-1.05, 1.05), xlabel="layers re-initialised, cumulatively from the output (last: fully random)",
+           ylabel="Spearman with trained saliency")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    save(fig, path, written)
+
+
+def plot_faithfulness(result: dict, title: str, path: Path, written: list[Path]) -> None:
+    """Deletion curves: drop in log p(true residue) as the k residues chosen by each rule are masked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    styles = {"saliency": ("tab:red", "o-", "top-k by saliency"), "nearest": ("tab:blue", "s--", "k nearest in sequence"),
+              "random": ("grey", "^:", f"k random (mean of {result['random_draws']} draws)")}
+    for name, (color, style, label) in styles.items():
+        ax.plot(result["sizes"], result["curves"][name], style, color=color,
+                label=f"{label}: AOPC {result['aopc'][name]:.3f}")
+    ax.set(xlabel="residues masked besides the target (k)", ylabel="drop in log p(true residue), nats",
+           xscale="log")
+    ax.set_xticks(result["sizes"], [str(k) for k in result["sizes"]])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, path, written)
+
+
 # --------------------------------------------------------------------------------------------
 # One sequence, every model
 # --------------------------------------------------------------------------------------------
@@ -528,16 +494,13 @@ def explain_model(explainer: Explainer, protein: data.Protein, targets: list[int
     plot_head_statistics(stats, uniform, len(input_ids), f"{name}: attention per head ({about})",
                          out_dir / f"{p}attention_head_stats.png", written)
 
-    saliency = integrated_gradients(explainer, sequence, targets, args.n_steps,
-                                    args.internal_batch_size)
-    max_abs_delta = float(np.abs(saliency.deltas).max())
-    print(f"{name}: Integrated Gradients over {len(targets)} target(s), n_steps {args.n_steps}: "
-          f"max |convergence delta| {max_abs_delta:.2e} = {saliency.max_relative_delta:.2%} of "
-          f"|attribution sum|")
+    saliency = integrated_gradients(explainer, sequence, targets, args.n_steps, args.internal_batch_size)
+    report_convergence(name, saliency)
     what = (f"masked target {sequence[targets[0] - 1]}{targets[0]}" if len(targets) == 1
             else f"{len(targets)} masked targets")
-    plot_saliency(saliency, sequence, f"{name}: Integrated Gradients saliency, {what} "
-                  f"({about}, n_steps {args.n_steps})", out_dir / f"{p}saliency.png", written)
+    plot_saliency(saliency, sequence, f"{name}: Integrated Gradients saliency, {what} ({about}, "
+                  f"{describe_steps(saliency)}; completeness: max |delta| {np.abs(saliency.deltas).max():.1e} "
+                  f"nats = {saliency.max_relative_delta:.1%} of the sum)", out_dir / f"{p}saliency.png", written)
     if len(targets) > 1:
         plot_saliency_matrix(saliency, sequence, f"{name}: attribution of each residue to "
                              f"log p(true residue) at each masked target ({about})",
@@ -551,13 +514,53 @@ def explain_model(explainer: Explainer, protein: data.Protein, targets: list[int
                        "mean_distance_tokens": stats["distance"].tolist(),
                        "uniform_attention": {"entropy_nats": uniform["entropy"],
                                              "mean_distance_tokens": uniform["distance"]}},
-        "integrated_gradients": {"n_steps": args.n_steps, "max_abs_delta": max_abs_delta,
-                                 "max_relative_delta": saliency.max_relative_delta,
-                                 "deltas": saliency.deltas.tolist()},
+        "integrated_gradients": {"targets": targets, **saliency.summary()},
         "saliency_scores": saliency.scores.tolist(),
         "top_residues": top,
     }
+    if args.sanity_check:
+        checked = data.evenly_spaced(list(range(len(targets))), args.sanity_targets)  # IG again per randomised model
+        subset = Saliency([targets[i] for i in checked], saliency.attributions[checked], saliency.deltas[checked],
+                          saliency.totals[checked], saliency.n_steps[checked])
+        summary["sanity_check"] = {"targets": subset.targets, **sanity_check(
+            explainer, sequence, subset.targets, subset, seed=args.seed, internal_batch_size=args.internal_batch_size)}
+        report_sanity(name, summary["sanity_check"])
+        plot_sanity(summary["sanity_check"], f"{name}: saliency after randomising the weights ({about})",
+                    out_dir / f"{p}saliency_sanity.png", written)
+    if args.faithfulness:
+        summary["faithfulness"] = faithfulness(explainer, sequence, saliency, seed=args.seed)
+        report_faithfulness(name, summary["faithfulness"])
+        plot_faithfulness(summary["faithfulness"], f"{name}: deletion test over {len(targets)} target(s) ({about})",
+                          out_dir / f"{p}saliency_faithfulness.png", written)
     return summary, saliency
+
+
+def report_convergence(name: str, saliency: Saliency) -> None:
+    print(f"{name}: Integrated Gradients over {len(saliency.targets)} target(s), {describe_steps(saliency)}: "
+          f"max |convergence delta| {np.abs(saliency.deltas).max():.2e} nats = {saliency.max_relative_delta:.2%} "
+          f"of |attribution sum|")
+    missed = unconverged_targets(saliency)
+    if missed:
+        print(f"warning: {name}: completeness is off by more than 5% (and 1e-3 nats) at {len(missed)} target(s) "
+              f"after {int(saliency.n_steps.max())} steps: positions {', '.join(map(str, missed))}; their "
+              "attributions are approximate (raise --n_steps)")
+
+
+def report_sanity(name: str, check: dict) -> None:
+    rho = check["fully_random_spearman"]
+    steps = ", ".join(f"{c['down_to']} {'—' if c['spearman'] is None else format(c['spearman'], '.2f')}"
+                      for c in check["cascade"])
+    print(f"{name}: sanity check, Spearman of trained vs randomised saliency (cascading from the top): {steps}")
+    if check["flagged"]:
+        print(f"warning: {name}: the saliency of a fully randomised model still ranks residues like the trained "
+              f"one (Spearman {rho:.2f} >= {check['flag_threshold']}): it reflects the input more than what "
+              "the model learned")
+
+
+def report_faithfulness(name: str, result: dict) -> None:
+    aopc = result["aopc"]
+    print(f"{name}: deletion test, AOPC (mean drop in log p(true residue), nats): saliency {aopc['saliency']:.3f}, "
+          f"random {aopc['random']:.3f}, nearest in sequence {aopc['nearest']:.3f}")
 
 
 def explain_sequence(explainers: list[Explainer], protein: data.Protein, targets: list[int],
@@ -608,7 +611,19 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--positions", help="subset of target positions, e.g. 5,10,20-30")
     p.add_argument("--max_positions", type=int, default=100,
                    help="at most this many targets per sequence, evenly spaced (default: 100)")
-    p.add_argument("--n_steps", type=int, default=50, help="Integrated Gradients steps (default: 50)")
+    p.add_argument("--n_steps", type=int, default=None,
+                   help="Integrated Gradients steps for every target (default: per target, 16 doubled until "
+                        "the attributions add up to the output's change within 5%% or 1e-3 nats, at most 512)")
+    p.add_argument("--sanity_check", action="store_true",
+                   help="also recompute the saliency with the weights re-initialised from the top layer down "
+                        "(Adebayo et al. 2018) and report its Spearman with the trained model's")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also mask the top-k salient residues (k = 1, 2, 5, 10, 20%% of the sequence) and "
+                        "measure the drop in log p(true residue), against random and nearest residues (AOPC)")
+    p.add_argument("--sanity_targets", type=int, default=20,
+                   help="targets (evenly spaced among those explained) that --sanity_check recomputes for each "
+                        "randomised model; 0: all")
+    p.add_argument("--seed", type=int, default=0, help="seeds the randomised weights and random deletions")
     p.add_argument("--internal_batch_size", type=int, default=None,
                    help="Integrated Gradients samples (targets x steps) per forward pass "
                         "(default: about 1 GB of activations' worth)")
@@ -628,6 +643,8 @@ def validate_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
+    if args.sanity_targets < 0:
+        raise UserError(f"--sanity_targets must not be negative, got {args.sanity_targets}")
 
 
 def check_layer_head(args, explainers: list[Explainer]) -> None:
