@@ -28,6 +28,7 @@ from cli import UserError
 from data import MaskedBatches, batch_loader, load_sequences
 from devices import resolve_device
 from distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
+from progress import progress
 from options import add_data_arguments, add_device_arguments, add_teacher_arguments, validate_shared_args
 from teacher_targets import load_teacher_targets
 
@@ -77,9 +78,8 @@ def fill(args, world: World, device) -> dict | None:
         teacher = load_teacher_targets(argparse.Namespace(**{**vars(args), "teacher_cache": None}),
                                                train_seqs, val_seqs, device, variants=variants, half=half).teacher
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=sum(len(numbers) for _, numbers in todo), desc="teacher cache", unit="batch",
-               dynamic_ncols=True, disable=not world.is_main)
+    bar = progress(total=sum(len(numbers) for _, numbers in todo), desc="teacher cache", unit="batch",
+                   disable=not world.is_main)
     last_flush, computed = time.monotonic(), 0
     try:
         for variant, numbers in todo:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from architecture import CheckpointError
+from progress import quiet_libraries
 
 
 class UserError(Exception):
@@ -41,7 +42,9 @@ def writable_folder(path: str | os.PathLike, flag: str) -> Path:
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Call `main(argv)` and exit: 0 on success, 2 on a user error, 130 on Ctrl-C."""
+    """Call `main(argv)` and exit: 0 on success, 2 on a user error, 130 on Ctrl-C. Output sent
+    to a file gets no library progress bars (progress.quiet_libraries)."""
+    quiet_libraries()
     try:
         status = main(argv)
     except USER_ERRORS as err:

@@ -59,6 +59,7 @@ from distributed import (World, all_reduce, average_gradients, barrier, gradient
                          optimizer_steps, run_as_rank, seed_dropout)
 from losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
 from monitoring import RunLog, plot_training_curves, start_wandb
+from progress import format_seconds, is_terminal, progress
 from options import add_distill_arguments, validate_shared_args, validate_training_args
 from schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
 from signals import StopRequest
@@ -148,6 +149,8 @@ class Run:
     metadata: dict = field(default_factory=dict)
     saved_steps: list[int] = field(default_factory=list)
     last_eval: tuple[int, dict] | None = None
+    first_step: int = 0  # where this process's loop started, and when: the time-left estimate
+    loop_start: float = 0.0
 
     @property
     def trainable(self) -> list[torch.nn.Module]:
@@ -305,7 +308,6 @@ def train_loop(run: Run) -> str | None:
     """The optimizer steps, epoch by epoch, until the planned steps, --max_time or a stop signal.
     Returns "non-finite losses" when too many steps in a row had to be skipped, else None; exits
     (after a checkpoint) on SIGINT/SIGTERM."""
-    from tqdm.auto import tqdm
     args, world, position, optimizer = run.args, run.world, run.position, run.optimizer
     step, total_steps = position["step"], run.total_steps
     reads_teacher = teacher_in_loss(args)  # else plain masked LM: the teacher serves evaluation only
@@ -313,9 +315,11 @@ def train_loop(run: Run) -> str | None:
     bad_steps, stopped_by = 0, None
     if step == 0:  # the starting point of the curves: how far the untrained student is from the teacher
         run.evaluate(0)
-    bar = tqdm(total=None if args.max_time else total_steps, initial=step, desc="distill", unit="step",
-               dynamic_ncols=True, disable=not world.is_main)
+    # In a log file the bar is silent: log_training writes a line every --log_every steps instead.
+    bar = progress(total=None if args.max_time else total_steps, initial=step, desc="distill", unit="step",
+                   disable=not world.is_main, plain_every_s=None)
     stop_signum, out_of_time = 0, False  # agreed on by all ranks at every step
+    run.first_step, run.loop_start = step, time.perf_counter()
     run.student.train()
     with StopRequest() as stop:
         for epoch in range(position["epoch"], args.num_epochs):
@@ -428,7 +432,24 @@ def log_training(run: Run, window: dict, epoch: int, reads_teacher: bool) -> dic
               "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": sums["tokens"] / dt,
               "sequences_per_s": sums["seqs"] / dt, "elapsed_s": run.position["elapsed_s"]}
     run.log.write(record)
+    if run.world.is_main and not is_terminal():
+        print(progress_line(run, record), flush=True)
     return record
+
+
+def progress_line(run: Run, record: dict) -> str:
+    """One plain line of a train record, for logs (nohup, SLURM, CI) where no bar is drawn."""
+    args, step, elapsed = run.args, record["step"], record["elapsed_s"]
+    done_here = step - run.first_step
+    if args.max_time:
+        left = max(args.max_time * 60 - elapsed, 0.0)
+    else:
+        left = (run.total_steps - step) * (time.perf_counter() - run.loop_start) / max(done_here, 1)
+    terms = " ".join(f"{k} {record[k]:.3f}" for k in ("kl", "ce", "cos", "emb") if record.get(k))
+    agreement = f" | agree {record['agreement']:.3f}" if record["agreement"] is not None else ""
+    return (f"step {step:,}/{run.total_steps:,} | epoch {record['epoch']} | loss {record['loss']:.3f} ({terms}) "
+            f"| acc {record['masked_acc']:.3f}{agreement} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s "
+            f"| {format_seconds(elapsed)} elapsed, ~{format_seconds(left)} left")
 
 
 def stop_on_signal(run: Run, signum: int) -> None:

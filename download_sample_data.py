@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import requests
-from tqdm import tqdm
 
 import cli
 from files import atomic_open
+from progress import progress
 from data import (SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta,
                   split_proteins, write_fasta)
 
@@ -97,7 +97,7 @@ def download_uniref50(destination: Path, base_url: str, num_sequences: int, min_
               "format": "fasta", "size": min(PAGE_SIZE, num_sequences)}
     written = 0
     with requests.Session() as session, atomic_open(destination, "w") as out, \
-            tqdm(total=num_sequences, unit="seq", desc="UniRef50", disable=None) as progress:
+            progress(total=num_sequences, unit="seq", desc="UniRef50") as bar:
         session.headers["User-Agent"] = "pepemb-distill download_sample_data.py"
         while url and written < num_sequences:
             text, url = fetch_page(session, url, params, timeout, retries, backoff)
@@ -105,7 +105,7 @@ def download_uniref50(destination: Path, base_url: str, num_sequences: int, min_
             out.write(text if text.endswith("\n") or not text else text + "\n")
             records = text.count("\n>") + text.startswith(">")
             written += records
-            progress.update(min(records, num_sequences - progress.n))
+            bar.update(min(records, num_sequences - bar.n))
         if not written:
             raise cli.UserError(f"{base_url} has no UniRef50 clusters of {min_length}-{max_length} "
                                 "residues; adjust --min_length / --max_length")

@@ -59,6 +59,7 @@ from architecture import (StudentCheckpoint)
 from files import atomic_open
 from cli import UserError
 from export import export_native, read_eval_report
+from progress import progress
 from embedding import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
 
 MANIFEST_FORMAT = "pepemb-embeddings"
@@ -359,8 +360,6 @@ def main(argv=None):
 def embed_fasta(embedder: Embedder, proteins: Sequence[data.Protein], output_dir: Path,
                 settings: dict, args, autocast_dtype: torch.dtype | None) -> dict:
     """Embed the proteins not done yet, then write embeddings.npz and the final manifest."""
-    from tqdm.auto import tqdm
-
     names = file_names([p.id for p in proteins])
     duplicates = {id_: n for id_, n in Counter(p.id for p in proteins).items() if n > 1}
     if duplicates:
@@ -380,7 +379,7 @@ def embed_fasta(embedder: Embedder, proteins: Sequence[data.Protein], output_dir
     max_length = settings["max_length"]
     start = time.perf_counter()
     residues_done = 0
-    bar = tqdm(total=len(todo), desc="embed", unit="seq", dynamic_ncols=True)
+    bar = progress(total=len(todo), desc="embed", unit="seq")
     for result in embed_sequences(embedder, [proteins[i].sequence for i in todo], settings["layers"],
                                   max_tokens=args.max_tokens, max_length=max_length, long=args.long,
                                   overlap=settings["overlap"] or 0, autocast_dtype=autocast_dtype):

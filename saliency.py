@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from captum.attr import LayerIntegratedGradients
 from torch import nn
-from tqdm import tqdm
 
 from measures import spearman
+from progress import progress as progress_bar
 
 # Default memory bound of one Integrated Gradients pass, in layers x width x tokens: autograd
 # keeps roughly 16 floats per such unit, so about 1 GB (16 ProtBert samples of 67 tokens).
@@ -122,8 +122,8 @@ def integrated_gradients(explainer, sequence: str, targets: list[int], n_steps: 
     deltas = torch.zeros(count, dtype=torch.float64)
     steps = np.zeros(count, dtype=np.int64)
     todo, current = list(range(count)), n_steps or FIRST_STEPS
-    with tqdm(desc=f"Integrated Gradients, {explainer.name}", unit="target", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(desc=f"Integrated Gradients, {explainer.name}", unit="target", disable=not progress,
+                      leave=False) as bar:
         while todo:
             attribution, delta = _attribute(explainer, true_ids, [targets[i] for i in todo], current,
                                             internal_batch_size, bar)

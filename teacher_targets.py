@@ -7,6 +7,7 @@ import torch
 import data
 from architecture import mean_pooled
 from cli import UserError
+from progress import progress
 from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 
 
@@ -77,10 +78,8 @@ def teacher_embeddings(teacher, sequences: list[str], max_seq_len: int, batch_si
     """The teacher's per-protein embedding of each sequence: its last hidden state averaged over
     the residues (architecture.mean_pooled) of the unmasked sequence, cropped as evaluation crops it
     (the first max_seq_len - 2 residues). float32 [sequences, hidden]."""
-    from tqdm.auto import tqdm
     rows = []
-    for start in tqdm(range(0, len(sequences), batch_size), desc="teacher embeddings", unit="batch",
-                      dynamic_ncols=True):
+    for start in progress(range(0, len(sequences), batch_size), desc="teacher embeddings", unit="batch"):
         batch = data.collate(sequences[start:start + batch_size], teacher.tokenizer, max_seq_len, mask_prob=0.0,
                              random_crop=False)
         hidden = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)["hidden_states"]

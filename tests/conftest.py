@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # library bars stay out of test output
 
 import pytest  # noqa: E402
 
