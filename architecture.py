@@ -8,10 +8,10 @@ One self-contained file (torch and the standard library only) holding:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import io
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path

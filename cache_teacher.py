@@ -28,8 +28,8 @@ from cli import UserError
 from data import MaskedBatches, batch_loader, load_sequences
 from devices import resolve_device
 from distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
-from progress import progress
 from options import add_data_arguments, add_device_arguments, add_teacher_arguments, validate_shared_args
+from progress import progress
 from teacher_targets import load_teacher_targets
 
 FLUSH_EVERY_S = 60.0  # how much teacher work a killed fill can lose

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-
 from torch.utils.data import DataLoader, Dataset
 
 from cli import UserError

@@ -50,23 +50,38 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cli
 import data
 from architecture import Student, StudentConfig, save_student
-from checkpoints import (check_output_dir, list_checkpoints, read_checkpoint, resolve_resume,
-                         restore_training_state, save_checkpoint, start_output_dir)
+from checkpoints import (
+    check_output_dir,
+    list_checkpoints,
+    read_checkpoint,
+    resolve_resume,
+    restore_training_state,
+    save_checkpoint,
+    start_output_dir,
+)
 from cli import UserError
 from data import MaskedBatches, batch_loader, load_sequences
 from devices import autocast, resolve_device, resolve_precision
-from distributed import (World, all_reduce, average_gradients, barrier, gradient_sync, join_world,
-                         optimizer_steps, run_as_rank, seed_dropout)
+from distributed import (
+    World,
+    all_reduce,
+    average_gradients,
+    barrier,
+    gradient_sync,
+    join_world,
+    optimizer_steps,
+    run_as_rank,
+    seed_dropout,
+)
 from losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
 from monitoring import RunLog, plot_training_curves, start_wandb
-from progress import format_seconds, is_terminal, progress
 from options import add_distill_arguments, validate_shared_args, validate_training_args
+from progress import format_seconds, is_terminal, progress
 from schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
 from signals import StopRequest
 from teacher_cache import TeacherTargets
 from teacher_targets import load_teacher_targets
 from validation import ValidationTeacher, validate
-
 
 # --------------------------------------------------------------------------------------------
 # Command line

@@ -33,6 +33,9 @@ class World:
         return self.rank == 0
 
 
+SINGLE_PROCESS = World()  # no torchrun: every collective is a no-op
+
+
 def join_world(device: torch.device, timeout_minutes: float) -> tuple[World, torch.device]:
     """(World, device) of this process. Under torchrun (WORLD_SIZE > 1) it joins the process
     group: nccl with GPU LOCAL_RANK as this process's device on CUDA, gloo on CPU; a collective

@@ -28,10 +28,9 @@ from pathlib import Path
 import requests
 
 import cli
+from data import SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta, split_proteins, write_fasta
 from files import atomic_open
 from progress import progress
-from data import (SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta,
-                  split_proteins, write_fasta)
 
 DEFAULT_BASE_URL = "https://rest.uniprot.org"
 PRESETS = {"uniprot": SHIPPED_UNIPROT, "antibody": SHIPPED_ANTIBODIES}

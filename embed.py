@@ -55,12 +55,12 @@ from safetensors import safe_open
 import cli
 import data
 import devices
-from architecture import (StudentCheckpoint)
-from files import atomic_open
+from architecture import StudentCheckpoint
 from cli import UserError
-from export import export_native, read_eval_report
-from progress import progress
 from embedding import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
+from export import export_native, read_eval_report
+from files import atomic_open
+from progress import progress
 
 MANIFEST_FORMAT = "pepemb-embeddings"
 MANIFEST_FORMAT_VERSION = 1

@@ -27,8 +27,16 @@ from architecture import load_student
 from cli import UserError
 from data import MaskedBatches
 from devices import resolve_device
-from evaluation import (MutationProbe, build_report, last_hidden_states, masked_statistics,
-                        representation_measures, residue_counts, sample_proteins, teacher_space_measures)
+from evaluation import (
+    MutationProbe,
+    build_report,
+    last_hidden_states,
+    masked_statistics,
+    representation_measures,
+    residue_counts,
+    sample_proteins,
+    teacher_space_measures,
+)
 from files import atomic_open
 
 DEFAULT_MAX_SEQ_LEN = 512

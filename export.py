@@ -18,8 +18,13 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from architecture import (CHECKPOINT_FORMAT_VERSION, EXPORTED_WEIGHTS, TEACHER_MAP_WEIGHTS, StudentCheckpoint,
-                          to_esm_state_dict)
+from architecture import (
+    CHECKPOINT_FORMAT_VERSION,
+    EXPORTED_WEIGHTS,
+    TEACHER_MAP_WEIGHTS,
+    StudentCheckpoint,
+    to_esm_state_dict,
+)
 
 # What a model card says of the teachers this toolkit is used with: licence and citation.
 TEACHER_CARDS = {

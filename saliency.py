@@ -152,7 +152,8 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     base = model.base_model  # a HuggingFace masked LM: BERT, ESM, ...
     head = [m for name, m in model.named_children() if m is not base]
     layers = list(base.encoder.layer)
-    final = [getattr(base.encoder, "emb_layer_norm_after")] if getattr(base.encoder, "emb_layer_norm_after", None) else []
+    final_norm = getattr(base.encoder, "emb_layer_norm_after", None)  # ESM's final LayerNorm; BERT has none
+    final = [final_norm] if final_norm is not None else []
     return ([("head", head + final)] + [(f"block {i + 1}", [layers[i]]) for i in reversed(range(len(layers)))]
             + [("embeddings", [base.embeddings])])
 

@@ -23,8 +23,16 @@ import requests
 import torch
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
-from transformers import (AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM,
-                          BertTokenizer, EsmConfig, EsmForMaskedLM, EsmTokenizer)
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertTokenizer,
+    EsmConfig,
+    EsmForMaskedLM,
+    EsmTokenizer,
+)
 
 from architecture import STANDARD_RESIDUES, ResidueTokenizer
 from cli import UserError
@@ -144,7 +152,7 @@ def _precision(device: torch.device, use_8bit: bool, half: bool) -> tuple[dict, 
         raise UserError(f"--use_8bit works on cuda (bitsandbytes) or cpu (torch int8), "
                         f"not {device}")
     if half and device.type == "cpu":
-        warnings.warn("--half ignored on CPU (fp16 matrix products are slow there); using fp32")
+        warnings.warn("--half ignored on CPU (fp16 matrix products are slow there); using fp32", stacklevel=3)
     elif half:
         return {"dtype": torch.float16}, "fp16"
     # Explicit: transformers 5 otherwise keeps whatever dtype the checkpoint was stored in.

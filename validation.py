@@ -7,16 +7,16 @@ import math
 import torch
 
 import data
-from devices import autocast
-from distributed import World, all_reduce
 from data import MaskedBatches
+from devices import autocast
+from distributed import SINGLE_PROCESS, World, all_reduce
 from losses import TERMS, loss_terms, masked_metrics
 from teacher_cache import TeacherTargets
 
 
 @torch.no_grad()
 def validate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args, device, autocast_dtype,
-             world: World = World()) -> dict:
+             world: World = SINGLE_PROCESS) -> dict:
     """Loss terms, masked accuracy (student and teacher), top-1 agreement with the teacher and
     perplexity on the validation split with fixed masks. `teacher_outputs(i, batch)` returns the
     teacher's (logits, last hidden states, targets with the embeddings) for validation batch i. Each rank evaluates every

@@ -48,8 +48,7 @@ from cli import UserError  # noqa: E402
 from devices import resolve_device  # noqa: E402
 from files import atomic_open  # noqa: E402
 from measures import spearman  # noqa: E402
-from saliency import (Saliency, describe_steps, faithfulness, integrated_gradients, sanity_check,  # noqa: E402
-                      unconverged_targets)
+from saliency import Saliency, describe_steps, faithfulness, integrated_gradients, sanity_check, unconverged_targets  # noqa: E402
 
 DPI = 130
 MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable

@@ -4,8 +4,17 @@ import json
 import pytest
 import torch
 
-from architecture import (CheckpointError, ResidueTokenizer, Rotary, Student, StudentConfig,
-                          apply_rotary, load_student, read_safetensors, save_student)
+from architecture import (
+    CheckpointError,
+    ResidueTokenizer,
+    Rotary,
+    Student,
+    StudentConfig,
+    apply_rotary,
+    load_student,
+    read_safetensors,
+    save_student,
+)
 
 PROTBERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O"
                   .split())

@@ -11,8 +11,8 @@ import distill
 from architecture import load_student
 from checkpoints import list_checkpoints
 from cli import UserError
-from devices import resolve_precision
 from conftest import write_short_uniprot
+from devices import resolve_precision
 from schedule import budget_schedule
 
 

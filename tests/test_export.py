@@ -13,8 +13,16 @@ import torch
 import cli
 import data
 import embed
-from architecture import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, EXPORTED_WEIGHTS, ResidueTokenizer, Student,
-                          StudentConfig, load_student, save_student)
+from architecture import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_VERSION,
+    EXPORTED_WEIGHTS,
+    ResidueTokenizer,
+    Student,
+    StudentConfig,
+    load_student,
+    save_student,
+)
 from teacher import ESM2_VOCAB, PROTBERT_VOCAB
 
 VOCABS = {"protbert": PROTBERT_VOCAB, "esm2": ESM2_VOCAB}

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import fidelity  # noqa: E402
-
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import fidelity  # noqa: E402
 from cli import UserError  # noqa: E402
 
 STEPS = 4

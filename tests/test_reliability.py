@@ -437,7 +437,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_auto_finishes(protbert_
     step = -1
     for signum, flags in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume", "auto"])):
         run = Distill(protbert_teacher_dir, interrupt_fasta, out, *flags)
-        run.wait_for(lambda: newest_step(out) > step)
+        run.wait_for(lambda step=step: newest_step(out) > step)
         assert run.stop(signum) == 128 + signum
         stderr = run.stderr
         assert "Traceback" not in stderr

@@ -10,8 +10,14 @@ import torch
 from transformers import BertForMaskedLM, BertTokenizer
 
 from cli import UserError
-from teacher import (PROTBERT_VOCAB, _ANTIBERTY_EXTRA_KEYS, _antiberty_package, antiberty_folder,
-                     hub_reachable, load_teacher)
+from teacher import (
+    _ANTIBERTY_EXTRA_KEYS,
+    PROTBERT_VOCAB,
+    _antiberty_package,
+    antiberty_folder,
+    hub_reachable,
+    load_teacher,
+)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
