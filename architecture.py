@@ -5,6 +5,7 @@ One self-contained file (torch and the standard library only) holding:
   - StudentConfig / Student: the model,
   - save_student / load_student: self-describing, atomically written checkpoints.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,12 +52,18 @@ class ResidueTokenizer:
     Letters that are not in the vocabulary become X when the vocabulary has X, else unk.
     """
 
-    def __init__(self, vocab: Sequence[str], pad_token: str, unk_token: str, cls_token: str,
-                 eos_token: str, mask_token: str):
+    def __init__(
+        self, vocab: Sequence[str], pad_token: str, unk_token: str, cls_token: str, eos_token: str, mask_token: str
+    ):
         self.vocab = list(vocab)
         index = {token: i for i, token in enumerate(self.vocab)}
-        for name, token in (("pad", pad_token), ("unk", unk_token), ("cls", cls_token),
-                            ("eos", eos_token), ("mask", mask_token)):
+        for name, token in (
+            ("pad", pad_token),
+            ("unk", unk_token),
+            ("cls", cls_token),
+            ("eos", eos_token),
+            ("mask", mask_token),
+        ):
             if token not in index:
                 raise ValueError(f"{name} token {token!r} is not in the vocabulary")
         self.pad_token, self.unk_token, self.cls_token = pad_token, unk_token, cls_token
@@ -73,8 +80,10 @@ class ResidueTokenizer:
         self._lut = lut
         # Ids a masked position may be replaced with at random (BERT's 10%): standard residues.
         self.residue_ids = [index[a] for a in STANDARD_RESIDUES if a in index]
-        self.special_ids = sorted({self.pad_id, self.unk_id, self.cls_id, self.eos_id, self.mask_id}
-                                  | {i for t, i in index.items() if len(t) > 1})
+        self.special_ids = sorted(
+            {self.pad_id, self.unk_id, self.cls_id, self.eos_id, self.mask_id}
+            | {i for t, i in index.items() if len(t) > 1}
+        )
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -100,14 +109,24 @@ class ResidueTokenizer:
         if any(t is None for t in vocab):
             raise ValueError("teacher tokenizer ids are not contiguous from 0")
         eos = hf_tokenizer.sep_token if hf_tokenizer.sep_token in vocab_map else hf_tokenizer.eos_token
-        return cls(vocab, pad_token=hf_tokenizer.pad_token, unk_token=hf_tokenizer.unk_token,
-                   cls_token=hf_tokenizer.cls_token, eos_token=eos,
-                   mask_token=hf_tokenizer.mask_token)
+        return cls(
+            vocab,
+            pad_token=hf_tokenizer.pad_token,
+            unk_token=hf_tokenizer.unk_token,
+            cls_token=hf_tokenizer.cls_token,
+            eos_token=eos,
+            mask_token=hf_tokenizer.mask_token,
+        )
 
     def to_dict(self) -> dict:
-        return {"vocab": self.vocab, "pad_token": self.pad_token, "unk_token": self.unk_token,
-                "cls_token": self.cls_token, "eos_token": self.eos_token,
-                "mask_token": self.mask_token}
+        return {
+            "vocab": self.vocab,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "cls_token": self.cls_token,
+            "eos_token": self.eos_token,
+            "mask_token": self.mask_token,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ResidueTokenizer":
@@ -124,8 +143,11 @@ class ResidueTokenizer:
 
     def encode(self, sequence: str, add_special_tokens: bool = True) -> torch.Tensor:
         """1-D LongTensor of ids: [cls] residues [eos]."""
-        residues = self._lut[torch.frombuffer(bytearray(sequence.encode("ascii")), dtype=torch.uint8).long()] \
-            if sequence else torch.empty(0, dtype=torch.long)
+        residues = (
+            self._lut[torch.frombuffer(bytearray(sequence.encode("ascii")), dtype=torch.uint8).long()]
+            if sequence
+            else torch.empty(0, dtype=torch.long)
+        )
         if not add_special_tokens:
             return residues
         return torch.cat([torch.tensor([self.cls_id]), residues, torch.tensor([self.eos_id])])
@@ -136,7 +158,7 @@ class ResidueTokenizer:
         length = max([len(e) for e in encoded] + [pad_to or 0])
         input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
         for row, ids in enumerate(encoded):
-            input_ids[row, :len(ids)] = ids
+            input_ids[row, : len(ids)] = ids
         return input_ids, (input_ids != self.pad_id).long()
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -150,9 +172,11 @@ class ResidueTokenizer:
 # Model
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class StudentConfig:
     """Sizes of the student plus the teacher's vocabulary, so a checkpoint needs no teacher."""
+
     vocab: list[str]
     pad_token_id: int
     mask_token_id: int
@@ -183,13 +207,16 @@ class StudentConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head dimension d_model/num_heads = {self.head_dim} must be even "
-                             f"for rotary embeddings (they rotate pairs of dimensions)")
+            raise ValueError(
+                f"head dimension d_model/num_heads = {self.head_dim} must be even "
+                f"for rotary embeddings (they rotate pairs of dimensions)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 0 or self.layer_norm_eps <= 0:
-            raise ValueError(f"rope_base ({self.rope_base}) and layer_norm_eps "
-                             f"({self.layer_norm_eps}) must be positive")
+            raise ValueError(
+                f"rope_base ({self.rope_base}) and layer_norm_eps ({self.layer_norm_eps}) must be positive"
+            )
         for name in ("pad_token_id", "mask_token_id", "cls_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
@@ -206,9 +233,14 @@ class StudentConfig:
     @classmethod
     def from_tokenizer(cls, tokenizer: ResidueTokenizer, **sizes) -> "StudentConfig":
         """Config whose vocabulary and special ids are the teacher tokenizer's."""
-        return cls(vocab=tokenizer.vocab, pad_token_id=tokenizer.pad_id,
-                   mask_token_id=tokenizer.mask_id, cls_token_id=tokenizer.cls_id,
-                   eos_token_id=tokenizer.eos_id, **sizes)
+        return cls(
+            vocab=tokenizer.vocab,
+            pad_token_id=tokenizer.pad_id,
+            mask_token_id=tokenizer.mask_id,
+            cls_token_id=tokenizer.cls_id,
+            eos_token_id=tokenizer.eos_id,
+            **sizes,
+        )
 
 
 class Rotary(nn.Module):
@@ -288,8 +320,11 @@ class Block(nn.Module):
         self.attn = SelfAttention(config)
         self.ffn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.ffn = nn.Sequential(
-            nn.Linear(config.d_model, config.d_ff), nn.GELU(),
-            nn.Linear(config.d_ff, config.d_model), nn.Dropout(config.dropout))
+            nn.Linear(config.d_model, config.d_ff),
+            nn.GELU(),
+            nn.Linear(config.d_ff, config.d_model),
+            nn.Dropout(config.dropout),
+        )
 
     def forward(self, x, key_mask, cos, sin, need_weights=False):
         attended, weights = self.attn(self.attn_norm(x), key_mask, cos, sin, need_weights)
@@ -327,15 +362,13 @@ class Student(nn.Module):
     def __init__(self, config: StudentConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model,
-                                         padding_idx=config.pad_token_id)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.rotary = Rotary(config.head_dim, config.rope_base)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = MaskedLMHead(config)
-        self.teacher_map = (nn.Linear(config.d_model, config.teacher_hidden_size)
-                            if config.teacher_hidden_size else None)
+        self.teacher_map = nn.Linear(config.d_model, config.teacher_hidden_size) if config.teacher_hidden_size else None
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.decoder.weight = self.embed_tokens.weight
@@ -353,11 +386,15 @@ class Student(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False,
-                output_attentions: bool = False, output_embedding: bool = False) -> dict:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_embedding: bool = False,
+    ) -> dict:
         """Masked-LM logits for a padded batch.
 
         input_ids [B, L]; attention_mask [B, L] (1 = real token) defaults to input_ids != pad.
@@ -413,8 +450,10 @@ class Student(nn.Module):
 
     def summary(self) -> str:
         c = self.config
-        return (f"Student: {c.num_layers} layers, d_model {c.d_model}, {c.num_heads} heads, "
-                f"d_ff {c.d_ff}, vocab {c.vocab_size}, {self.num_parameters() / 1e6:.1f}M parameters")
+        return (
+            f"Student: {c.num_layers} layers, d_model {c.d_model}, {c.num_heads} heads, "
+            f"d_ff {c.d_ff}, vocab {c.vocab_size}, {self.num_parameters() / 1e6:.1f}M parameters"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,8 +464,9 @@ CHECKPOINT_FORMAT = "pepemb-student"
 CHECKPOINT_FORMAT_VERSION = 1
 
 
-def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor,
-                special_mask: torch.Tensor | None = None) -> torch.Tensor:
+def mean_pooled(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, special_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of hidden states [B, L, H] over each row's residue tokens: [B, H].
 
     Residue tokens are the real tokens (attention_mask 1) that are not special. By default the
@@ -452,7 +492,6 @@ class StudentCheckpoint(NamedTuple):
     metadata: dict
 
 
-
 def _reason(err: Exception, limit: int = 300) -> str:
     """Exception type and message on one line, clipped: CheckpointError messages stay one line."""
     # Of torch's weights-only failure keep the cause, not its advice to retry unsafely.
@@ -476,10 +515,20 @@ def save_student(model: Student, directory: str | os.PathLike, metadata: dict | 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = asdict(model.config)
-    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-               "config": config, "state_dict": model.state_dict(), "metadata": metadata}
-    summary = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-               "num_parameters": model.num_parameters(), "config": config, "metadata": metadata}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "config": config,
+        "state_dict": model.state_dict(),
+        "metadata": metadata,
+    }
+    summary = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "num_parameters": model.num_parameters(),
+        "config": config,
+        "metadata": metadata,
+    }
     model_path = directory / "model.pt"
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -503,8 +552,14 @@ def _write_whole(path: Path, content: bytes) -> None:
 
 
 EXPORTED_WEIGHTS = "model.safetensors"
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -515,15 +570,14 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """
     raw = file.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     header.pop("__metadata__", None)
-    body = memoryview(raw)[8 + header_len:]
+    body = memoryview(raw)[8 + header_len :]
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start \
-            else torch.empty(0, dtype=dtype)
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"])
     return tensors
 
@@ -539,16 +593,20 @@ def _esm_names(num_layers: int) -> list[tuple[str, str]]:
     """(student name, EsmForMaskedLM name) of every weight but the fused qkv and the decoder."""
     pairs = [("embed_tokens.weight", "esm.embeddings.word_embeddings.weight"), ("lm_head.bias", "lm_head.bias")]
     for suffix in ("weight", "bias"):
-        pairs += [(f"final_norm.{suffix}", f"esm.encoder.emb_layer_norm_after.{suffix}"),
-                  (f"lm_head.dense.{suffix}", f"lm_head.dense.{suffix}"),
-                  (f"lm_head.norm.{suffix}", f"lm_head.layer_norm.{suffix}")]
+        pairs += [
+            (f"final_norm.{suffix}", f"esm.encoder.emb_layer_norm_after.{suffix}"),
+            (f"lm_head.dense.{suffix}", f"lm_head.dense.{suffix}"),
+            (f"lm_head.norm.{suffix}", f"lm_head.layer_norm.{suffix}"),
+        ]
         for i in range(num_layers):
             ours, esm = f"blocks.{i}.", f"esm.encoder.layer.{i}."
-            pairs += [(f"{ours}attn_norm.{suffix}", f"{esm}attention.LayerNorm.{suffix}"),
-                      (f"{ours}attn.out.{suffix}", f"{esm}attention.output.dense.{suffix}"),
-                      (f"{ours}ffn_norm.{suffix}", f"{esm}LayerNorm.{suffix}"),
-                      (f"{ours}ffn.0.{suffix}", f"{esm}intermediate.dense.{suffix}"),
-                      (f"{ours}ffn.2.{suffix}", f"{esm}output.dense.{suffix}")]
+            pairs += [
+                (f"{ours}attn_norm.{suffix}", f"{esm}attention.LayerNorm.{suffix}"),
+                (f"{ours}attn.out.{suffix}", f"{esm}attention.output.dense.{suffix}"),
+                (f"{ours}ffn_norm.{suffix}", f"{esm}LayerNorm.{suffix}"),
+                (f"{ours}ffn.0.{suffix}", f"{esm}intermediate.dense.{suffix}"),
+                (f"{ours}ffn.2.{suffix}", f"{esm}output.dense.{suffix}"),
+            ]
     return pairs
 
 
@@ -572,7 +630,8 @@ def from_esm_state_dict(esm: dict[str, torch.Tensor], config: StudentConfig) -> 
     for i in range(config.num_layers):
         for suffix in ("weight", "bias"):
             own[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(
-                [esm[f"esm.encoder.layer.{i}.attention.self.{name}.{suffix}"] for name in ("query", "key", "value")])
+                [esm[f"esm.encoder.layer.{i}.attention.self.{name}.{suffix}"] for name in ("query", "key", "value")]
+            )
     own["lm_head.decoder.weight"] = esm.get("lm_head.decoder.weight", own["embed_tokens.weight"])
     return own
 
@@ -585,8 +644,13 @@ def _read_native_export(path: Path) -> dict:
     state = from_esm_state_dict(read_safetensors(path / EXPORTED_WEIGHTS), config)
     if config.teacher_hidden_size:
         state.update({f"teacher_map.{k}": v for k, v in read_safetensors(path / TEACHER_MAP_WEIGHTS).items()})
-    return {"format": CHECKPOINT_FORMAT, "format_version": stored["format_version"], "config": stored["config"],
-            "state_dict": state, "metadata": stored.get("metadata", {})}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": stored["format_version"],
+        "config": stored["config"],
+        "state_dict": state,
+        "metadata": stored.get("metadata", {}),
+    }
 
 
 def is_native_export(path: Path) -> bool:
@@ -604,20 +668,23 @@ def _read_payload(path: Path, map_location) -> tuple[Path, dict]:
         try:
             return path, _read_native_export(path)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: unreadable exported student (config.json + {EXPORTED_WEIGHTS}): "
-                                  f"{_reason(err)}") from err
+            raise CheckpointError(
+                f"{path}: unreadable exported student (config.json + {EXPORTED_WEIGHTS}): {_reason(err)}"
+            ) from err
     if path.is_dir() and not (path / "model.pt").is_file() and (path / EXPORTED_WEIGHTS).is_file():
         try:
             payload = json.loads((path / "config.json").read_text())
             payload["state_dict"] = read_safetensors(path / EXPORTED_WEIGHTS)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: unreadable exported student (config.json + "
-                                  f"{EXPORTED_WEIGHTS}): {_reason(err)}") from err
+            raise CheckpointError(
+                f"{path}: unreadable exported student (config.json + {EXPORTED_WEIGHTS}): {_reason(err)}"
+            ) from err
         return path, payload
     file = path / "model.pt" if path.is_dir() else path
     if not file.is_file():
-        raise CheckpointError(f"{file}: no such checkpoint (pass a folder written by save_student "
-                              f"or the model.pt inside it)")
+        raise CheckpointError(
+            f"{file}: no such checkpoint (pass a folder written by save_student or the model.pt inside it)"
+        )
     try:
         return file, torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
@@ -626,9 +693,9 @@ def _read_payload(path: Path, map_location) -> tuple[Path, dict]:
             raise CheckpointError(
                 f"{file}: refused to load: unpickling it would call {refused.group(1)}, so it "
                 f"carries Python objects beyond tensors and plain containers and could run code; "
-                f"only checkpoints written by save_student load") from err
-        raise CheckpointError(f"{file}: unreadable, truncated or not a torch file "
-                              f"({_reason(err)})") from err
+                f"only checkpoints written by save_student load"
+            ) from err
+        raise CheckpointError(f"{file}: unreadable, truncated or not a torch file ({_reason(err)})") from err
 
 
 def load_student(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> StudentCheckpoint:
@@ -640,12 +707,16 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
     """
     file, payload = _read_payload(Path(path), map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{file}: not a PepEmb student checkpoint (a plain state dict or a "
-                              f"HuggingFace model file, perhaps); write one with save_student")
+        raise CheckpointError(
+            f"{file}: not a PepEmb student checkpoint (a plain state dict or a "
+            f"HuggingFace model file, perhaps); write one with save_student"
+        )
     version = payload.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{file}: checkpoint format_version {version!r} is not supported "
-                              f"(this code reads version {CHECKPOINT_FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{file}: checkpoint format_version {version!r} is not supported "
+            f"(this code reads version {CHECKPOINT_FORMAT_VERSION})"
+        )
     try:
         config = StudentConfig(**payload["config"])
         model = Student(config)
@@ -655,6 +726,7 @@ def load_student(path: str | os.PathLike, map_location: str | torch.device = "cp
         raise CheckpointError(f"{file}: damaged student checkpoint ({_reason(err)})") from err
     stored_ids = (config.pad_token_id, config.cls_token_id, config.eos_token_id, config.mask_token_id)
     if stored_ids != (tokenizer.pad_id, tokenizer.cls_id, tokenizer.eos_id, tokenizer.mask_id):
-        raise CheckpointError(f"{file}: the stored special-token ids {stored_ids} do not match "
-                              f"those found in the stored vocabulary")
+        raise CheckpointError(
+            f"{file}: the stored special-token ids {stored_ids} do not match those found in the stored vocabulary"
+        )
     return StudentCheckpoint(model.to(map_location).eval(), tokenizer, payload.get("metadata", {}))

@@ -16,6 +16,7 @@ runs its own copy of the teacher on every 4th missing batch, and rank 0, which a
 cache, gathers the logits and writes them. distill.py under torchrun reads a complete cache but
 does not fill one: fill it this way first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,18 @@ FLUSH_EVERY_S = 60.0  # how much teacher work a killed fill can lose
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_data_arguments(p)
     add_teacher_arguments(p)
     add_device_arguments(p)
-    p.add_argument("--embeddings", action="store_true",
-                   help="also store the teacher's per-protein embedding of every training and validation sequence "
-                        "(one vector each), which distill.py --embedding_weight reads")
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also store the teacher's per-protein embedding of every training and validation sequence "
+        "(one vector each), which distill.py --embedding_weight reads",
+    )
     return p
 
 
@@ -66,8 +71,9 @@ def fill(args, world: World, device) -> dict | None:
     todo = []  # (variant, the numbers of its batches still to compute)
     cache = teacher = None
     if world.is_main:
-        targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants, half=half,
-                                       embeddings=args.embeddings)
+        targets = load_teacher_targets(
+            args, train_seqs, val_seqs, device, variants=variants, half=half, embeddings=args.embeddings
+        )
         cache, teacher = targets.cache, targets.teacher
         for variant in variants:
             if not cache.is_complete(variant):
@@ -75,21 +81,34 @@ def fill(args, world: World, device) -> dict | None:
                 todo.append((variant, [i for i, batch in enumerate(indices) if not cache.is_filled(variant, batch)]))
     todo = broadcast_from_main(todo, world)
     if not world.is_main and todo:  # the teacher alone: rank 0 holds the cache
-        teacher = load_teacher_targets(argparse.Namespace(**{**vars(args), "teacher_cache": None}),
-                                               train_seqs, val_seqs, device, variants=variants, half=half).teacher
+        teacher = load_teacher_targets(
+            argparse.Namespace(**{**vars(args), "teacher_cache": None}),
+            train_seqs,
+            val_seqs,
+            device,
+            variants=variants,
+            half=half,
+        ).teacher
 
-    bar = progress(total=sum(len(numbers) for _, numbers in todo), desc="teacher cache", unit="batch",
-                   disable=not world.is_main)
+    bar = progress(
+        total=sum(len(numbers) for _, numbers in todo), desc="teacher cache", unit="batch", disable=not world.is_main
+    )
     last_flush, computed = time.monotonic(), 0
     try:
         for variant, numbers in todo:
             bar.set_postfix(variant="val" if variant == data.VALIDATION_VARIANT else variant)
             batches = mask_batches(args, variant, train_seqs, val_seqs, teacher.tokenizer)
-            mine = iter(batch_loader(batches, numbers[world.rank::world.size], args.num_workers))
+            mine = iter(batch_loader(batches, numbers[world.rank :: world.size], args.num_workers))
             for _ in range(math.ceil(len(numbers) / world.size)):  # the last round: some ranks idle
                 batch = next(mine, None)
-                result = None if batch is None else (
-                    batch, teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))["logits"].cpu())
+                result = (
+                    None
+                    if batch is None
+                    else (
+                        batch,
+                        teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))["logits"].cpu(),
+                    )
+                )
                 for batch, logits in gather_to_main(result, world):
                     cache.write(variant, batch, logits)
                     computed += 1
@@ -104,16 +123,24 @@ def fill(args, world: World, device) -> dict | None:
             cache.close()
     if not world.is_main:
         return None
-    print(f"teacher cache {args.teacher_cache}: complete ({', '.join(sorted(cache.manifest['complete']))}); "
-          f"{computed} batches through the teacher")
+    print(
+        f"teacher cache {args.teacher_cache}: complete ({', '.join(sorted(cache.manifest['complete']))}); "
+        f"{computed} batches through the teacher"
+    )
     return cache.manifest
 
 
 def mask_batches(args, variant: int, train_seqs, val_seqs, tokenizer) -> MaskedBatches:
     """The batches of a mask variant, as distill.py draws them."""
     validation = variant == data.VALIDATION_VARIANT
-    return MaskedBatches(val_seqs if validation else train_seqs, tokenizer, args, epoch=max(variant, 0),
-                                 train=not validation, mask_variant=variant)
+    return MaskedBatches(
+        val_seqs if validation else train_seqs,
+        tokenizer,
+        args,
+        epoch=max(variant, 0),
+        train=not validation,
+        mask_variant=variant,
+    )
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Training checkpoints and the output folder: atomic save, listing, pruning, resume, and
 refusing to mix two runs in one folder."""
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,23 @@ def read_checkpoint(path: Path, config: StudentConfig) -> tuple[dict, dict]:
     """(student weights, training state) of checkpoint-STEP/, refused unless it holds this run's student."""
     saved = load_student(path, map_location="cpu")
     if saved.model.config != config:
-        raise UserError(f"{path} holds a different student ({saved.model.summary()}); pass the same sizes "
-                        "and teacher as the run that wrote it")
+        raise UserError(
+            f"{path} holds a different student ({saved.model.summary()}); pass the same sizes "
+            "and teacher as the run that wrote it"
+        )
     try:
         state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or a pickle that would run code
-        raise CheckpointError(f"{path / TRAINING_STATE}: unreadable or unsafe training state "
-                              f"({str(err).strip().splitlines()[0]}); resume from an earlier checkpoint") from err
+        raise CheckpointError(
+            f"{path / TRAINING_STATE}: unreadable or unsafe training state "
+            f"({str(err).strip().splitlines()[0]}); resume from an earlier checkpoint"
+        ) from err
     return saved.model.state_dict(), state
 
 
-def restore_training_state(path: Path, weights: dict, state: dict, student, hidden_proj, optimizer, scheduler,
-                           scaler) -> None:
+def restore_training_state(
+    path: Path, weights: dict, state: dict, student, hidden_proj, optimizer, scheduler, scaler
+) -> None:
     """Load what read_checkpoint read: weights, optimizer, scheduler, scaler and the RNGs (of the
     process, or rank 0, that wrote it)."""
     student.load_state_dict(weights)
@@ -50,13 +56,17 @@ def restore_training_state(path: Path, weights: dict, state: dict, student, hidd
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoint-STEP folders, oldest first (a folder being written is named .tmp)."""
-    found = [p for p in output_dir.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / TRAINING_STATE).exists()]
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / TRAINING_STATE).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(output_dir: Path, student, hidden_proj, optimizer, scheduler, scaler, position: dict,
-                    metadata: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    output_dir: Path, student, hidden_proj, optimizer, scheduler, scaler, position: dict, metadata: dict, keep_last: int
+) -> Path:
     """Write checkpoint-STEP/ (student + everything needed to continue exactly) atomically:
     into a hidden temporary folder first, renamed only once complete."""
     final = output_dir / f"checkpoint-{position['step']}"
@@ -64,10 +74,15 @@ def save_checkpoint(output_dir: Path, student, hidden_proj, optimizer, scheduler
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_student(student, tmp, metadata)
-    state = {"position": position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "hidden_proj": hidden_proj.state_dict() if hidden_proj else None,
-             "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {
+        "position": position,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "hidden_proj": hidden_proj.state_dict() if hidden_proj else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     with open(tmp / TRAINING_STATE, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -115,8 +130,10 @@ def check_output_dir(args) -> Path:
     nothing is created or deleted until the data and teacher have loaded (start_output_dir)."""
     output_dir = cli.writable_folder(args.output_dir, "--output_dir")
     if holds_run(output_dir) and not args.resume and not args.overwrite:
-        raise UserError(f"{output_dir} already holds a training run; pass --resume auto to continue it, "
-                        "--overwrite to replace it, or another --output_dir")
+        raise UserError(
+            f"{output_dir} already holds a training run; pass --resume auto to continue it, "
+            "--overwrite to replace it, or another --output_dir"
+        )
     return output_dir
 
 

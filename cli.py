@@ -5,6 +5,7 @@ can fix: a missing file, a bad flag combination, a foreign checkpoint. `run(main
 into `error: <message>` on stderr and exit status 2, with no traceback. Genuine bugs still
 raise with a full traceback, which is what a developer needs.
 """
+
 from __future__ import annotations
 
 import os

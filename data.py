@@ -9,6 +9,7 @@ with one line naming the file and line. The training-side helpers are vectorised
     sequence j of variant v looks the same in any batch, epoch or run,
   - `MaskedBatches` / `batch_loader`: an epoch of such batches, built by DataLoader workers.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -61,8 +62,9 @@ def write_fasta(path: str | Path, proteins: Sequence[Protein]) -> None:
             handle.write(f">{header}\n{p.sequence}\n")
 
 
-def read_fasta(path: str | Path, min_length: int = 1, drop_duplicates: bool = True,
-               stats: dict | None = None) -> list[Protein]:
+def read_fasta(
+    path: str | Path, min_length: int = 1, drop_duplicates: bool = True, stats: dict | None = None
+) -> list[Protein]:
     """Proteins of a plain or gzipped FASTA file, in file order.
 
     Sequences are upper-cased, a terminal '*' is dropped and U/Z/O/B become X. Sequences shorter
@@ -111,13 +113,14 @@ def _records(path: Path) -> Iterator[tuple[str, bytes]]:
             chunks, terminated = [], False
         elif line:
             if header is None:
-                raise UserError(f"{where}: sequence data before the first '>' header "
-                                "(is this a FASTA file?)")
+                raise UserError(f"{where}: sequence data before the first '>' header (is this a FASTA file?)")
             if terminated:
                 raise UserError(f"{where}: residues after the terminal '*' of {header.split()[0]}")
             if not _SEQUENCE_LINE.fullmatch(line):
-                raise UserError(f"{where}: {_bad_character(line)} in sequence "
-                                f"{header.split()[0]}; only amino-acid letters A-Z are allowed")
+                raise UserError(
+                    f"{where}: {_bad_character(line)} in sequence "
+                    f"{header.split()[0]}; only amino-acid letters A-Z are allowed"
+                )
             terminated = line.endswith(b"*")
             chunks.append(line.rstrip(b"*"))
     if header is not None:
@@ -144,7 +147,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         gzipped = handle.read(2) == b"\x1f\x8b"
     corrupt_gzip = (OSError, EOFError, zlib.error) if gzipped else ()
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
             head = handle.peek(8192)[:8192]
             if not head:
                 raise UserError(f"{path}: file is empty")
@@ -170,28 +173,30 @@ def _looks_binary(head: bytes) -> bool:
 # Splits
 # --------------------------------------------------------------------------------------------
 
-def split_proteins(proteins: Sequence[Protein], val_fraction: float = 0.1,
-                   test_fraction: float = 0.1, seed: int = 0):
+
+def split_proteins(proteins: Sequence[Protein], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0):
     """(train, val, test): a seeded random partition; each part keeps the input order.
 
     A split with a positive fraction gets round(n * fraction) proteins, and at least one.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"val/test fractions must be in [0, 1) and sum to < 1, "
-                        f"got {val_fraction} and {test_fraction}")
+        raise UserError(f"val/test fractions must be in [0, 1) and sum to < 1, got {val_fraction} and {test_fraction}")
     n = len(proteins)
     n_val, n_test = (max(1, round(n * f)) if f > 0 else 0 for f in (val_fraction, test_fraction))
     if n_val + n_test >= n:
-        raise UserError(f"{n} sequences are too few for a split with val_fraction {val_fraction} "
-                        f"and test_fraction {test_fraction}; provide more sequences")
+        raise UserError(
+            f"{n} sequences are too few for a split with val_fraction {val_fraction} "
+            f"and test_fraction {test_fraction}; provide more sequences"
+        )
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     return tuple([proteins[i] for i in sorted(part)] for part in (train, val, test))
 
 
-def load_splits(data_path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                seed: int = 0, min_length: int = 1) -> dict[str, list[Protein]]:
+def load_splits(
+    data_path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, min_length: int = 1
+) -> dict[str, list[Protein]]:
     """{"train", "val", "test"} proteins from a split folder or from one FASTA file.
 
     A folder must hold train.fasta, val.fasta and test.fasta (download_sample_data.py writes
@@ -200,8 +205,9 @@ def load_splits(data_path: str | Path, val_fraction: float = 0.1, test_fraction:
     """
     data_path = Path(data_path)
     if not data_path.exists():
-        raise UserError(f"{data_path}: no such file or folder; pass a FASTA file or a folder made "
-                        "by download_sample_data.py")
+        raise UserError(
+            f"{data_path}: no such file or folder; pass a FASTA file or a folder made by download_sample_data.py"
+        )
     if data_path.is_file():
         proteins = read_fasta(data_path, min_length=min_length)
         splits = dict(zip(SPLIT_NAMES, split_proteins(proteins, val_fraction, test_fraction, seed)))
@@ -209,11 +215,12 @@ def load_splits(data_path: str | Path, val_fraction: float = 0.1, test_fraction:
         files = {name: data_path / f"{name}.fasta" for name in SPLIT_NAMES}
         missing = [f.name for f in files.values() if not f.is_file()]
         if missing:
-            raise UserError(f"{data_path}: missing {', '.join(missing)}; a data folder needs "
-                            "train.fasta, val.fasta and test.fasta (see download_sample_data.py)")
+            raise UserError(
+                f"{data_path}: missing {', '.join(missing)}; a data folder needs "
+                "train.fasta, val.fasta and test.fasta (see download_sample_data.py)"
+            )
         # A split written with fraction 0 is an empty file, which read_fasta rightly rejects.
-        splits = {name: read_fasta(f, min_length=min_length) if f.stat().st_size else []
-                  for name, f in files.items()}
+        splits = {name: read_fasta(f, min_length=min_length) if f.stat().st_size else [] for name, f in files.items()}
     if not splits["train"]:
         raise UserError(f"{data_path}: no training sequences of at least {min_length} residues")
     return splits
@@ -223,8 +230,8 @@ def load_splits(data_path: str | Path, val_fraction: float = 0.1, test_fraction:
 # Masking, batching, collation
 # --------------------------------------------------------------------------------------------
 
-def mask_tokens(input_ids: torch.Tensor, tokenizer, mask_prob: float = 0.15,
-                generator: torch.Generator | None = None):
+
+def mask_tokens(input_ids: torch.Tensor, tokenizer, mask_prob: float = 0.15, generator: torch.Generator | None = None):
     """BERT masking of residue positions -> (masked_ids, labels).
 
     Each residue position (never a special or pad token) is chosen with probability
@@ -262,8 +269,10 @@ def _mask_with_draws(input_ids: torch.Tensor, tokenizer, mask_prob: float, draws
 def mask_seeds(seed: int, variant: int, indices: Iterable[int]) -> list[int]:
     """The generator seed of each sequence in `indices` under mask variant `variant`: a hash of
     (seed, variant, index), so that every (variant, sequence) pair has its own crop and mask."""
-    return [int.from_bytes(hashlib.blake2b(f"{seed}:{variant}:{j}".encode(), digest_size=8).digest(),
-                           "little") >> 1 for j in indices]
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}:{variant}:{j}".encode(), digest_size=8).digest(), "little") >> 1
+        for j in indices
+    ]
 
 
 def token_lengths(sequences: Sequence[str], max_seq_len: int) -> list[int]:
@@ -271,9 +280,14 @@ def token_lengths(sequences: Sequence[str], max_seq_len: int) -> list[int]:
     return [min(len(s), max_seq_len - 2) + 2 for s in sequences]
 
 
-def batch_indices(lengths: Sequence[int], max_tokens: int | None = None,
-                  batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                  epoch: int = 0) -> list[list[int]]:
+def batch_indices(
+    lengths: Sequence[int],
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[list[int]]:
     """Batches of indices into `lengths` (token counts), grouped by similar length.
 
     Indices are sorted by length and cut into batches either of `batch_size` or, with
@@ -294,7 +308,7 @@ def batch_indices(lengths: Sequence[int], max_tokens: int | None = None,
     order.sort(key=lengths.__getitem__)  # stable: equal lengths keep the shuffled order
 
     if batch_size is not None:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     else:
         batches, current = [], []
         for i in order:  # ascending, so the newcomer is the longest in the batch
@@ -316,8 +330,14 @@ def padding_efficiency(batches: Sequence[Sequence[int]], lengths: Sequence[int])
     return real / padded if padded else 1.0
 
 
-def collate(sequences: Sequence[str], tokenizer, max_seq_len: int, mask_prob: float = 0.15,
-            seeds: Sequence[int] | None = None, random_crop: bool = True) -> dict:
+def collate(
+    sequences: Sequence[str],
+    tokenizer,
+    max_seq_len: int,
+    mask_prob: float = 0.15,
+    seeds: Sequence[int] | None = None,
+    random_crop: bool = True,
+) -> dict:
     """Crop, encode, pad to the batch's longest and mask -> dict(input_ids, attention_mask, labels).
 
     Sequence i is cropped and masked with its own generator, seeded with seeds[i] (None: seeds
@@ -335,11 +355,12 @@ def collate(sequences: Sequence[str], tokenizer, max_seq_len: int, mask_prob: fl
     if len(seeds) != len(sequences):
         raise ValueError(f"{len(seeds)} seeds for {len(sequences)} sequences")
     lengths = token_lengths(sequences, max_seq_len)
-    row_draws = [torch.rand(1 + 3 * n, generator=torch.Generator().manual_seed(int(seed)))
-                 for seed, n in zip(seeds, lengths)]
+    row_draws = [
+        torch.rand(1 + 3 * n, generator=torch.Generator().manual_seed(int(seed))) for seed, n in zip(seeds, lengths)
+    ]
     windows = [len(s) - min(len(s), window) + 1 for s in sequences]  # possible crop starts
     starts = [int(float(u[0]) * w) if random_crop else 0 for u, w in zip(row_draws, windows)]
-    cropped = [s[start:start + window] for s, start in zip(sequences, starts)]
+    cropped = [s[start : start + window] for s, start in zip(sequences, starts)]
     input_ids, attention_mask = tokenizer.batch_encode(cropped)
     draws = torch.ones((3, *input_ids.shape))  # a draw of 1 never chooses a position: padding
     for row, (u, n) in enumerate(zip(row_draws, lengths)):
@@ -348,13 +369,26 @@ def collate(sequences: Sequence[str], tokenizer, max_seq_len: int, mask_prob: fl
     return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
 
 
-def masked_batch(sequences: Sequence[str], indices: Sequence[int], tokenizer, max_seq_len: int,
-                 mask_prob: float, seed: int, variant: int) -> dict:
+def masked_batch(
+    sequences: Sequence[str],
+    indices: Sequence[int],
+    tokenizer,
+    max_seq_len: int,
+    mask_prob: float,
+    seed: int,
+    variant: int,
+) -> dict:
     """collate of sequences[indices], each masked as mask variant `variant` prescribes (training
     variants 0, 1, ... crop a random window; VALIDATION_VARIANT the N-terminal one), plus
     "sequence_index": the indices, a LongTensor [B]."""
-    batch = collate([sequences[j] for j in indices], tokenizer, max_seq_len, mask_prob,
-                    seeds=mask_seeds(seed, variant, indices), random_crop=variant != VALIDATION_VARIANT)
+    batch = collate(
+        [sequences[j] for j in indices],
+        tokenizer,
+        max_seq_len,
+        mask_prob,
+        seeds=mask_seeds(seed, variant, indices),
+        random_crop=variant != VALIDATION_VARIANT,
+    )
     batch["sequence_index"] = torch.tensor(list(indices), dtype=torch.long)
     return batch
 
@@ -371,13 +405,15 @@ def kl_positions(labels: torch.Tensor, attention_mask: torch.Tensor, distill_pos
 
 def load_sequences(args) -> tuple[list[str], list[str]]:
     """The training and validation sequences of --data_path."""
-    splits = load_splits(args.data_path, val_fraction=args.val_fraction,
-                         test_fraction=args.test_fraction, seed=args.seed)
+    splits = load_splits(
+        args.data_path, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed
+    )
     train_seqs = [p.sequence for p in splits["train"]]
     val_seqs = [p.sequence for p in splits["val"]]
     if not train_seqs or not val_seqs:
-        raise UserError(f"{args.data_path}: need training and validation sequences "
-                        f"(got {len(train_seqs)} and {len(val_seqs)})")
+        raise UserError(
+            f"{args.data_path}: need training and validation sequences (got {len(train_seqs)} and {len(val_seqs)})"
+        )
     return train_seqs, val_seqs
 
 
@@ -392,26 +428,43 @@ class MaskedBatches(Dataset):
         self.max_seq_len, self.mask_prob, self.seed = args.max_seq_len, args.mask_prob, args.seed
         self.mask_variant = (epoch if mask_variant is None else mask_variant) if train else VALIDATION_VARIANT
         lengths = token_lengths(sequences, self.max_seq_len)
-        self.batches = batch_indices(lengths, max_tokens=args.max_tokens,
-                                     batch_size=None if args.max_tokens else args.batch_size,
-                                     shuffle=train, seed=args.seed, epoch=epoch)
+        self.batches = batch_indices(
+            lengths,
+            max_tokens=args.max_tokens,
+            batch_size=None if args.max_tokens else args.batch_size,
+            shuffle=train,
+            seed=args.seed,
+            epoch=epoch,
+        )
         self.padding_efficiency = padding_efficiency(self.batches, lengths)
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
-        return masked_batch(self.sequences, self.batches[i], self.tokenizer, self.max_seq_len,
-                            self.mask_prob, self.seed, self.mask_variant)
+        return masked_batch(
+            self.sequences,
+            self.batches[i],
+            self.tokenizer,
+            self.max_seq_len,
+            self.mask_prob,
+            self.seed,
+            self.mask_variant,
+        )
 
 
 def batch_loader(dataset: MaskedBatches, batch_numbers, num_workers: int) -> DataLoader:
     """Batches `batch_numbers` of the dataset, in that order, built by num_workers processes."""
     # An explicit generator keeps the DataLoader from drawing on the global RNG, which dropout
     # uses: otherwise a resumed run would see different dropout masks.
-    return DataLoader(dataset, batch_size=None, sampler=batch_numbers,
-                      num_workers=num_workers, generator=torch.Generator(),
-                      persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=batch_numbers,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+        persistent_workers=False,
+    )
 
 
 def evenly_spaced(items: list, count: int) -> list:

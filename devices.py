@@ -1,4 +1,5 @@
 """Where and in what precision models run: the device, the autocast dtype, the autocast context."""
+
 from __future__ import annotations
 
 import warnings
@@ -32,8 +33,10 @@ def resolve_precision(args, device: torch.device) -> torch.dtype | None:
         return None
     if args.bf16:
         if device.type == "cpu":
-            print("note: bf16 on CPU runs through autocast; on CPUs without AMX/AVX512-BF16 it is "
-                  "several times slower than fp32")
+            print(
+                "note: bf16 on CPU runs through autocast; on CPUs without AMX/AVX512-BF16 it is "
+                "several times slower than fp32"
+            )
         return torch.bfloat16
     return None
 

@@ -31,6 +31,7 @@ prints, logs and writes checkpoints, which hold the position in the global list 
 so resume on any number of processes. A cache is read by every rank but filled only by one
 process (or by cache_teacher.py under torchrun).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,13 +88,13 @@ from validation import ValidationTeacher, validate
 # Command line
 # --------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_distill_arguments(p)
     return p
-
-
 
 
 def validate_args(args) -> None:
@@ -141,6 +142,7 @@ def training_run(args, world: World, device: torch.device) -> dict | None:
 @dataclass
 class Run:
     """One training run on this process: what the loop and the steps around it share."""
+
     args: argparse.Namespace
     world: World
     device: torch.device
@@ -179,19 +181,34 @@ class Run:
     def train_batches(self, epoch: int) -> MaskedBatches:
         if epoch == 0:
             return self.first_epoch
-        return MaskedBatches(self.train_seqs, self.targets.tokenizer, self.args, epoch, train=True,
-                             mask_variant=mask_variant(epoch, self.args))
+        return MaskedBatches(
+            self.train_seqs,
+            self.targets.tokenizer,
+            self.args,
+            epoch,
+            train=True,
+            mask_variant=mask_variant(epoch, self.args),
+        )
 
     def evaluate(self, step: int) -> dict:
         """Validate, log the record, keep best_model/ when the validation loss improved."""
-        metrics = validate(self.student, self.hidden_proj, self.val_teacher, self.val_set, self.args,
-                           self.device, self.autocast_dtype, self.world)
+        metrics = validate(
+            self.student,
+            self.hidden_proj,
+            self.val_teacher,
+            self.val_set,
+            self.args,
+            self.device,
+            self.autocast_dtype,
+            self.world,
+        )
         self.log.write({"split": "val", "step": step, "epoch": self.position["epoch"], **metrics})
         if metrics["loss"] < self.position["best_val_loss"]:
             self.position["best_val_loss"] = metrics["loss"]
             if self.world.is_main:
-                save_student(self.student, self.output_dir / "best_model",
-                             {**self.metadata, "step": step, "val": metrics})
+                save_student(
+                    self.student, self.output_dir / "best_model", {**self.metadata, "step": step, "val": metrics}
+                )
         self.last_eval = (step, metrics)
         return metrics
 
@@ -205,8 +222,17 @@ class Run:
             self.saved_steps.append(step)
             if self.targets.cache is not None:  # the cache entries written so far survive with the checkpoint
                 self.targets.cache.flush()
-            save_checkpoint(self.output_dir, self.student, self.hidden_proj, self.optimizer, self.scheduler,
-                            self.scaler, dict(self.position), {**self.metadata, "step": step}, self.args.keep_last)
+            save_checkpoint(
+                self.output_dir,
+                self.student,
+                self.hidden_proj,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                dict(self.position),
+                {**self.metadata, "step": step},
+                self.args.keep_last,
+            )
         barrier(self.world)  # no rank goes on, or exits, before the checkpoint is complete
         return path
 
@@ -218,34 +244,57 @@ def set_up(args, world: World, device: torch.device) -> Run:
     autocast_dtype = resolve_precision(args, device)
 
     train_seqs, val_seqs = load_sequences(args)
-    variants = {data.VALIDATION_VARIANT} | ({mask_variant(e, args) for e in range(args.num_epochs)}
-                                            if teacher_in_loss(args) else set())
-    targets = load_teacher_targets(args, train_seqs, val_seqs, device, variants=variants,
-                                   half=autocast_dtype is not None and device.type == "cuda",
-                                   hidden_states=args.hidden_weight > 0, fill_cache=world.size == 1,
-                                   embeddings=args.embedding_weight > 0)
+    variants = {data.VALIDATION_VARIANT} | (
+        {mask_variant(e, args) for e in range(args.num_epochs)} if teacher_in_loss(args) else set()
+    )
+    targets = load_teacher_targets(
+        args,
+        train_seqs,
+        val_seqs,
+        device,
+        variants=variants,
+        half=autocast_dtype is not None and device.type == "cuda",
+        hidden_states=args.hidden_weight > 0,
+        fill_cache=world.size == 1,
+        embeddings=args.embedding_weight > 0,
+    )
     tokenizer, about = targets.tokenizer, targets.about
     if args.teacher_cache and args.num_epochs < args.mask_variants:
-        print(f"note: {args.num_epochs} epochs use {args.num_epochs} of the --mask_variants {args.mask_variants} "
-              "mask variants; a longer run fills the others")
+        print(
+            f"note: {args.num_epochs} epochs use {args.num_epochs} of the --mask_variants {args.mask_variants} "
+            "mask variants; a longer run fills the others"
+        )
 
     torch.manual_seed(args.seed)
-    config = StudentConfig.from_tokenizer(tokenizer, d_model=args.d_model, num_heads=args.num_heads,
-                                          num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout,
-                                          teacher_hidden_size=about["hidden_size"] if args.embedding_weight else None)
+    config = StudentConfig.from_tokenizer(
+        tokenizer,
+        d_model=args.d_model,
+        num_heads=args.num_heads,
+        num_layers=args.num_layers,
+        d_ff=args.d_ff,
+        dropout=args.dropout,
+        teacher_hidden_size=about["hidden_size"] if args.embedding_weight else None,
+    )
     student = Student(config).to(device)
-    hidden_proj = (torch.nn.Linear(args.d_model, about["hidden_size"]).to(device)
-                   if args.hidden_weight > 0 else None)
+    hidden_proj = torch.nn.Linear(args.d_model, about["hidden_size"]).to(device) if args.hidden_weight > 0 else None
     print(f"student: {student.summary()}; compression {about['num_parameters'] / student.num_parameters():.1f}x")
 
     first_epoch = MaskedBatches(train_seqs, tokenizer, args, 0, train=True, mask_variant=mask_variant(0, args))
     val_set = MaskedBatches(val_seqs, tokenizer, args, epoch=0, train=False)
     if len(first_epoch) < world.size:
-        raise UserError(f"the training split makes {len(first_epoch)} batches, too few for {world.size} processes: "
-                        "lower --batch_size (or --max_tokens), or start fewer processes")
+        raise UserError(
+            f"the training split makes {len(first_epoch)} batches, too few for {world.size} processes: "
+            "lower --batch_size (or --max_tokens), or start fewer processes"
+        )
     batches_per_step = world.size * args.grad_accumulation_steps
-    position = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": math.inf, "elapsed_s": 0.0,
-                "batches_per_step": batches_per_step}  # "batch": the epoch's next batch, counted over all ranks
+    position = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "best_val_loss": math.inf,
+        "elapsed_s": 0.0,
+        "batches_per_step": batches_per_step,
+    }  # "batch": the epoch's next batch, counted over all ranks
     if resume_from is not None:
         weights, state = read_checkpoint(resume_from, config)
         position = dict(state["position"])
@@ -254,12 +303,28 @@ def set_up(args, world: World, device: torch.device) -> Run:
         total_steps = min(total_steps, args.max_steps)
     budget = f"; at most {args.max_time:g} min" if args.max_time else ""
     ranks = f" ({world.size} processes x {args.grad_accumulation_steps})" if world.size > 1 else ""
-    print(f"data: {len(train_seqs)} train / {len(val_seqs)} val sequences, {len(first_epoch)} batches per "
-          f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {batches_per_step} batches{ranks} per "
-          f"optimizer step, {total_steps} optimizer steps{budget}")
+    print(
+        f"data: {len(train_seqs)} train / {len(val_seqs)} val sequences, {len(first_epoch)} batches per "
+        f"epoch, padding efficiency {first_epoch.padding_efficiency:.3f}; {batches_per_step} batches{ranks} per "
+        f"optimizer step, {total_steps} optimizer steps{budget}"
+    )
 
-    run = Run(args, world, device, autocast_dtype, output_dir, targets, train_seqs, student, hidden_proj,
-              first_epoch, val_set, position, total_steps, start_time=time.perf_counter())
+    run = Run(
+        args,
+        world,
+        device,
+        autocast_dtype,
+        output_dir,
+        targets,
+        train_seqs,
+        student,
+        hidden_proj,
+        first_epoch,
+        val_set,
+        position,
+        total_steps,
+        start_time=time.perf_counter(),
+    )
     set_up_optimization(run)
     if resume_from is not None:
         resume(run, resume_from, weights, state)
@@ -271,14 +336,21 @@ def set_up_optimization(run: Run) -> None:
     """AdamW, the learning-rate schedule (over steps, or over the --max_time budget), the scaler."""
     args = run.args
     # fused: one kernel for the whole update instead of one per parameter (2-3x faster step on CPU)
-    run.optimizer = torch.optim.AdamW(adamw_param_groups(run.trainable, args.weight_decay), lr=args.learning_rate,
-                                      fused=run.device.type in ("cpu", "cuda"))
+    run.optimizer = torch.optim.AdamW(
+        adamw_param_groups(run.trainable, args.weight_decay),
+        lr=args.learning_rate,
+        fused=run.device.type in ("cpu", "cuda"),
+    )
     if args.max_time:
         budget_s = args.max_time * 60
         # The share of the wall-clock budget, or of the steps where --max_steps (or --num_epochs)
         # ends the run first: the learning rate reaches 0 at whichever limit stops it.
-        run.scheduler = budget_schedule(run.optimizer, args.warmup_steps, args.scheduler,
-                                        lambda step: max(run.position["elapsed_s"] / budget_s, step / run.total_steps))
+        run.scheduler = budget_schedule(
+            run.optimizer,
+            args.warmup_steps,
+            args.scheduler,
+            lambda step: max(run.position["elapsed_s"] / budget_s, step / run.total_steps),
+        )
     else:
         run.scheduler = step_schedule(run.optimizer, args.warmup_steps, args.scheduler, run.total_steps)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.autocast_dtype == torch.float16)
@@ -286,14 +358,18 @@ def set_up_optimization(run: Run) -> None:
 
 def resume(run: Run, resume_from: Path, weights: dict, state: dict) -> None:
     """Continue from a checkpoint: weights, optimizer, schedule, scaler and RNGs as they were."""
-    restore_training_state(resume_from, weights, state, run.student, run.hidden_proj, run.optimizer,
-                           run.scheduler, run.scaler)
+    restore_training_state(
+        resume_from, weights, state, run.student, run.hidden_proj, run.optimizer, run.scheduler, run.scaler
+    )
     position = run.position
-    print(f"resumed from {resume_from} at step {position['step']} (epoch {position['epoch']}, "
-          f"batch {position['batch']})")
+    print(
+        f"resumed from {resume_from} at step {position['step']} (epoch {position['epoch']}, batch {position['batch']})"
+    )
     if position.get("batches_per_step", run.batches_per_step) != run.batches_per_step:
-        print(f"note: the checkpoint was written with {position['batches_per_step']} batches per optimizer step, "
-              f"this run takes {run.batches_per_step}: the schedule is planned anew for the steps left")
+        print(
+            f"note: the checkpoint was written with {position['batches_per_step']} batches per optimizer step, "
+            f"this run takes {run.batches_per_step}: the schedule is planned anew for the steps left"
+        )
     position["batches_per_step"] = run.batches_per_step
 
 
@@ -302,19 +378,33 @@ def set_up_outputs(run: Run, resumed: bool) -> None:
     args, world, student, about = run.args, run.world, run.student, run.targets.about
     # The teacher stays as it is on every rank: frozen, never wrapped. The student's only buffers
     # are RoPE tables that each rank grows to its longest sequence: not broadcast.
-    run.ddp_student = student if world.size == 1 else DDP(
-        student, device_ids=[run.device.index] if run.device.type == "cuda" else None, forward_sync_buffers=False)
+    run.ddp_student = (
+        student
+        if world.size == 1
+        else DDP(
+            student, device_ids=[run.device.index] if run.device.type == "cuda" else None, forward_sync_buffers=False
+        )
+    )
     if world.size > 1:
         seed_dropout(args.seed, run.position["step"], world)
     barrier(world)  # every rank has read the output folder and checkpoint before rank 0 changes them
     if world.is_main:
         start_output_dir(run.output_dir, args, run.position["step"] if resumed else None)
     run.start_time -= run.position["elapsed_s"]
-    run.metadata = {"teacher": about["name"], "teacher_vocab_hash": run.targets.tokenizer.vocab_hash,
-                    "max_seq_len": args.max_seq_len, "distill_args": {k: v for k, v in vars(args).items()}}
+    run.metadata = {
+        "teacher": about["name"],
+        "teacher_vocab_hash": run.targets.tokenizer.vocab_hash,
+        "max_seq_len": args.max_seq_len,
+        "distill_args": {k: v for k, v in vars(args).items()},
+    }
     run.val_teacher = ValidationTeacher(run.targets)
-    run_config = {**vars(args), "student_parameters": student.num_parameters(), "processes": world.size,
-                  "teacher_parameters": about["num_parameters"], "teacher_backend": about["backend"]}
+    run_config = {
+        **vars(args),
+        "student_parameters": student.num_parameters(),
+        "processes": world.size,
+        "teacher_parameters": about["num_parameters"],
+        "teacher_backend": about["backend"],
+    }
     wandb_run = start_wandb(args, run_config) if args.use_wandb and world.is_main else None
     run.log = RunLog(run.output_dir / "metrics.jsonl" if world.is_main else None, wandb_run)
 
@@ -331,8 +421,14 @@ def train_loop(run: Run) -> str | None:
     if step == 0:  # the starting point of the curves: how far the untrained student is from the teacher
         run.evaluate(0)
     # In a log file the bar is silent: log_training writes a line every --log_every steps instead.
-    bar = progress(total=None if args.max_time else total_steps, initial=step, desc="distill", unit="step",
-                   disable=not world.is_main, plain_every_s=None)
+    bar = progress(
+        total=None if args.max_time else total_steps,
+        initial=step,
+        desc="distill",
+        unit="step",
+        disable=not world.is_main,
+        plain_every_s=None,
+    )
     stop_signum, out_of_time = 0, False  # agreed on by all ranks at every step
     run.first_step, run.loop_start = step, time.perf_counter()
     run.student.train()
@@ -343,28 +439,37 @@ def train_loop(run: Run) -> str | None:
             position["epoch"] = epoch
             epoch_set = run.train_batches(epoch)
             steps = optimizer_steps(len(epoch_set), position["batch"], run.batches_per_step, world.size)
-            mine = [group[world.rank::world.size] for group in steps]  # this rank's batches of each step
+            mine = [group[world.rank :: world.size] for group in steps]  # this rank's batches of each step
             micro_batches = iter(batch_loader(epoch_set, [i for part in mine for i in part], args.num_workers))
             optimizer.zero_grad(set_to_none=True)
             for group, part in zip(steps, mine):
                 loss_ok = True
                 for j, batch in enumerate(islice(micro_batches, len(part))):
-                    loss_ok &= forward_backward(run, batch, epoch_set.mask_variant, reads_teacher, window,
-                                                last_micro_batch=j == len(part) - 1, micro_batches=len(part))
+                    loss_ok &= forward_backward(
+                        run,
+                        batch,
+                        epoch_set.mask_variant,
+                        reads_teacher,
+                        window,
+                        last_micro_batch=j == len(part) - 1,
+                        micro_batches=len(part),
+                    )
 
                 position["batch"] = group.stop
                 # One all-reduce a step has every rank decide alike: skip the step if any rank's loss
                 # is not finite, stop if any rank got a signal, and run the budget on one clock.
                 bad, stop_signum, position["elapsed_s"] = all_reduce(
-                    [not loss_ok, stop.signum or 0, time.perf_counter() - run.start_time], world, op="max")
+                    [not loss_ok, stop.signum or 0, time.perf_counter() - run.start_time], world, op="max"
+                )
                 stop_signum = int(stop_signum)
                 out_of_time = bool(args.max_time) and position["elapsed_s"] >= args.max_time * 60
                 if bad:  # skip the step: a non-finite loss would poison the weights
                     optimizer.zero_grad(set_to_none=True)
                     bad_steps += 1
                     if world.is_main:
-                        warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({bad_steps} in a row)",
-                                      stacklevel=1)
+                        warnings.warn(
+                            f"non-finite loss at step {step + 1}; step skipped ({bad_steps} in a row)", stacklevel=1
+                        )
                     if bad_steps >= args.max_bad_steps:
                         stopped_by = "non-finite losses"
                         break
@@ -377,8 +482,11 @@ def train_loop(run: Run) -> str | None:
 
                 if step % args.log_every == 0 or step == total_steps:
                     record = log_training(run, window, epoch, reads_teacher)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['masked_acc']:.3f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        acc=f"{record['masked_acc']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                    )
                     window = new_window()
                 if step % args.eval_every == 0:
                     run.evaluate(step)
@@ -397,19 +505,31 @@ def train_loop(run: Run) -> str | None:
     return stopped_by
 
 
-def forward_backward(run: Run, batch: dict, variant: int, reads_teacher: bool, window: dict,
-                     last_micro_batch: bool, micro_batches: int) -> bool:
+def forward_backward(
+    run: Run, batch: dict, variant: int, reads_teacher: bool, window: dict, last_micro_batch: bool, micro_batches: int
+) -> bool:
     """One micro-batch: teacher targets, student forward, loss, backward (gradients summed over
     the step's micro-batches); adds it to the log window. Returns whether its loss was finite."""
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     t = run.targets(batch, variant) if reads_teacher else {"logits": None}
     with gradient_sync(run.ddp_student, last_micro_batch=last_micro_batch):
         with autocast(run.device, run.autocast_dtype):
-            out = run.ddp_student(batch["input_ids"], batch["attention_mask"],
-                                  output_hidden_states=run.hidden_proj is not None,
-                                  output_embedding=run.student.teacher_map is not None)
-            terms = loss_terms(out, run.hidden_proj, t["logits"], t.get("hidden_states"), batch, run.args,
-                               distill_positions=run.args.distill_positions, t_embedding=t)
+            out = run.ddp_student(
+                batch["input_ids"],
+                batch["attention_mask"],
+                output_hidden_states=run.hidden_proj is not None,
+                output_embedding=run.student.teacher_map is not None,
+            )
+            terms = loss_terms(
+                out,
+                run.hidden_proj,
+                t["logits"],
+                t.get("hidden_states"),
+                batch,
+                run.args,
+                distill_positions=run.args.distill_positions,
+                t_embedding=t,
+            )
         # A non-finite loss goes backward too, to be dropped with its step by the caller:
         # under DDP every rank must take part in the gradient all-reduce.
         run.scaler.scale(terms["loss"] / micro_batches).backward()
@@ -440,12 +560,18 @@ def log_training(run: Run, window: dict, epoch: int, reads_teacher: bool) -> dic
     dt = max(time.perf_counter() - window["t0"], 1e-9)
     sums = dict(zip(WINDOW_SUMS, all_reduce([window[k] for k in WINDOW_SUMS], run.world)))
     m = max(sums["masked"], 1)
-    record = {"split": "train", "step": run.position["step"], "epoch": epoch,
-              **{k: sums[k] / m for k in TERMS},
-              "masked_acc": sums["correct"] / m,
-              "agreement": sums["agree"] / m if reads_teacher else None,
-              "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": sums["tokens"] / dt,
-              "sequences_per_s": sums["seqs"] / dt, "elapsed_s": run.position["elapsed_s"]}
+    record = {
+        "split": "train",
+        "step": run.position["step"],
+        "epoch": epoch,
+        **{k: sums[k] / m for k in TERMS},
+        "masked_acc": sums["correct"] / m,
+        "agreement": sums["agree"] / m if reads_teacher else None,
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": sums["tokens"] / dt,
+        "sequences_per_s": sums["seqs"] / dt,
+        "elapsed_s": run.position["elapsed_s"],
+    }
     run.log.write(record)
     if run.world.is_main and not is_terminal():
         print(progress_line(run, record), flush=True)
@@ -462,9 +588,11 @@ def progress_line(run: Run, record: dict) -> str:
         left = (run.total_steps - step) * (time.perf_counter() - run.loop_start) / max(done_here, 1)
     terms = " ".join(f"{k} {record[k]:.3f}" for k in ("kl", "ce", "cos", "emb") if record.get(k))
     agreement = f" | agree {record['agreement']:.3f}" if record["agreement"] is not None else ""
-    return (f"step {step:,}/{run.total_steps:,} | epoch {record['epoch']} | loss {record['loss']:.3f} ({terms}) "
-            f"| acc {record['masked_acc']:.3f}{agreement} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s "
-            f"| {format_seconds(elapsed)} elapsed, ~{format_seconds(left)} left")
+    return (
+        f"step {step:,}/{run.total_steps:,} | epoch {record['epoch']} | loss {record['loss']:.3f} ({terms}) "
+        f"| acc {record['masked_acc']:.3f}{agreement} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s "
+        f"| {format_seconds(elapsed)} elapsed, ~{format_seconds(left)} left"
+    )
 
 
 def stop_on_signal(run: Run, signum: int) -> None:
@@ -473,8 +601,11 @@ def stop_on_signal(run: Run, signum: int) -> None:
     run.log.close()
     launcher = "torchrun <same launcher arguments> distill.py" if run.world.size > 1 else "python distill.py"
     if run.world.is_main:
-        print(f"stopped by {signal.Signals(signum).name} at step {run.position['step']}; checkpoint {path}\n"
-              f"resume with: {launcher} <same arguments> --resume auto", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(signum).name} at step {run.position['step']}; checkpoint {path}\n"
+            f"resume with: {launcher} <same arguments> --resume auto",
+            file=sys.stderr,
+        )
     sys.exit(128 + signum)
 
 
@@ -485,8 +616,10 @@ def finish(run: Run, stopped_by: str | None) -> dict | None:
         run.log.close()
         if targets.cache is not None:
             targets.cache.flush()
-        raise UserError(f"{args.max_bad_steps} non-finite losses in a row at step {step}: stopping. The last good "
-                        f"checkpoint is kept in {run.output_dir}; try a lower --learning_rate or fp32")
+        raise UserError(
+            f"{args.max_bad_steps} non-finite losses in a row at step {step}: stopping. The last good "
+            f"checkpoint is kept in {run.output_dir}; try a lower --learning_rate or fp32"
+        )
     final_metrics = run.last_eval[1] if run.last_eval and run.last_eval[0] == step else run.evaluate(step)
     final_checkpoint = run.checkpoint()
     run.log.close()
@@ -499,23 +632,36 @@ def finish(run: Run, stopped_by: str | None) -> dict | None:
     plot_training_curves(output_dir / "metrics.jsonl", output_dir / "training_curves.png")
     elapsed = time.perf_counter() - run.start_time
     best = json.loads((output_dir / "best_model" / "config.json").read_text()).get("metadata", {})
-    summary = {"teacher": about["name"], "teacher_backend": about["backend"], "device": str(run.device),
-               "processes": run.world.size, "batches_per_step": run.batches_per_step,
-               "precision": str(run.autocast_dtype or torch.float32).replace("torch.", ""),
-               "student_parameters": student.num_parameters(), "teacher_parameters": about["num_parameters"],
-               "compression": about["num_parameters"] / student.num_parameters(),
-               "teacher_cache": args.teacher_cache, "teacher_loaded": targets.teacher is not None,
-               "teacher_batches": teacher_batches,
-               "steps": step, "elapsed_s": elapsed, "final_val": final_metrics,
-               "best_val": best.get("val"), "best_step": best.get("step"),
-               "padding_efficiency": run.first_epoch.padding_efficiency,
-               "best_model": str(output_dir / "best_model" / "model.pt"),
-               "last_checkpoint": str(final_checkpoint), "args": vars(args)}
+    summary = {
+        "teacher": about["name"],
+        "teacher_backend": about["backend"],
+        "device": str(run.device),
+        "processes": run.world.size,
+        "batches_per_step": run.batches_per_step,
+        "precision": str(run.autocast_dtype or torch.float32).replace("torch.", ""),
+        "student_parameters": student.num_parameters(),
+        "teacher_parameters": about["num_parameters"],
+        "compression": about["num_parameters"] / student.num_parameters(),
+        "teacher_cache": args.teacher_cache,
+        "teacher_loaded": targets.teacher is not None,
+        "teacher_batches": teacher_batches,
+        "steps": step,
+        "elapsed_s": elapsed,
+        "final_val": final_metrics,
+        "best_val": best.get("val"),
+        "best_step": best.get("step"),
+        "padding_efficiency": run.first_epoch.padding_efficiency,
+        "best_model": str(output_dir / "best_model" / "model.pt"),
+        "last_checkpoint": str(final_checkpoint),
+        "args": vars(args),
+    }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     run.log.finish_wandb(final_metrics)
-    print(f"done: {step} steps in {elapsed / 60:.1f} min; val masked acc {final_metrics['masked_acc']:.3f} "
-          f"(teacher {final_metrics['teacher_masked_acc']:.3f}), agreement {final_metrics['agreement']:.3f}; "
-          f"best model {output_dir / 'best_model' / 'model.pt'}")
+    print(
+        f"done: {step} steps in {elapsed / 60:.1f} min; val masked acc {final_metrics['masked_acc']:.3f} "
+        f"(teacher {final_metrics['teacher_masked_acc']:.3f}), agreement {final_metrics['agreement']:.3f}; "
+        f"best model {output_dir / 'best_model' / 'model.pt'}"
+    )
     return summary
 
 

@@ -1,5 +1,6 @@
 """One process, or one rank of a torchrun job: the process group, collectives, how an optimizer
 step's batches are shared between ranks, and failing fast when one rank fails."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,6 +24,7 @@ from cli import UserError
 class World:
     """This process's place in the job: rank `rank` of `size` processes, `local_rank` on its
     machine. With size 1 (no torchrun) every collective below is a no-op."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -48,8 +50,10 @@ def join_world(device: torch.device, timeout_minutes: float) -> tuple[World, tor
         raise UserError("several processes need CUDA GPUs or CPUs; on MPS run distill.py as one process")
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {world.local_rank} has no GPU of its own ({torch.cuda.device_count()} on "
-                            "this machine): pass --nproc_per_node at most the number of GPUs")
+            raise UserError(
+                f"local rank {world.local_rank} has no GPU of its own ({torch.cuda.device_count()} on "
+                "this machine): pass --nproc_per_node at most the number of GPUs"
+            )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))

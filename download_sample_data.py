@@ -14,6 +14,7 @@ the raw download). Sources:
     sample of --num_sequences (in file order) when the file holds more.
 The same arguments and source always give the same split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ class ApiUnreachable(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--output_dir", required=True, help="folder for train/val/test.fasta, stats.json")
     p.add_argument("--num_sequences", type=int, default=1000, help="sequences in all three splits")
     p.add_argument("--min_length", type=int, default=30, help="shortest sequence kept (residues)")
@@ -58,20 +60,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seeds the split and the local sample")
     p.add_argument("--input_fasta", help="split this FASTA (plain or .gz) instead of downloading")
     p.add_argument("--offline", action="store_true", help="use the shipped sample, no network")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="uniprot",
-                   help="shipped sample used offline or when UniProt is unreachable")
-    p.add_argument("--base_url", default=os.environ.get("PEPEMB_UNIPROT_URL", DEFAULT_BASE_URL),
-                   help="UniProt REST root (env PEPEMB_UNIPROT_URL)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="uniprot",
+        help="shipped sample used offline or when UniProt is unreachable",
+    )
+    p.add_argument(
+        "--base_url",
+        default=os.environ.get("PEPEMB_UNIPROT_URL", DEFAULT_BASE_URL),
+        help="UniProt REST root (env PEPEMB_UNIPROT_URL)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="read timeout per request, seconds")
     p.add_argument("--retries", type=int, default=3, help="retries per request on transient errors")
-    p.add_argument("--backoff", type=float, default=1.0,
-                   help="first retry delay in seconds; doubles on each retry")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds; doubles on each retry")
     args = p.parse_args(argv)
     if args.num_sequences < 1:
         raise cli.UserError(f"--num_sequences must be at least 1 (got {args.num_sequences})")
     if not 1 <= args.min_length <= args.max_length:
-        raise cli.UserError(f"need 1 <= --min_length <= --max_length (got {args.min_length} and "
-                            f"{args.max_length})")
+        raise cli.UserError(f"need 1 <= --min_length <= --max_length (got {args.min_length} and {args.max_length})")
     if args.timeout <= 0 or args.retries < 0 or args.backoff < 0:
         raise cli.UserError("--timeout must be positive, --retries and --backoff non-negative")
     cli.writable_folder(args.output_dir, "--output_dir")
@@ -82,9 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 # UniProt REST
 # --------------------------------------------------------------------------------------------
 
-def download_uniref50(destination: Path, base_url: str, num_sequences: int, min_length: int,
-                      max_length: int, timeout: float = 60.0, retries: int = 3,
-                      backoff: float = 1.0) -> int:
+
+def download_uniref50(
+    destination: Path,
+    base_url: str,
+    num_sequences: int,
+    min_length: int,
+    max_length: int,
+    timeout: float = 60.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+) -> int:
     """Write about `num_sequences` UniRef50 records (whole pages) to `destination`, atomically.
 
     Follows the Link rel="next" header from page to page; returns the records written. Raises
@@ -92,11 +107,17 @@ def download_uniref50(destination: Path, base_url: str, num_sequences: int, min_
     server answers with a client error or with something that is not FASTA.
     """
     url = f"{base_url.rstrip('/')}/uniref/search"
-    params = {"query": f"(identity:0.5) AND (length:[{min_length} TO {max_length}])",
-              "format": "fasta", "size": min(PAGE_SIZE, num_sequences)}
+    params = {
+        "query": f"(identity:0.5) AND (length:[{min_length} TO {max_length}])",
+        "format": "fasta",
+        "size": min(PAGE_SIZE, num_sequences),
+    }
     written = 0
-    with requests.Session() as session, atomic_open(destination, "w") as out, \
-            progress(total=num_sequences, unit="seq", desc="UniRef50") as bar:
+    with (
+        requests.Session() as session,
+        atomic_open(destination, "w") as out,
+        progress(total=num_sequences, unit="seq", desc="UniRef50") as bar,
+    ):
         session.headers["User-Agent"] = "pepemb-distill download_sample_data.py"
         while url and written < num_sequences:
             text, url = fetch_page(session, url, params, timeout, retries, backoff)
@@ -106,31 +127,33 @@ def download_uniref50(destination: Path, base_url: str, num_sequences: int, min_
             written += records
             bar.update(min(records, num_sequences - bar.n))
         if not written:
-            raise cli.UserError(f"{base_url} has no UniRef50 clusters of {min_length}-{max_length} "
-                                "residues; adjust --min_length / --max_length")
+            raise cli.UserError(
+                f"{base_url} has no UniRef50 clusters of {min_length}-{max_length} "
+                "residues; adjust --min_length / --max_length"
+            )
     return written
 
 
-def fetch_page(session: requests.Session, url: str, params: dict | None, timeout: float,
-               retries: int, backoff: float) -> tuple[str, str | None]:
+def fetch_page(
+    session: requests.Session, url: str, params: dict | None, timeout: float, retries: int, backoff: float
+) -> tuple[str, str | None]:
     """(FASTA text, next page url or None) of one page, retrying transient failures."""
     for attempt in range(retries + 1):
-        delay = backoff * 2 ** attempt
+        delay = backoff * 2**attempt
         try:
-            response = session.get(url, params=params, timeout=(CONNECT_TIMEOUT_S, timeout),
-                                   stream=True)
+            response = session.get(url, params=params, timeout=(CONNECT_TIMEOUT_S, timeout), stream=True)
             with response:
                 if response.status_code in RETRY_STATUS:
                     failure = f"HTTP {response.status_code}"
                     delay = _retry_after(response, delay)
                 else:
                     if response.status_code >= 400:
-                        raise cli.UserError(f"{response.url} answered HTTP {response.status_code} "
-                                            f"{response.reason}; check --base_url")
+                        raise cli.UserError(
+                            f"{response.url} answered HTTP {response.status_code} {response.reason}; check --base_url"
+                        )
                     text = _read_fasta_body(response)
                     return text, response.links.get("next", {}).get("url")
-        except (requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError) as err:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
             failure = type(err).__name__
         if attempt < retries:
             time.sleep(delay)
@@ -154,18 +177,19 @@ def _read_fasta_body(response: requests.Response) -> str:
             if len(body) > MAX_PAGE_BYTES:
                 break
     if declared > MAX_PAGE_BYTES or len(body) > MAX_PAGE_BYTES:
-        raise cli.UserError(f"{response.url} sent a page over {MAX_PAGE_BYTES:,} bytes; "
-                            "refusing it (check --base_url)")
+        raise cli.UserError(f"{response.url} sent a page over {MAX_PAGE_BYTES:,} bytes; refusing it (check --base_url)")
     text = body.decode("utf-8", errors="replace")
     if text.strip() and not text.lstrip().startswith(">"):
-        raise cli.UserError(f"{response.url} did not answer with FASTA (starts with "
-                            f"{text.lstrip()[:40]!r}); check --base_url")
+        raise cli.UserError(
+            f"{response.url} did not answer with FASTA (starts with {text.lstrip()[:40]!r}); check --base_url"
+        )
     return text
 
 
 # --------------------------------------------------------------------------------------------
 # Selection, split, output
 # --------------------------------------------------------------------------------------------
+
 
 def select_proteins(path: Path, args: argparse.Namespace, sample: bool):
     """(proteins, read stats): length-filtered, de-duplicated, at most --num_sequences.
@@ -181,10 +205,11 @@ def select_proteins(path: Path, args: argparse.Namespace, sample: bool):
             chosen = random.Random(args.seed).sample(range(len(kept)), args.num_sequences)
             kept = [kept[i] for i in sorted(chosen)]
         else:
-            kept = kept[:args.num_sequences]
+            kept = kept[: args.num_sequences]
     if not kept:
-        raise cli.UserError(f"{path}: no sequences of {args.min_length}-{args.max_length} "
-                            "residues; adjust --min_length / --max_length")
+        raise cli.UserError(
+            f"{path}: no sequences of {args.min_length}-{args.max_length} residues; adjust --min_length / --max_length"
+        )
     stats["selected"] = len(kept)
     return kept, stats
 
@@ -193,8 +218,12 @@ def length_summary(proteins) -> dict:
     lengths = [len(p.sequence) for p in proteins]
     if not lengths:
         return {"count": 0, "length_min": None, "length_median": None, "length_max": None}
-    return {"count": len(lengths), "length_min": min(lengths),
-            "length_median": statistics.median(lengths), "length_max": max(lengths)}
+    return {
+        "count": len(lengths),
+        "length_min": min(lengths),
+        "length_median": statistics.median(lengths),
+        "length_max": max(lengths),
+    }
 
 
 def write_splits(output_dir: Path, splits: dict, info: dict) -> None:
@@ -216,13 +245,24 @@ def obtain_source(args: argparse.Namespace) -> tuple[Path, str, bool]:
         return path, str(path.relative_to(REPO_ROOT)), False
     path = Path(args.output_dir) / "uniref50.fasta"
     try:
-        download_uniref50(path, args.base_url, args.num_sequences, args.min_length,
-                          args.max_length, args.timeout, args.retries, args.backoff)
+        download_uniref50(
+            path,
+            args.base_url,
+            args.num_sequences,
+            args.min_length,
+            args.max_length,
+            args.timeout,
+            args.retries,
+            args.backoff,
+        )
     except ApiUnreachable as err:
         path = PRESETS[args.preset]
         shipped = str(path.relative_to(REPO_ROOT))
-        print(f"warning: UniProt API at {args.base_url} is unreachable ({err}); "
-              f"using the shipped sample {shipped} instead", file=sys.stderr)
+        print(
+            f"warning: UniProt API at {args.base_url} is unreachable ({err}); "
+            f"using the shipped sample {shipped} instead",
+            file=sys.stderr,
+        )
         return path, shipped, False
     return path, args.base_url, True
 
@@ -231,12 +271,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     path, source, downloaded = obtain_source(args)
     proteins, read_stats = select_proteins(path, args, sample=not downloaded)
-    splits = dict(zip(SPLIT_NAMES, split_proteins(proteins, args.val_fraction,
-                                                  args.test_fraction, args.seed)))
-    info = {"source": source, "seed": args.seed, "num_sequences": args.num_sequences,
-            "min_length": args.min_length, "max_length": args.max_length,
-            "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
-            "read_stats": read_stats}
+    splits = dict(zip(SPLIT_NAMES, split_proteins(proteins, args.val_fraction, args.test_fraction, args.seed)))
+    info = {
+        "source": source,
+        "seed": args.seed,
+        "num_sequences": args.num_sequences,
+        "min_length": args.min_length,
+        "max_length": args.max_length,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "read_stats": read_stats,
+    }
     write_splits(Path(args.output_dir), splits, info)
     counts = ", ".join(f"{name} {len(p)}" for name, p in splits.items())
     print(f"wrote {args.output_dir}: {counts} sequences from {source}")

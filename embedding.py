@@ -1,5 +1,6 @@
 """Models seen as token ids -> hidden states (a student or any HuggingFace masked LM), and
 sequences -> per-residue embeddings, long ones through overlapping windows."""
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ DEFAULT_MAX_LENGTH = 1022  # residues: ESM's truncation_seq_length, 1024 tokens 
 @dataclass
 class Embedder:
     """A student or HuggingFace masked LM, seen as: token ids -> hidden states of every layer."""
+
     model: nn.Module
     tokenizer: ResidueTokenizer
     name: str
@@ -46,31 +48,35 @@ class Embedder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """num_layers + 1 tensors [B, L, D]: the embedding output, then each layer's output."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with torch.inference_mode(), devices.autocast(self.device, autocast_dtype):
             if self.is_student:
                 return self.model(input_ids, attention_mask, output_hidden_states=True)["hidden_states"]
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              output_hidden_states=True).hidden_states
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+            ).hidden_states
 
 
-def load_embedder(name: str, device: torch.device, half: bool = False,
-                  trust_remote_code: bool = False) -> Embedder:
+def load_embedder(name: str, device: torch.device, half: bool = False, trust_remote_code: bool = False) -> Embedder:
     """A student checkpoint, an --export_hf folder, or (anything else) a HuggingFace masked LM."""
     path = Path(name).expanduser()
-    if path.suffix == ".pt" or (path / "model.pt").is_file() or (
-            (path / EXPORTED_WEIGHTS).is_file() and _is_student_config(path / "config.json")):
+    if (
+        path.suffix == ".pt"
+        or (path / "model.pt").is_file()
+        or ((path / EXPORTED_WEIGHTS).is_file() and _is_student_config(path / "config.json"))
+    ):
         checkpoint = load_student(path, map_location=device)
     else:
         from teacher import load_teacher  # transformers is heavy: import it only when needed
+
         teacher = load_teacher(name, device=device, half=half, trust_remote_code=trust_remote_code)
         label = str(path.resolve()) if path.is_dir() else name  # one name per model, for --resume
         return Embedder(teacher.model, teacher.tokenizer, label, teacher.max_positions)
-    return Embedder(checkpoint.model, checkpoint.tokenizer, str(path.resolve()),
-                    metadata=checkpoint.metadata)
+    return Embedder(checkpoint.model, checkpoint.tokenizer, str(path.resolve()), metadata=checkpoint.metadata)
 
 
 def _is_student_config(path: Path) -> bool:
@@ -95,16 +101,22 @@ def window_starts(length: int, window: int, overlap: int) -> list[int]:
 
 @dataclass
 class Embedded:
-    index: int                            # position in the input sequences
+    index: int  # position in the input sequences
     per_residue: dict[int, torch.Tensor]  # layer -> [residues, D] float32, on the CPU
-    cls: dict[int, torch.Tensor]          # layer -> [D], the start token of the first window
+    cls: dict[int, torch.Tensor]  # layer -> [D], the start token of the first window
     windows: int
 
 
-def embed_sequences(embedder: Embedder, sequences: Sequence[str], layers: Sequence[int],
-                    max_tokens: int = 8192, max_length: int = DEFAULT_MAX_LENGTH,
-                    long: str = "chunk", overlap: int = 64,
-                    autocast_dtype: torch.dtype | None = None) -> Iterator[Embedded]:
+def embed_sequences(
+    embedder: Embedder,
+    sequences: Sequence[str],
+    layers: Sequence[int],
+    max_tokens: int = 8192,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    long: str = "chunk",
+    overlap: int = 64,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[Embedded]:
     """Embed every sequence, yielding each once all its windows are done (shortest first).
 
     Windows (a single one per sequence that fits, or with long="truncate") are batched by
@@ -134,7 +146,7 @@ def embed_sequences(embedder: Embedder, sequences: Sequence[str], layers: Sequen
                 sums[i] = {layer: torch.zeros(n, embedder.hidden_size) for layer in layers}
                 counts[i] = torch.zeros(n, 1)
             for layer in layers:
-                sums[i][layer][start:end] += hidden[layer][row, 1:end - start + 1]
+                sums[i][layer][start:end] += hidden[layer][row, 1 : end - start + 1]
             counts[i][start:end] += 1
             if start == 0:
                 cls[i] = {layer: hidden[layer][row, 0].clone() for layer in layers}

@@ -1,5 +1,6 @@
 """Masked-LM quality of a student, and of its teacher, on held-out sequences under fixed masks:
 the sums over masked positions and the metrics of evaluate.py's report."""
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def masked_statistics(student, teacher, batches: MaskedBatches, device) -> dict:
         t_logits = teacher(batch["input_ids"], batch["attention_mask"])["logits"]
         t_pred = t_logits[masked].argmax(-1)
         sums["teacher_ce"] += F.cross_entropy(t_logits[masked], truth, reduction="sum").item()
-        kl = distillation_loss(s_logits, t_logits, labels, batch["attention_mask"], temperature=1.0,
-                               distill_weight=1.0, task_weight=0.0)["kl"]
+        kl = distillation_loss(
+            s_logits, t_logits, labels, batch["attention_mask"], temperature=1.0, distill_weight=1.0, task_weight=0.0
+        )["kl"]
         sums["kl"] += kl.item() * len(truth)  # the loss is a mean over this batch's masked positions
         sums["agree"] += int((s_pred == t_pred).sum())
         per_id["teacher"] += torch.bincount(truth[t_pred == truth], minlength=vocab_size).cpu()
@@ -72,28 +74,41 @@ def build_report(stats: dict, residues: torch.Tensor, tokenizer, speed: dict | N
         "teacher": lm_metrics(stats["teacher_ce"], sum(per_id["teacher"])) if has_teacher else None,
         "agreement": stats["agree"] / n if has_teacher else None,
         "kl_teacher_student": stats["kl"] / n if has_teacher else None,
-        "baseline": {"residue": tokenizer.vocab[common], "frequency": int(residues[common]) / int(residues.sum()),
-                     "masked_acc": per_id["count"][common] / n}}
+        "baseline": {
+            "residue": tokenizer.vocab[common],
+            "frequency": int(residues[common]) / int(residues.sum()),
+            "masked_acc": per_id["count"][common] / n,
+        },
+    }
 
-    order = sorted((i for i, c in enumerate(per_id["count"]) if c),
-                   key=lambda i: (-per_id["count"][i], tokenizer.vocab[i]))
+    order = sorted(
+        (i for i, c in enumerate(per_id["count"]) if c), key=lambda i: (-per_id["count"][i], tokenizer.vocab[i])
+    )
     per_residue = {}
     for i in order:
         count = per_id["count"][i]
         per_residue[tokenizer.vocab[i]] = {
-            "masked_count": count, "frequency": int(residues[i]) / int(residues.sum()),
-            "student_correct": per_id["student"][i], "student_acc": per_id["student"][i] / count,
+            "masked_count": count,
+            "frequency": int(residues[i]) / int(residues.sum()),
+            "student_correct": per_id["student"][i],
+            "student_acc": per_id["student"][i] / count,
             "teacher_correct": per_id["teacher"][i] if has_teacher else None,
-            "teacher_acc": per_id["teacher"][i] / count if has_teacher else None}
-    counts = {"masked_tokens": n, "residues": int(residues.sum()),
-              "nonstandard_masked": sum(c for i, c in enumerate(per_id["count"])
-                                        if c and tokenizer.vocab[i] not in STANDARD_RESIDUES)}
+            "teacher_acc": per_id["teacher"][i] / count if has_teacher else None,
+        }
+    counts = {
+        "masked_tokens": n,
+        "residues": int(residues.sum()),
+        "nonstandard_masked": sum(
+            c for i, c in enumerate(per_id["count"]) if c and tokenizer.vocab[i] not in STANDARD_RESIDUES
+        ),
+    }
     return {"metrics": metrics, "counts": counts, "per_residue": per_residue, "speed": speed}
 
 
 # --------------------------------------------------------------------------------------------
 # Fidelity beyond masked accuracy (measures.py): mutation effects, CKA, embedding neighbours
 # --------------------------------------------------------------------------------------------
+
 
 def sample_proteins(count: int, limit: int | None, seed: int) -> list[int]:
     """`limit` indices of `count` items drawn without replacement by `seed`, in order (all when
@@ -109,8 +124,17 @@ class MutationProbe:
     compare with the teacher's (`agreement`), or the residue-frequency baseline's, which knows no
     context (what chance-level knowledge scores)."""
 
-    def __init__(self, sequences: list[str], tokenizer, *, proteins: int, positions: int, seed: int,
-                 max_seq_len: int, max_tokens: int = 8192):
+    def __init__(
+        self,
+        sequences: list[str],
+        tokenizer,
+        *,
+        proteins: int,
+        positions: int,
+        seed: int,
+        max_seq_len: int,
+        max_tokens: int = 8192,
+    ):
         self.sequences = [sequences[i] for i in sample_proteins(len(sequences), proteins, seed)]
         self.sites = measures.sample_mutation_sites(self.sequences, positions, seed)
         self.wild_types = measures.wild_type_columns(self.sequences, self.sites)
@@ -121,15 +145,25 @@ class MutationProbe:
 
     def scores(self, model, device) -> np.ndarray:
         """[sites, 20] masked-marginal scores of a student or teacher (anything returning logits)."""
-        return measures.masked_marginals(model, self.tokenizer, self.sequences, self.sites, max_tokens=self.max_tokens,
-                                         max_len=self.max_seq_len, device=device)
+        return measures.masked_marginals(
+            model,
+            self.tokenizer,
+            self.sequences,
+            self.sites,
+            max_tokens=self.max_tokens,
+            max_len=self.max_seq_len,
+            device=device,
+        )
 
     def agreement(self, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
         return measures.mutation_effect_agreement(scores, teacher_scores, self.sites, self.wild_types)
 
     def report(self, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
-        return {"student": self.agreement(scores, teacher_scores),
-                "baseline": self.agreement(self.baseline, teacher_scores), **self.about}
+        return {
+            "student": self.agreement(scores, teacher_scores),
+            "baseline": self.agreement(self.baseline, teacher_scores),
+            **self.about,
+        }
 
 
 @torch.inference_mode()
@@ -149,17 +183,23 @@ def last_hidden_states(model, batches: list[dict], device) -> dict:
     return {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens)}
 
 
-def representation_measures(student_states: dict, teacher_states: dict, *, knn_k: int = 10,
-                            max_tokens: int = 20000, seed: int = 0) -> dict:
+def representation_measures(
+    student_states: dict, teacher_states: dict, *, knn_k: int = 10, max_tokens: int = 20000, seed: int = 0
+) -> dict:
     """Linear CKA of the student's and the teacher's last hidden states over residue tokens (at
     most max_tokens, drawn by seed), and the k-NN overlap of their mean-pooled protein embeddings."""
     rows = sample_proteins(len(student_states["tokens"]), max_tokens, seed)
     n = len(student_states["pooled"])
-    return {"cka": measures.linear_cka(student_states["tokens"][rows], teacher_states["tokens"][rows]),
-            "cka_tokens": len(rows), "knn_k": min(knn_k, max(n - 1, 1)), "knn_proteins": n,
-            "knn_overlap": measures.knn_overlap(teacher_states["pooled"], student_states["pooled"], k=knn_k)
-            if n > 1 else None,
-            "knn_chance": measures.knn_overlap_chance(n, knn_k) if n > 1 else None}
+    return {
+        "cka": measures.linear_cka(student_states["tokens"][rows], teacher_states["tokens"][rows]),
+        "cka_tokens": len(rows),
+        "knn_k": min(knn_k, max(n - 1, 1)),
+        "knn_proteins": n,
+        "knn_overlap": measures.knn_overlap(teacher_states["pooled"], student_states["pooled"], k=knn_k)
+        if n > 1
+        else None,
+        "knn_chance": measures.knn_overlap_chance(n, knn_k) if n > 1 else None,
+    }
 
 
 def teacher_space_measures(mapped: torch.Tensor, teacher_pooled: torch.Tensor, *, knn_k: int = 10) -> dict:
@@ -170,11 +210,13 @@ def teacher_space_measures(mapped: torch.Tensor, teacher_pooled: torch.Tensor, *
     mapped, truth = measures.as_float64(mapped), measures.as_float64(teacher_pooled)
     mean = truth.mean(0)
     residual = ((mapped - truth) ** 2).sum()
-    return {"knn_overlap": measures.knn_overlap(truth, mapped, k=knn_k) if len(truth) > 1 else None,
-            "centred_cosine": mean_cosine(mapped - mean, truth - mean),
-            "raw_cosine": mean_cosine(mapped, truth),
-            "r2": float(1 - residual / ((truth - mean) ** 2).sum()) if len(truth) > 1 else None,
-            "proteins": len(truth)}
+    return {
+        "knn_overlap": measures.knn_overlap(truth, mapped, k=knn_k) if len(truth) > 1 else None,
+        "centred_cosine": mean_cosine(mapped - mean, truth - mean),
+        "raw_cosine": mean_cosine(mapped, truth),
+        "r2": float(1 - residual / ((truth - mean) ** 2).sum()) if len(truth) > 1 else None,
+        "proteins": len(truth),
+    }
 
 
 def mean_cosine(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,4 +1,5 @@
 """File helpers every script shares: atomic writes that never leave half a file behind."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """The distillation loss (KL to the teacher + masked-LM cross-entropy + hidden cosine) and the
 counts behind masked accuracy and agreement."""
+
 from __future__ import annotations
 
 import torch
@@ -12,10 +13,24 @@ WINDOW_SUMS = ("tokens", "seqs", "masked", "loss", "kl", "ce", "cos", "emb", "co
 TERMS = ("loss", "kl", "ce", "cos", "emb")
 
 
-def distillation_loss(student_logits, teacher_logits, labels, attention_mask, *, temperature,
-                      distill_weight, task_weight, distill_positions="masked",
-                      student_hidden=None, teacher_hidden=None, hidden_weight=0.0,
-                      student_embedding=None, teacher_embedding=None, embedding_weight=0.0, embedding_scale=1.0):
+def distillation_loss(
+    student_logits,
+    teacher_logits,
+    labels,
+    attention_mask,
+    *,
+    temperature,
+    distill_weight,
+    task_weight,
+    distill_positions="masked",
+    student_hidden=None,
+    teacher_hidden=None,
+    hidden_weight=0.0,
+    student_embedding=None,
+    teacher_embedding=None,
+    embedding_weight=0.0,
+    embedding_scale=1.0,
+):
     """Weighted KD + MLM (+ hidden cosine, + teacher-space embedding) loss; each term averaged
     per token (or protein) it covers.
 
@@ -53,14 +68,23 @@ def loss_terms(student_out, hidden_proj, t_logits, t_hidden, batch, args, distil
     t_embedding: the teacher targets' "embeddings" and "embedding_scale" (--embedding_weight)."""
     s_hidden = hidden_proj(student_out["hidden_states"][-1]) if hidden_proj is not None else None
     embedding_weight = getattr(args, "embedding_weight", 0.0)
-    return distillation_loss(student_out["logits"], t_logits, batch["labels"], batch["attention_mask"],
-                             temperature=args.temperature, distill_weight=args.distill_weight,
-                             task_weight=args.task_weight, distill_positions=distill_positions,
-                             student_hidden=s_hidden, teacher_hidden=t_hidden,
-                             hidden_weight=args.hidden_weight, embedding_weight=embedding_weight,
-                             student_embedding=student_out.get("teacher_embedding"),
-                             teacher_embedding=t_embedding["embeddings"] if embedding_weight > 0 else None,
-                             embedding_scale=t_embedding["embedding_scale"] if embedding_weight > 0 else 1.0)
+    return distillation_loss(
+        student_out["logits"],
+        t_logits,
+        batch["labels"],
+        batch["attention_mask"],
+        temperature=args.temperature,
+        distill_weight=args.distill_weight,
+        task_weight=args.task_weight,
+        distill_positions=distill_positions,
+        student_hidden=s_hidden,
+        teacher_hidden=t_hidden,
+        hidden_weight=args.hidden_weight,
+        embedding_weight=embedding_weight,
+        student_embedding=student_out.get("teacher_embedding"),
+        teacher_embedding=t_embedding["embeddings"] if embedding_weight > 0 else None,
+        embedding_scale=t_embedding["embedding_scale"] if embedding_weight > 0 else 1.0,
+    )
 
 
 def masked_metrics(student_logits, teacher_logits, labels) -> dict:
@@ -69,8 +93,7 @@ def masked_metrics(student_logits, teacher_logits, labels) -> dict:
     masked = labels != -100
     s_pred = student_logits[masked].argmax(-1)
     truth = labels[masked]
-    counts = {"n": int(masked.sum()), "student_correct": int((s_pred == truth).sum()),
-              "teacher_correct": 0, "agree": 0}
+    counts = {"n": int(masked.sum()), "student_correct": int((s_pred == truth).sum()), "teacher_correct": 0, "agree": 0}
     if teacher_logits is not None:
         t_pred = teacher_logits[masked].argmax(-1)
         counts.update(teacher_correct=int((t_pred == truth).sum()), agree=int((s_pred == t_pred).sum()))

@@ -12,6 +12,7 @@ Everything here is a small pure function of arrays (numpy or torch in, numpy or 
 Mutation scores are [n_sites, 20] arrays whose columns are architecture.STANDARD_RESIDUES in that
 order; a site is a (protein index, 0-based residue position) pair.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ Site = tuple[int, int]  # (protein index, 0-based position in its residue string
 # --------------------------------------------------------------------------------------------
 # Rank correlation
 # --------------------------------------------------------------------------------------------
+
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing the mean of their ranks (what Spearman's rho needs)."""
@@ -50,6 +52,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 # --------------------------------------------------------------------------------------------
 # Representation similarity and neighbourhoods
 # --------------------------------------------------------------------------------------------
+
 
 def as_float64(matrix) -> np.ndarray:
     """A torch tensor (any device, dtype, grad) or array-like as a float64 numpy array."""
@@ -131,6 +134,7 @@ def knn_overlap_chance(n: int, k: int) -> float:
 # Zero-shot mutation effects (masked marginals, Meier et al. 2021, ESM-1v)
 # --------------------------------------------------------------------------------------------
 
+
 def sample_mutation_sites(sequences: Sequence[str], per_protein: int, seed: int) -> list[Site]:
     """`per_protein` distinct random positions of each protein (all if it has fewer), only
     where the residue is one of the 20 standard ones; sorted by protein, then position.
@@ -179,10 +183,15 @@ def site_window(length: int, position: int, max_residues: int | None) -> tuple[i
     return start, start + max_residues
 
 
-def masked_marginals(forward: Callable[[torch.Tensor, torch.Tensor], dict],
-                     tokenizer: ResidueTokenizer, sequences: Sequence[str], sites: Sequence[Site],
-                     max_tokens: int = 8192, max_len: int | None = None,
-                     device: torch.device | str | None = None) -> np.ndarray:
+def masked_marginals(
+    forward: Callable[[torch.Tensor, torch.Tensor], dict],
+    tokenizer: ResidueTokenizer,
+    sequences: Sequence[str],
+    sites: Sequence[Site],
+    max_tokens: int = 8192,
+    max_len: int | None = None,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
     """Masked-marginal mutation scores: float64 [n_sites, 20], log p(aa) - log p(wild type) at
     the site with the site masked, for aa in STANDARD_RESIDUES order (the wild-type column is 0).
 
@@ -224,8 +233,7 @@ def masked_marginals(forward: Callable[[torch.Tensor, torch.Tensor], dict],
 def _integer_columns(wild_types, count: int) -> np.ndarray:
     columns = np.asarray(wild_types)
     if columns.shape != (count,) or (count and columns.dtype.kind not in "iu"):
-        raise ValueError(f"wild_types must be {count} column indices into STANDARD_RESIDUES "
-                         "(see wild_type_columns)")
+        raise ValueError(f"wild_types must be {count} column indices into STANDARD_RESIDUES (see wild_type_columns)")
     return columns
 
 
@@ -234,8 +242,9 @@ def _mean_defined(values) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def mutation_effect_agreement(student_scores: np.ndarray, teacher_scores: np.ndarray,
-                              sites: Sequence[Site], wild_types) -> dict:
+def mutation_effect_agreement(
+    student_scores: np.ndarray, teacher_scores: np.ndarray, sites: Sequence[Site], wild_types
+) -> dict:
     """How well the student's masked-marginal scores [n_sites, 20] rank substitutions like the
     teacher's, over the 19 substitutions of each site (the wild-type entry, a constant 0, is
     dropped). `wild_types` holds each site's wild-type column (wild_type_columns).
@@ -258,8 +267,8 @@ def mutation_effect_agreement(student_scores: np.ndarray, teacher_scores: np.nda
     return {
         "spearman": spearman(student.ravel(), teacher.ravel()),
         "spearman_per_protein_mean": _mean_defined(
-            spearman(student[proteins == p].ravel(), teacher[proteins == p].ravel())
-            for p in np.unique(proteins)),
+            spearman(student[proteins == p].ravel(), teacher[proteins == p].ravel()) for p in np.unique(proteins)
+        ),
         "spearman_within_position_mean": _mean_defined(spearman(s, t) for s, t in zip(student, teacher)),
         "pairs": int(student.size),
         "sites": len(sites),

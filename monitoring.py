@@ -1,4 +1,5 @@
 """What a training run reports: metrics.jsonl records, Weights & Biases, the training-curve plot."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,14 @@ def start_wandb(args, config: dict):
     # prompt or verification only looks for stored credentials, so this needs no network.
     offline = wandb.setup().settings.mode in ("offline", "dryrun", "disabled")
     if not offline and not wandb.login(prompt=False, verify=False):
-        warnings.warn("--use_wandb: not logged in to W&B (run `python setup_wandb.py`, or set "
-                      "WANDB_MODE=offline); continuing without W&B", stacklevel=2)
+        warnings.warn(
+            "--use_wandb: not logged in to W&B (run `python setup_wandb.py`, or set "
+            "WANDB_MODE=offline); continuing without W&B",
+            stacklevel=2,
+        )
         return None
     try:
-        return wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config,
-                          dir=str(args.output_dir))
+        return wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config, dir=str(args.output_dir))
     except Exception as err:  # network, auth: training must not die for monitoring
         warnings.warn(f"--use_wandb: could not start a W&B run ({err}); continuing without W&B", stacklevel=2)
         return None
@@ -31,6 +34,7 @@ def start_wandb(args, config: dict):
 
 def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -38,16 +42,25 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in (("loss", "total"), ("kl", "KL (x T²)"), ("ce", "masked CE"), ("cos", "hidden cosine"),
-                       ("emb", "teacher-space embedding (1 - R²)")):
+    for key, label in (
+        ("loss", "total"),
+        ("kl", "KL (x T²)"),
+        ("ce", "masked CE"),
+        ("cos", "hidden cosine"),
+        ("emb", "teacher-space embedding (1 - R²)"),
+    ):
         if train and any(r.get(key) for r in train):
             ax_loss.plot([r["step"] for r in train], [r.get(key, 0) for r in train], label=f"train {label}", lw=1)
     if val:
         ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val total", color="black")
         ax_acc.plot([r["step"] for r in val], [r["masked_acc"] for r in val], "o-", label="student masked acc")
         ax_acc.plot([r["step"] for r in val], [r["agreement"] for r in val], "s-", label="agreement with teacher")
-        ax_acc.axhline(val[-1]["teacher_masked_acc"], ls="--", color="grey",
-                       label=f"teacher masked acc ({val[-1]['teacher_masked_acc']:.3f})")
+        ax_acc.axhline(
+            val[-1]["teacher_masked_acc"],
+            ls="--",
+            color="grey",
+            label=f"teacher masked acc ({val[-1]['teacher_masked_acc']:.3f})",
+        )
         ax_acc.set_ylim(0, 1)
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Training and validation loss")
     ax_acc.set(xlabel="optimizer step", ylabel="fraction of masked residues", title="Validation (fixed masks)")
@@ -71,8 +84,9 @@ class RunLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
-                               step=record["step"])
+            self.wandb_run.log(
+                {f"{record['split']}/{k}": v for k, v in record.items() if k != "split"}, step=record["step"]
+            )
 
     def close(self) -> None:
         self.file.close()

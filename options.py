@@ -1,5 +1,6 @@
 """distill.py's command-line arguments, group by group, and their checks: cache_teacher.py and
 the benchmarks build theirs from the same groups, so that all read data, teacher and masks alike."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,25 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", required=True,
-                   help="folder with train/val/test.fasta (download_sample_data.py) or one FASTA "
-                        "file, split deterministically")
-    g.add_argument("--max_seq_len", type=int, default=512,
-                   help="tokens per sequence incl. start/end; longer ones are cropped "
-                        "(random window in training, fixed in evaluation)")
+    g.add_argument(
+        "--data_path",
+        required=True,
+        help="folder with train/val/test.fasta (download_sample_data.py) or one FASTA file, split deterministically",
+    )
+    g.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=512,
+        help="tokens per sequence incl. start/end; longer ones are cropped "
+        "(random window in training, fixed in evaluation)",
+    )
     g.add_argument("--batch_size", type=int, default=32, help="sequences per batch (ignored with --max_tokens)")
-    g.add_argument("--max_tokens", type=int, default=None,
-                   help="token budget per batch (padded tokens) instead of --batch_size, like ESM's toks_per_batch")
+    g.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="token budget per batch (padded tokens) instead of --batch_size, like ESM's toks_per_batch",
+    )
     g.add_argument("--mask_prob", type=float, default=0.15, help="fraction of residues masked (80/10/10)")
     g.add_argument("--val_fraction", type=float, default=0.1, help="validation share when --data_path is one file")
     g.add_argument("--test_fraction", type=float, default=0.1, help="test share when --data_path is one file")
@@ -38,35 +49,59 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teacher and teacher cache")
-    g.add_argument("--teacher_model", default="Rostlab/prot_bert",
-                   help="HF masked LM: Hub id, local folder (save_pretrained), or 'antiberty' (offline)")
-    g.add_argument("--use_8bit", action="store_true",
-                   help="8-bit teacher: bitsandbytes on CUDA, torch dynamic int8 on CPU")
-    g.add_argument("--trust_remote_code", action="store_true",
-                   help="allow a Hub teacher to run its own code (off unless you trust it)")
-    g.add_argument("--distill_positions", choices=["masked", "all"], default="masked",
-                   help="where the KL term is taken, and what a teacher cache stores: masked positions "
-                        "or every non-pad position")
-    g.add_argument("--teacher_cache", default=None, metavar="DIR",
-                   help="keep the teacher's logits in DIR (fp16; with a 30-token vocabulary about 9 bytes per "
-                        "token and mask variant, 60 with --distill_positions all): the first --mask_variants "
-                        "epochs fill it, later epochs and later runs with the same data, teacher and masking "
-                        "read it without loading the teacher")
-    g.add_argument("--mask_variants", type=int, default=4,
-                   help="with --teacher_cache: fixed masks per training sequence (epoch e uses variant e mod K); "
-                        "more variants mean more mask diversity but more teacher passes and disk")
+    g.add_argument(
+        "--teacher_model",
+        default="Rostlab/prot_bert",
+        help="HF masked LM: Hub id, local folder (save_pretrained), or 'antiberty' (offline)",
+    )
+    g.add_argument(
+        "--use_8bit", action="store_true", help="8-bit teacher: bitsandbytes on CUDA, torch dynamic int8 on CPU"
+    )
+    g.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow a Hub teacher to run its own code (off unless you trust it)",
+    )
+    g.add_argument(
+        "--distill_positions",
+        choices=["masked", "all"],
+        default="masked",
+        help="where the KL term is taken, and what a teacher cache stores: masked positions or every non-pad position",
+    )
+    g.add_argument(
+        "--teacher_cache",
+        default=None,
+        metavar="DIR",
+        help="keep the teacher's logits in DIR (fp16; with a 30-token vocabulary about 9 bytes per "
+        "token and mask variant, 60 with --distill_positions all): the first --mask_variants "
+        "epochs fill it, later epochs and later runs with the same data, teacher and masking "
+        "read it without loading the teacher",
+    )
+    g.add_argument(
+        "--mask_variants",
+        type=int,
+        default=4,
+        help="with --teacher_cache: fixed masks per training sequence (epoch e uses variant e mod K); "
+        "more variants mean more mask diversity but more teacher passes and disk",
+    )
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("precision and device")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
-    g.add_argument("--fp16", action="store_true",
-                   help="fp16 autocast + GradScaler, fp16 teacher (CUDA; falls back to fp32 on CPU)")
-    g.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast, fp16 teacher (CUDA; allowed but slow on most CPUs)")
-    g.add_argument("--dist_timeout", type=float, default=30.0, metavar="MINUTES",
-                   help="under torchrun: how long a process waits for the others at a synchronisation point "
-                        "before the job fails")
+    g.add_argument(
+        "--fp16", action="store_true", help="fp16 autocast + GradScaler, fp16 teacher (CUDA; falls back to fp32 on CPU)"
+    )
+    g.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast, fp16 teacher (CUDA; allowed but slow on most CPUs)"
+    )
+    g.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=30.0,
+        metavar="MINUTES",
+        help="under torchrun: how long a process waits for the others at a synchronisation point before the job fails",
+    )
 
 
 def add_student_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,16 +115,25 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_loss_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loss")
-    g.add_argument("--distill_weight", type=float, default=0.9,
-                   help="weight of the KL term (README: \"Does distillation help?\")")
+    g.add_argument(
+        "--distill_weight", type=float, default=0.9, help='weight of the KL term (README: "Does distillation help?")'
+    )
     g.add_argument("--task_weight", type=float, default=0.1, help="weight of the masked-LM cross-entropy")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")
-    g.add_argument("--hidden_weight", type=float, default=0.0,
-                   help="weight of a cosine loss between projected student and teacher last hidden states")
-    g.add_argument("--embedding_weight", type=float, default=0.0,
-                   help="weight of a loss that trains a linear map (saved with the student) from the student's "
-                        "per-protein embedding to the teacher's (mean last hidden state over residues): squared "
-                        "error over the teacher embeddings' variance, i.e. 1 - R^2; embed.py --space teacher uses it")
+    g.add_argument(
+        "--hidden_weight",
+        type=float,
+        default=0.0,
+        help="weight of a cosine loss between projected student and teacher last hidden states",
+    )
+    g.add_argument(
+        "--embedding_weight",
+        type=float,
+        default=0.0,
+        help="weight of a loss that trains a linear map (saved with the student) from the student's "
+        "per-protein embedding to the teacher's (mean last hidden state over residues): squared "
+        "error over the teacher embeddings' variance, i.e. 1 - R^2; embed.py --space teacher uses it",
+    )
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,14 +144,23 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
     g.add_argument("--num_epochs", type=int, default=10, help="passes over the training split")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--max_time", type=float, default=None, metavar="MINUTES",
-                   help="train for this wall-clock budget: after warmup the learning rate decays with the "
-                        "fraction of the budget used (or of --max_steps / --num_epochs, if they end the run "
-                        "first), and the run ends with an evaluation and a checkpoint")
+    g.add_argument(
+        "--max_time",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="train for this wall-clock budget: after warmup the learning rate decays with the "
+        "fraction of the budget used (or of --max_steps / --num_epochs, if they end the run "
+        "first), and the run ends with an evaluation and a checkpoint",
+    )
     g.add_argument("--grad_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    g.add_argument("--max_bad_steps", type=int, default=10,
-                   help="stop after this many non-finite losses in a row (each one is skipped)")
+    g.add_argument(
+        "--max_bad_steps",
+        type=int,
+        default=10,
+        help="stop after this many non-finite losses in a row (each one is skipped)",
+    )
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,16 +179,33 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate_training_args(args) -> None:
     """The checks of distill.py's own arguments (student, loss, optimisation, output)."""
-    positive = ["num_epochs", "grad_accumulation_steps", "eval_every", "save_every", "log_every", "d_model",
-                "num_heads", "num_layers", "max_bad_steps"]
+    positive = [
+        "num_epochs",
+        "grad_accumulation_steps",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "d_model",
+        "num_heads",
+        "num_layers",
+        "max_bad_steps",
+    ]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
     for name in ["max_steps", "d_ff", "max_time"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ["warmup_steps", "keep_last", "weight_decay", "max_grad_norm",
-                 "distill_weight", "task_weight", "hidden_weight", "embedding_weight"]:
+    for name in [
+        "warmup_steps",
+        "keep_last",
+        "weight_decay",
+        "max_grad_norm",
+        "distill_weight",
+        "task_weight",
+        "hidden_weight",
+        "embedding_weight",
+    ]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(args, name)})")
     if args.d_model % args.num_heads:
@@ -166,8 +236,10 @@ def validate_shared_args(args) -> None:
     if args.max_seq_len < 3:
         raise UserError("--max_seq_len must leave room for start, end and one residue (>= 3)")
     if args.max_tokens is not None and args.max_tokens < args.max_seq_len:
-        raise UserError(f"--max_tokens {args.max_tokens} is smaller than --max_seq_len {args.max_seq_len}: "
-                        "a full-length sequence would not fit in a batch")
+        raise UserError(
+            f"--max_tokens {args.max_tokens} is smaller than --max_seq_len {args.max_seq_len}: "
+            "a full-length sequence would not fit in a batch"
+        )
     if not 0 < args.mask_prob < 1:
         raise UserError(f"--mask_prob must be between 0 and 1 (got {args.mask_prob})")
     if args.fp16 and args.bf16:

@@ -2,6 +2,7 @@
 plain lines, at most one every PLAIN_EVERY_S seconds and one at the end, that less, grep and
 tail -f can read. Also quiets transformers' and huggingface_hub's own bars and info chatter when
 not on a terminal (their warnings still show)."""
+
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_warning()
 
@@ -42,8 +44,18 @@ class PlainProgress:
     most every `every_s` seconds (never, with None) and one at close, each with the count done,
     the total, the rate and the time left."""
 
-    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it", initial: int = 0,
-                 disable: bool = False, every_s: float | None = PLAIN_EVERY_S, stream=None, **_ignored):
+    def __init__(
+        self,
+        iterable=None,
+        total=None,
+        desc: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        disable: bool = False,
+        every_s: float | None = PLAIN_EVERY_S,
+        stream=None,
+        **_ignored,
+    ):
         self.iterable, self.desc, self.unit, self.disable, self.every_s = iterable, desc, unit, disable, every_s
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.n = self.initial = initial
@@ -90,8 +102,11 @@ class PlainProgress:
         done = self.n - self.initial
         rate = done / elapsed if elapsed > 0 else 0.0
         count = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
-        parts = [f"{self.desc}: {count} {self.unit}" + (" (done)" if final else ""),
-                 f"{rate:.3g} {self.unit}/s", f"{format_seconds(elapsed)} elapsed"]
+        parts = [
+            f"{self.desc}: {count} {self.unit}" + (" (done)" if final else ""),
+            f"{rate:.3g} {self.unit}/s",
+            f"{format_seconds(elapsed)} elapsed",
+        ]
         if self.total and rate > 0 and not final:
             parts.append(f"~{format_seconds((self.total - self.n) / rate)} left")
         parts += [f"{k} {v}" if k else str(v) for k, v in self.postfix.items()]
@@ -102,5 +117,6 @@ def progress(iterable=None, *, plain_every_s: float | None = PLAIN_EVERY_S, **kw
     """A tqdm bar on a terminal; elsewhere a PlainProgress (plain_every_s None: only the final line)."""
     if is_terminal():
         from tqdm.auto import tqdm
+
         return tqdm(iterable, dynamic_ncols=True, **kwargs)
     return PlainProgress(iterable, every_s=plain_every_s, **kwargs)

@@ -7,6 +7,7 @@ An explainer is anything with the attributes of visualization.Explainer: `model`
 `true_residue_log_probs(input_ids, true_ids)`. Each target is a 1-based residue position that is
 masked; its output is log p(true residue) there.
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,40 +75,57 @@ class Saliency:
         return (self.relative_deltas <= RELATIVE_TOLERANCE) | (np.abs(self.deltas) <= ABSOLUTE_TOLERANCE)
 
     def summary(self) -> dict:
-        return {"n_steps": self.n_steps.tolist() if self.n_steps is not None else None,
-                "deltas": self.deltas.tolist(), "relative_deltas": self.relative_deltas.tolist(),
-                "converged": self.converged.tolist(), "max_abs_delta": float(np.abs(self.deltas).max()),
-                "max_relative_delta": self.max_relative_delta,
-                "tolerance": {"relative": RELATIVE_TOLERANCE, "absolute_nats": ABSOLUTE_TOLERANCE}}
+        return {
+            "n_steps": self.n_steps.tolist() if self.n_steps is not None else None,
+            "deltas": self.deltas.tolist(),
+            "relative_deltas": self.relative_deltas.tolist(),
+            "converged": self.converged.tolist(),
+            "max_abs_delta": float(np.abs(self.deltas).max()),
+            "max_relative_delta": self.max_relative_delta,
+            "tolerance": {"relative": RELATIVE_TOLERANCE, "absolute_nats": ABSOLUTE_TOLERANCE},
+        }
 
 
-def _attribute(explainer, true_ids: torch.Tensor, targets: list[int], n_steps: int,
-               internal_batch_size: int | None, bar) -> tuple[torch.Tensor, torch.Tensor]:
+def _attribute(
+    explainer, true_ids: torch.Tensor, targets: list[int], n_steps: int, internal_batch_size: int | None, bar
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token attributions [targets, L], convergence deltas [targets]) at n_steps."""
     tokenizer = explainer.tokenizer
     baseline = true_ids.clone()
     baseline[0, 1:-1] = tokenizer.mask_id
     per_pass = internal_batch_size or max(
-        1, ACTIVATION_BUDGET // (explainer.num_layers * explainer.width * true_ids.shape[1]))
+        1, ACTIVATION_BUDGET // (explainer.num_layers * explainer.width * true_ids.shape[1])
+    )
     chunk = max(1, per_pass // n_steps)
     ig = LayerIntegratedGradients(explainer.true_residue_log_probs, explainer.embeddings)
     attributions, deltas = [], []
     for start in range(0, len(targets), chunk):
-        positions = targets[start:start + chunk]  # token index = residue position (cls is 0)
+        positions = targets[start : start + chunk]  # token index = residue position (cls is 0)
         masked = true_ids.repeat(len(positions), 1)
         masked[torch.arange(len(positions)), positions] = tokenizer.mask_id
         attribution, delta = ig.attribute(
-            masked, baselines=baseline.expand_as(masked), target=positions,
-            additional_forward_args=(true_ids.expand_as(masked),), n_steps=n_steps,
-            internal_batch_size=max(per_pass, len(positions)), return_convergence_delta=True)
+            masked,
+            baselines=baseline.expand_as(masked),
+            target=positions,
+            additional_forward_args=(true_ids.expand_as(masked),),
+            n_steps=n_steps,
+            internal_batch_size=max(per_pass, len(positions)),
+            return_convergence_delta=True,
+        )
         attributions.append(attribution.sum(-1).detach().double().cpu())
         deltas.append(delta.detach().double().cpu())
         bar.update(len(positions))
     return torch.cat(attributions), torch.cat(deltas)
 
 
-def integrated_gradients(explainer, sequence: str, targets: list[int], n_steps: int | None = None,
-                         internal_batch_size: int | None = None, progress: bool = True) -> Saliency:
+def integrated_gradients(
+    explainer,
+    sequence: str,
+    targets: list[int],
+    n_steps: int | None = None,
+    internal_batch_size: int | None = None,
+    progress: bool = True,
+) -> Saliency:
     """Attribute log p(true residue | its position masked) at each target to the token embeddings.
 
     n_steps None: each target starts at FIRST_STEPS integration steps, doubled for the targets
@@ -122,11 +140,13 @@ def integrated_gradients(explainer, sequence: str, targets: list[int], n_steps: 
     deltas = torch.zeros(count, dtype=torch.float64)
     steps = np.zeros(count, dtype=np.int64)
     todo, current = list(range(count)), n_steps or FIRST_STEPS
-    with progress_bar(desc=f"Integrated Gradients, {explainer.name}", unit="target", disable=not progress,
-                      leave=False) as bar:
+    with progress_bar(
+        desc=f"Integrated Gradients, {explainer.name}", unit="target", disable=not progress, leave=False
+    ) as bar:
         while todo:
-            attribution, delta = _attribute(explainer, true_ids, [targets[i] for i in todo], current,
-                                            internal_batch_size, bar)
+            attribution, delta = _attribute(
+                explainer, true_ids, [targets[i] for i in todo], current, internal_batch_size, bar
+            )
             per_token[todo], deltas[todo], steps[todo] = attribution, delta, current
             totals = attribution.sum(-1).abs().clamp(min=1e-12)
             open_ = (delta.abs() > RELATIVE_TOLERANCE * totals) & (delta.abs() > ABSOLUTE_TOLERANCE)
@@ -141,21 +161,27 @@ def integrated_gradients(explainer, sequence: str, targets: list[int], n_steps: 
 # Sanity checks: does the saliency depend on what the model learned?
 # --------------------------------------------------------------------------------------------
 
+
 def layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """The model's parts from the output down, as Adebayo et al.'s cascade randomises them: the
     LM head (with the final LayerNorm), each block from the top, then the embeddings."""
     if hasattr(model, "blocks"):  # a PepEmb student
         blocks = list(model.blocks)
-        return ([("head", [model.lm_head, model.final_norm])]
-                + [(f"block {i + 1}", [blocks[i]]) for i in reversed(range(len(blocks)))]
-                + [("embeddings", [model.embed_tokens])])
+        return (
+            [("head", [model.lm_head, model.final_norm])]
+            + [(f"block {i + 1}", [blocks[i]]) for i in reversed(range(len(blocks)))]
+            + [("embeddings", [model.embed_tokens])]
+        )
     base = model.base_model  # a HuggingFace masked LM: BERT, ESM, ...
     head = [m for name, m in model.named_children() if m is not base]
     layers = list(base.encoder.layer)
     final_norm = getattr(base.encoder, "emb_layer_norm_after", None)  # ESM's final LayerNorm; BERT has none
     final = [final_norm] if final_norm is not None else []
-    return ([("head", head + final)] + [(f"block {i + 1}", [layers[i]]) for i in reversed(range(len(layers)))]
-            + [("embeddings", [base.embeddings])])
+    return (
+        [("head", head + final)]
+        + [(f"block {i + 1}", [layers[i]]) for i in reversed(range(len(layers)))]
+        + [("embeddings", [base.embeddings])]
+    )
 
 
 def randomised(model: nn.Module, groups_from_top: int, seed: int) -> nn.Module:
@@ -175,8 +201,9 @@ def randomised(model: nn.Module, groups_from_top: int, seed: int) -> nn.Module:
                     if p.dim() >= 2:
                         p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
                     else:
-                        p.fill_(1.0 if isinstance(_owner(module, name), nn.LayerNorm) and name.endswith("weight")
-                                else 0.0)
+                        p.fill_(
+                            1.0 if isinstance(_owner(module, name), nn.LayerNorm) and name.endswith("weight") else 0.0
+                        )
     return twin
 
 
@@ -193,8 +220,14 @@ def with_model(explainer, model: nn.Module):
     return dataclasses.replace(explainer, model=model, embeddings=embeddings)
 
 
-def sanity_check(explainer, sequence: str, targets: list[int], trained: Saliency, seed: int = 0,
-                 internal_batch_size: int | None = None) -> dict:
+def sanity_check(
+    explainer,
+    sequence: str,
+    targets: list[int],
+    trained: Saliency,
+    seed: int = 0,
+    internal_batch_size: int | None = None,
+) -> dict:
     """Spearman between the trained model's saliency scores and those of copies randomised from
     the top down (cascading, one more layer group each), the last of which is fully random."""
     positions = trained.ranked_positions
@@ -202,19 +235,31 @@ def sanity_check(explainer, sequence: str, targets: list[int], trained: Saliency
     cascade = []
     for k in range(1, len(groups) + 1):
         twin = with_model(explainer, randomised(explainer.model, k, seed).requires_grad_(False))
-        random_saliency = integrated_gradients(twin, sequence, targets, internal_batch_size=internal_batch_size,
-                                               progress=False)
+        random_saliency = integrated_gradients(
+            twin, sequence, targets, internal_batch_size=internal_batch_size, progress=False
+        )
         rho = spearman(trained.scores[positions], random_saliency.scores[positions])
-        cascade.append({"randomised": [name for name, _ in groups[:k]], "down_to": groups[k - 1][0],
-                        "spearman": rho, "max_relative_delta": random_saliency.max_relative_delta})
+        cascade.append(
+            {
+                "randomised": [name for name, _ in groups[:k]],
+                "down_to": groups[k - 1][0],
+                "spearman": rho,
+                "max_relative_delta": random_saliency.max_relative_delta,
+            }
+        )
     full = cascade[-1]["spearman"]
-    return {"cascade": cascade, "fully_random_spearman": full,
-            "flagged": full is not None and full >= SANITY_FLAG, "flag_threshold": SANITY_FLAG}
+    return {
+        "cascade": cascade,
+        "fully_random_spearman": full,
+        "flagged": full is not None and full >= SANITY_FLAG,
+        "flag_threshold": SANITY_FLAG,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Faithfulness: do the top-ranked residues matter to the prediction?
 # --------------------------------------------------------------------------------------------
+
 
 def deletion_sizes(length: int) -> list[int]:
     """How many residues each deletion step masks: 1, 2, 5, 10 and 20% of the sequence."""
@@ -237,7 +282,7 @@ def _log_probs(explainer, sequence: str, target: int, deleted: list[list[int]]) 
         inputs[row, [i + 1 for i in residues]] = explainer.tokenizer.mask_id
     out = []
     for start in range(0, len(inputs), 64):
-        batch = inputs[start:start + 64]
+        batch = inputs[start : start + 64]
         out.append(explainer.true_residue_log_probs(batch, true_ids.expand_as(batch))[:, target].double().cpu())
     return torch.cat(out).numpy()
 
@@ -254,17 +299,25 @@ def faithfulness(explainer, sequence: str, saliency: Saliency, seed: int = 0) ->
         by_attribution = sorted(others, key=lambda i: -saliency.attributions[row, i])
         nearest = nearest_residues(target, length)
         draws = [rng.permutation(others).tolist() for _ in range(RANDOM_DRAWS)]
-        deleted = ([[]] + [by_attribution[:k] for k in sizes] + [nearest[:k] for k in sizes]
-                   + [draw[:k] for draw in draws for k in sizes])
+        deleted = (
+            [[]]
+            + [by_attribution[:k] for k in sizes]
+            + [nearest[:k] for k in sizes]
+            + [draw[:k] for draw in draws for k in sizes]
+        )
         values = _log_probs(explainer, sequence, target, deleted)
         base, n = values[0], len(sizes)
-        drops["saliency"].append(base - values[1:1 + n])
-        drops["nearest"].append(base - values[1 + n:1 + 2 * n])
-        drops["random"].append((base - values[1 + 2 * n:]).reshape(RANDOM_DRAWS, n).mean(0))
+        drops["saliency"].append(base - values[1 : 1 + n])
+        drops["nearest"].append(base - values[1 + n : 1 + 2 * n])
+        drops["random"].append((base - values[1 + 2 * n :]).reshape(RANDOM_DRAWS, n).mean(0))
     curves = {name: np.mean(rows, axis=0) for name, rows in drops.items()}
-    return {"sizes": sizes, "curves": {name: curve.tolist() for name, curve in curves.items()},
-            "aopc": {name: float(curve.mean()) for name, curve in curves.items()},
-            "targets": len(saliency.targets), "random_draws": RANDOM_DRAWS}
+    return {
+        "sizes": sizes,
+        "curves": {name: curve.tolist() for name, curve in curves.items()},
+        "aopc": {name: float(curve.mean()) for name, curve in curves.items()},
+        "targets": len(saliency.targets),
+        "random_draws": RANDOM_DRAWS,
+    }
 
 
 def describe_steps(saliency: Saliency) -> str:

@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM become a flag checked between optimizer steps, so a stopped job saves a
 checkpoint and exits cleanly instead of dying mid-step."""
+
 from __future__ import annotations
 
 import signal

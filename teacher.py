@@ -9,6 +9,7 @@ The student's vocabulary is the teacher's (`Teacher.tokenizer`), so their ids li
 vocabulary, loadable through the same `from_pretrained` path: tests and benchmarks use it
 on machines that cannot reach the Hub.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,26 +41,32 @@ from cli import UserError
 ANTIBERTY = "antiberty"
 ANTIBERTY_VERSION = "0.1.3"
 # Heads of AntiBERTy's multi-task checkpoint that a plain BertForMaskedLM does not have.
-_ANTIBERTY_EXTRA_KEYS = ("bert.pooler.", "cls.species.", "cls.chain.", "cls.graft.",
-                         "bert.embeddings.position_ids")
+_ANTIBERTY_EXTRA_KEYS = ("bert.pooler.", "cls.species.", "cls.chain.", "cls.graft.", "bert.embeddings.position_ids")
 
-PROTBERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] "
-                  "L A G V E S I K R D T P N Q F Y M H C W X U B Z O").split()
-ESM2_VOCAB = ("<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O "
-              ". - <null_1> <mask>").split()
+PROTBERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O").split()
+ESM2_VOCAB = ("<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>").split()
 PROTBERT_SHAPE = dict(num_layers=30, hidden_size=1024, num_heads=16, intermediate_size=4096)
 ESM2_8M_SHAPE = dict(num_layers=6, hidden_size=320, num_heads=20, intermediate_size=1280)
 
-_OFFLINE_HINT = ("on a machine without internet pass a local folder written by save_pretrained: "
-                 "--teacher_model /path/to/folder")
+_OFFLINE_HINT = (
+    "on a machine without internet pass a local folder written by save_pretrained: --teacher_model /path/to/folder"
+)
 
 
 class Teacher:
     """A frozen masked LM and its tokenizer. Calling it returns float32 logits [B, L, V] and,
     when asked, the last layer's hidden states [B, L, H], on the teacher's device."""
 
-    def __init__(self, model, hf_tokenizer, tokenizer: ResidueTokenizer, name: str, backend: str,
-                 device: torch.device, num_parameters: int):
+    def __init__(
+        self,
+        model,
+        hf_tokenizer,
+        tokenizer: ResidueTokenizer,
+        name: str,
+        backend: str,
+        device: torch.device,
+        num_parameters: int,
+    ):
         self.model = model
         self.hf_tokenizer = hf_tokenizer
         self.tokenizer = tokenizer
@@ -89,12 +96,15 @@ class Teacher:
         offset = config.pad_token_id + 1 if config.model_type == "esm" else 0
         return config.max_position_embeddings - offset
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 output_hidden_states: bool = False) -> dict:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False
+    ) -> dict:
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids.to(self.device),
-                             attention_mask=attention_mask.to(self.device),
-                             output_hidden_states=output_hidden_states)
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                output_hidden_states=output_hidden_states,
+            )
         # Copies made outside inference mode are ordinary tensors: a distillation loss may save
         # them for backward, which inference tensors forbid.
         result = {"logits": out.logits.to(torch.float32, copy=True)}
@@ -103,12 +113,16 @@ class Teacher:
         return result
 
     def __repr__(self) -> str:
-        return (f"Teacher({self.name!r}, {self.num_parameters / 1e6:.1f}M parameters, "
-                f"{self.backend}, {self.device})")
+        return f"Teacher({self.name!r}, {self.num_parameters / 1e6:.1f}M parameters, {self.backend}, {self.device})"
 
 
-def load_teacher(name_or_path: str, device: str | torch.device = "cpu", use_8bit: bool = False,
-                 half: bool = False, trust_remote_code: bool = False) -> Teacher:
+def load_teacher(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    use_8bit: bool = False,
+    half: bool = False,
+    trust_remote_code: bool = False,
+) -> Teacher:
     """A frozen, eval-mode masked LM and its tokenizer: Hub id, local folder, or "antiberty".
 
     use_8bit: int8 weights; bitsandbytes on CUDA, torch's dynamic int8 Linear layers on CPU.
@@ -139,18 +153,22 @@ def _precision(device: torch.device, use_8bit: bool, half: bool) -> tuple[dict, 
     if use_8bit and device.type == "cuda":
         missing = [p for p in ("bitsandbytes", "accelerate") if importlib.util.find_spec(p) is None]
         if missing:
-            raise UserError(f"--use_8bit on CUDA needs {' and '.join(missing)}: "
-                            f"pip install {' '.join(missing)}")
+            raise UserError(f"--use_8bit on CUDA needs {' and '.join(missing)}: pip install {' '.join(missing)}")
         from transformers import BitsAndBytesConfig
+
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return ({"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
-                 "device_map": {"": index}, "dtype": torch.float16},
-                "int8 bitsandbytes (CUDA)")
+        return (
+            {
+                "quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+                "device_map": {"": index},
+                "dtype": torch.float16,
+            },
+            "int8 bitsandbytes (CUDA)",
+        )
     if use_8bit and device.type == "cpu":
         return {"dtype": torch.float32}, "int8 dynamic (torch, CPU)"
     if use_8bit:
-        raise UserError(f"--use_8bit works on cuda (bitsandbytes) or cpu (torch int8), "
-                        f"not {device}")
+        raise UserError(f"--use_8bit works on cuda (bitsandbytes) or cpu (torch int8), not {device}")
     if half and device.type == "cpu":
         warnings.warn("--half ignored on CPU (fp16 matrix products are slow there); using fp32", stacklevel=3)
     elif half:
@@ -169,15 +187,18 @@ def _from_pretrained(source: str, model_kwargs: dict, trust_remote_code: bool):
     remote_code = {"trust_remote_code": True} if trust_remote_code else {}
 
     def load(**extra):
-        return (AutoTokenizer.from_pretrained(source, **remote_code, **extra),
-                AutoModelForMaskedLM.from_pretrained(source, **model_kwargs, **remote_code,
-                                                     **extra))
+        return (
+            AutoTokenizer.from_pretrained(source, **remote_code, **extra),
+            AutoModelForMaskedLM.from_pretrained(source, **model_kwargs, **remote_code, **extra),
+        )
 
     path = Path(source)
     if path.exists() or _looks_like_path(source):
         if not path.is_dir():
-            raise UserError(f"teacher folder {source} does not exist (or is not a folder); pass a "
-                            "folder written by save_pretrained, or a HuggingFace Hub id")
+            raise UserError(
+                f"teacher folder {source} does not exist (or is not a folder); pass a "
+                "folder written by save_pretrained, or a HuggingFace Hub id"
+            )
         try:
             return load()
         except OSError as err:
@@ -187,16 +208,18 @@ def _from_pretrained(source: str, model_kwargs: dict, trust_remote_code: bool):
     except OSError:
         pass
     if _hub_offline():
-        raise UserError(f"teacher {source!r} is not in the HuggingFace cache and HF_HUB_OFFLINE "
-                        f"is set; {_OFFLINE_HINT}")
+        raise UserError(
+            f"teacher {source!r} is not in the HuggingFace cache and HF_HUB_OFFLINE is set; {_OFFLINE_HINT}"
+        )
     if not hub_reachable():
-        raise UserError(f"teacher {source!r} is not in the HuggingFace cache and the Hub "
-                        f"({_hub_endpoint()}) cannot be reached; {_OFFLINE_HINT}")
+        raise UserError(
+            f"teacher {source!r} is not in the HuggingFace cache and the Hub "
+            f"({_hub_endpoint()}) cannot be reached; {_OFFLINE_HINT}"
+        )
     try:
         return load()
     except OSError as err:
-        raise UserError(f"could not load teacher {source!r} from the HuggingFace Hub: "
-                        f"{_first_line(err)}") from err
+        raise UserError(f"could not load teacher {source!r} from the HuggingFace Hub: {_first_line(err)}") from err
 
 
 def teacher_unavailable(name_or_path: str) -> str | None:
@@ -225,8 +248,7 @@ def teacher_unavailable(name_or_path: str) -> str | None:
 
 def _looks_like_path(name: str) -> bool:
     """Hub ids are 'name' or 'namespace/name'; anything else with separators is a path."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name))
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def _first_line(err: Exception) -> str:
@@ -238,8 +260,10 @@ def _hub_endpoint() -> str:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -255,8 +279,10 @@ def _residue_tokenizer(name: str, hf_tokenizer, model_vocab_size: int) -> Residu
     """The student's tokenizer, after checking that the teacher's really is residue-level."""
     size = len(hf_tokenizer)
     if size > model_vocab_size:
-        raise UserError(f"teacher {name}: its tokenizer has {size} tokens but the model's "
-                        f"vocabulary only {model_vocab_size}; tokenizer and weights do not match")
+        raise UserError(
+            f"teacher {name}: its tokenizer has {size} tokens but the model's "
+            f"vocabulary only {model_vocab_size}; tokenizer and weights do not match"
+        )
     try:
         tokenizer = ResidueTokenizer.from_hf(hf_tokenizer)
     except ValueError as err:
@@ -267,13 +293,18 @@ def _residue_tokenizer(name: str, hf_tokenizer, model_vocab_size: int) -> Residu
             f"teacher {name}: its {size}-token tokenizer gives the 20 amino acids {distinct} "
             "distinct ids, so it is not a residue-level protein tokenizer (under transformers 5, "
             "BertTokenizer(vocab_file=...) silently builds a 5-token one: build it with "
-            "BertTokenizer(vocab=path, do_lower_case=False) and save_pretrained it)")
+            "BertTokenizer(vocab=path, do_lower_case=False) and save_pretrained it)"
+        )
     # ProtBert-style tokenizers read space-separated residues, ESM-style ones the bare string.
     probe = tokenizer.encode(STANDARD_RESIDUES).tolist()
-    if probe not in (hf_tokenizer(" ".join(STANDARD_RESIDUES))["input_ids"],
-                     hf_tokenizer(STANDARD_RESIDUES)["input_ids"]):
-        raise UserError(f"teacher {name}: its tokenizer does not encode a protein as "
-                        "[cls] one-id-per-residue [eos]; this tokenizer is not supported")
+    if probe not in (
+        hf_tokenizer(" ".join(STANDARD_RESIDUES))["input_ids"],
+        hf_tokenizer(STANDARD_RESIDUES)["input_ids"],
+    ):
+        raise UserError(
+            f"teacher {name}: its tokenizer does not encode a protein as "
+            "[cls] one-id-per-residue [eos]; this tokenizer is not supported"
+        )
     return tokenizer
 
 
@@ -284,13 +315,13 @@ def _quantize_linear_int8(model: nn.Module) -> nn.Module:
         # torch flags eager-mode quantization as deprecated in favour of torchao (not a
         # dependency here); it still works and is the fastest CPU int8 path available.
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8,
-                                                      inplace=True)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------
 # AntiBERTy: the offline teacher
 # --------------------------------------------------------------------------------------------
+
 
 def antiberty_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """A BertForMaskedLM folder converted from the antiberty==0.1.3 wheel, built once and cached.
@@ -327,8 +358,10 @@ def _antiberty_package() -> Path:
         raise UserError(f"the offline teacher 'antiberty' needs its PyPI package: {install}")
     package = Path(next(iter(spec.submodule_search_locations)))
     if not (package / "trained_models" / "AntiBERTy_md_smooth" / "pytorch_model.bin").is_file():
-        raise UserError(f"the installed antiberty package ({package}) has no bundled weights; "
-                        f"only {ANTIBERTY_VERSION} ships them: {install}")
+        raise UserError(
+            f"the installed antiberty package ({package}) has no bundled weights; "
+            f"only {ANTIBERTY_VERSION} ships them: {install}"
+        )
     return package
 
 
@@ -341,8 +374,11 @@ def _convert_antiberty(package: Path) -> tuple[BertForMaskedLM, BertTokenizer]:
     model = BertForMaskedLM(config)
     model.load_state_dict(state, strict=True)
     # vocab=, not vocab_file=: under transformers 5 the latter silently yields 5 tokens.
-    tokenizer = BertTokenizer(vocab=str(package / "trained_models" / "vocab.txt"),
-                              do_lower_case=False, model_max_length=config.max_position_embeddings)
+    tokenizer = BertTokenizer(
+        vocab=str(package / "trained_models" / "vocab.txt"),
+        do_lower_case=False,
+        model_max_length=config.max_position_embeddings,
+    )
     return model, tokenizer
 
 
@@ -350,10 +386,18 @@ def _convert_antiberty(package: Path) -> tuple[BertForMaskedLM, BertTokenizer]:
 # Random teachers with real vocabularies (tests, benchmarks)
 # --------------------------------------------------------------------------------------------
 
-def save_random_teacher(directory: str | os.PathLike, kind: str = "protbert", num_layers: int = 2,
-                        hidden_size: int = 64, num_heads: int = 2, intermediate_size: int = 128,
-                        max_positions: int = 1024, initializer_range: float = 0.02,
-                        seed: int = 0) -> Path:
+
+def save_random_teacher(
+    directory: str | os.PathLike,
+    kind: str = "protbert",
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 1024,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
     """Save a randomly initialised masked LM and its tokenizer with save_pretrained.
 
     kind="protbert": BertForMaskedLM with ProtBert's 30-token vocabulary; kind="esm2":
@@ -363,22 +407,34 @@ def save_random_teacher(directory: str | os.PathLike, kind: str = "protbert", nu
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shape = dict(num_hidden_layers=num_layers, hidden_size=hidden_size,
-                 num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                 max_position_embeddings=max_positions, initializer_range=initializer_range)
+    shape = dict(
+        num_hidden_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        initializer_range=initializer_range,
+    )
     if kind == "protbert":
-        tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(PROTBERT_VOCAB)},
-                                  do_lower_case=False, model_max_length=max_positions)
+        tokenizer = BertTokenizer(
+            vocab={t: i for i, t in enumerate(PROTBERT_VOCAB)}, do_lower_case=False, model_max_length=max_positions
+        )
         config = BertConfig(vocab_size=len(PROTBERT_VOCAB), pad_token_id=0, **shape)
         model_class = BertForMaskedLM
     elif kind == "esm2":
         vocab_file = directory / "vocab.txt"
         vocab_file.write_text("\n".join(ESM2_VOCAB) + "\n")
         tokenizer = EsmTokenizer(vocab_file=str(vocab_file), model_max_length=max_positions)
-        config = EsmConfig(vocab_size=len(ESM2_VOCAB), pad_token_id=ESM2_VOCAB.index("<pad>"),
-                           mask_token_id=ESM2_VOCAB.index("<mask>"),
-                           position_embedding_type="rotary", token_dropout=True,
-                           emb_layer_norm_before=False, layer_norm_eps=1e-5, **shape)
+        config = EsmConfig(
+            vocab_size=len(ESM2_VOCAB),
+            pad_token_id=ESM2_VOCAB.index("<pad>"),
+            mask_token_id=ESM2_VOCAB.index("<mask>"),
+            position_embedding_type="rotary",
+            token_dropout=True,
+            emb_layer_norm_before=False,
+            layer_norm_eps=1e-5,
+            **shape,
+        )
         model_class = EsmForMaskedLM
     else:
         raise ValueError(f"kind must be 'protbert' or 'esm2', not {kind!r}")
@@ -393,6 +449,7 @@ def save_random_teacher(directory: str | os.PathLike, kind: str = "protbert", nu
 def main(argv=None):
     """`python teacher.py --check NAME`: exit 0 if the teacher can be loaded here, else say why (exit 1)."""
     import argparse
+
     parser = argparse.ArgumentParser(description="Check that a teacher can be loaded on this machine.")
     parser.add_argument("--check", required=True, metavar="NAME", help="Hub id, local folder or 'antiberty'")
     reason = teacher_unavailable(parser.parse_args(argv).check)

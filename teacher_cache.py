@@ -29,6 +29,7 @@ protein LMs (ProtBert's 30 tokens cost 60 bytes a position). Larger vocabularies
 top-k logits plus a log-sum-exp per position; that storage is not implemented. Hidden states
 are not stored either, so --hidden_weight needs the live teacher.
 """
+
 from __future__ import annotations
 
 import errno
@@ -54,8 +55,16 @@ MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings"  # DIR/embeddings.npy: the teacher's per-protein embedding of each sequence
 # Settings a cache must have been made with to serve a run; vocab_hash is checked as well
 # whenever the teacher is loaded.
-CHECKED_SETTINGS = ("teacher", "data_hash", "mask_seed", "mask_prob", "max_seq_len", "mask_variants",
-                    "distill_positions", "precision")
+CHECKED_SETTINGS = (
+    "teacher",
+    "data_hash",
+    "mask_seed",
+    "mask_prob",
+    "max_seq_len",
+    "mask_variants",
+    "distill_positions",
+    "precision",
+)
 
 
 def data_hash(train_sequences: Sequence[str], val_sequences: Sequence[str]) -> str:
@@ -70,15 +79,27 @@ def data_hash(train_sequences: Sequence[str], val_sequences: Sequence[str]) -> s
 
 def run_settings(args, fingerprint: str) -> dict:
     """The CHECKED_SETTINGS of a run with distill.py's arguments on data with this data_hash."""
-    return {"teacher": args.teacher_model, "data_hash": fingerprint, "mask_seed": args.seed,
-            "mask_prob": args.mask_prob, "max_seq_len": args.max_seq_len, "mask_variants": args.mask_variants,
-            "distill_positions": args.distill_positions, "precision": PRECISION}
+    return {
+        "teacher": args.teacher_model,
+        "data_hash": fingerprint,
+        "mask_seed": args.seed,
+        "mask_prob": args.mask_prob,
+        "max_seq_len": args.max_seq_len,
+        "mask_variants": args.mask_variants,
+        "distill_positions": args.distill_positions,
+        "precision": PRECISION,
+    }
 
 
 def describe_teacher(teacher) -> dict:
     """What a run needs to know of a teacher it does not load (teacher.Teacher -> JSON values)."""
-    return {"name": teacher.name, "backend": teacher.backend, "num_parameters": teacher.num_parameters,
-            "hidden_size": teacher.hidden_size, "max_positions": teacher.max_positions}
+    return {
+        "name": teacher.name,
+        "backend": teacher.backend,
+        "num_parameters": teacher.num_parameters,
+        "hidden_size": teacher.hidden_size,
+        "max_positions": teacher.max_positions,
+    }
 
 
 class TeacherCache:
@@ -127,39 +148,56 @@ class TeacherCache:
         """Refuse a cache made with other settings, naming every field that differs."""
         if self.manifest is None:
             return
-        differ = [f"{k} (cached {self.manifest[k]!r}, now {settings[k]!r})"
-                  for k in CHECKED_SETTINGS if self.manifest[k] != settings[k]]
+        differ = [
+            f"{k} (cached {self.manifest[k]!r}, now {settings[k]!r})"
+            for k in CHECKED_SETTINGS
+            if self.manifest[k] != settings[k]
+        ]
         if differ:
-            raise UserError(f"teacher cache {self.directory} was made with other settings: {'; '.join(differ)}. "
-                            "Pass the flags it was made with, or another --teacher_cache folder "
-                            "(data_hash fingerprints the training and validation sequences)")
+            raise UserError(
+                f"teacher cache {self.directory} was made with other settings: {'; '.join(differ)}. "
+                "Pass the flags it was made with, or another --teacher_cache folder "
+                "(data_hash fingerprints the training and validation sequences)"
+            )
 
     # -- filling -----------------------------------------------------------------------------
-    def start_filling(self, teacher, settings: dict, train_sequences: Sequence[str],
-                      val_sequences: Sequence[str]) -> None:
+    def start_filling(
+        self, teacher, settings: dict, train_sequences: Sequence[str], val_sequences: Sequence[str]
+    ) -> None:
         """Prepare to write this teacher's outputs: a new cache gets its manifest, an existing one
         must match the settings and the teacher's vocabulary."""
         tokenizer = teacher.tokenizer
         if len(tokenizer) > MAX_VOCAB:
-            raise UserError(f"teacher {teacher.name} has {len(tokenizer)} tokens: --teacher_cache stores full "
-                            f"logits, so only small vocabularies (up to {MAX_VOCAB} tokens, e.g. every protein "
-                            "LM) are cached; train without --teacher_cache")
+            raise UserError(
+                f"teacher {teacher.name} has {len(tokenizer)} tokens: --teacher_cache stores full "
+                f"logits, so only small vocabularies (up to {MAX_VOCAB} tokens, e.g. every protein "
+                "LM) are cached; train without --teacher_cache"
+            )
         self._take_lock()
         try:
             self.manifest = self._read_manifest()  # as the previous holder of the lock left it
             if self.manifest is None:
                 details = {k: v for k, v in describe_teacher(teacher).items() if k != "name"}
-                self.manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings,
-                                 "vocab_hash": tokenizer.vocab_hash, "vocab_size": len(tokenizer),
-                                 "tokenizer": tokenizer.to_dict(), "teacher_details": details,
-                                 "train_sequences": len(train_sequences), "val_sequences": len(val_sequences),
-                                 "complete": {}}
+                self.manifest = {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    **settings,
+                    "vocab_hash": tokenizer.vocab_hash,
+                    "vocab_size": len(tokenizer),
+                    "tokenizer": tokenizer.to_dict(),
+                    "teacher_details": details,
+                    "train_sequences": len(train_sequences),
+                    "val_sequences": len(val_sequences),
+                    "complete": {},
+                }
                 self._write_manifest()
             self.check(settings)
             if self.manifest["vocab_hash"] != tokenizer.vocab_hash:
-                raise UserError(f"teacher cache {self.directory} was made with another vocabulary: vocab_hash "
-                                f"(cached {self.manifest['vocab_hash']!r}, now {tokenizer.vocab_hash!r}) for "
-                                f"teacher {teacher.name}; use another --teacher_cache folder")
+                raise UserError(
+                    f"teacher cache {self.directory} was made with another vocabulary: vocab_hash "
+                    f"(cached {self.manifest['vocab_hash']!r}, now {tokenizer.vocab_hash!r}) for "
+                    f"teacher {teacher.name}; use another --teacher_cache folder"
+                )
         except BaseException:
             self.close()
             raise
@@ -173,9 +211,11 @@ class TeacherCache:
         rounded = logits.to(torch.float16)
         values = rounded[positions]
         if not torch.isfinite(values).all():
-            raise UserError(f"teacher cache {self.directory}: the teacher's logits are not finite in fp16 "
-                            f"(largest magnitude {logits[positions].abs().max().item():.3g}); train without "
-                            "--teacher_cache")
+            raise UserError(
+                f"teacher cache {self.directory}: the teacher's logits are not finite in fp16 "
+                f"(largest magnitude {logits[positions].abs().max().item():.3g}); train without "
+                "--teacher_cache"
+            )
         indices = batch["sequence_index"].tolist()
         fill.logits[self._rows(fill.offsets, indices, positions)] = values.cpu().numpy()
         fill.filled[indices] = True
@@ -253,10 +293,12 @@ class TeacherCache:
         counts = positions.sum(dim=1).tolist()
         for j, n in zip(indices, counts):
             if offsets[j + 1] - offsets[j] != n:
-                raise UserError(f"teacher cache {self.directory}: sequence {j} has {n} cached positions in this "
-                                f"batch but {offsets[j + 1] - offsets[j]} in the cache, so its masks are not the "
-                                "ones the cache was made with (another version of data.py?); delete the folder "
-                                "and fill it again")
+                raise UserError(
+                    f"teacher cache {self.directory}: sequence {j} has {n} cached positions in this "
+                    f"batch but {offsets[j + 1] - offsets[j]} in the cache, so its masks are not the "
+                    "ones the cache was made with (another version of data.py?); delete the folder "
+                    "and fill it again"
+                )
         return np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in indices])
 
     def _plan(self, variant: int) -> np.ndarray:
@@ -269,8 +311,15 @@ class TeacherCache:
         else:
             counts, tokenizer = [], self.tokenizer
             for start in range(0, len(sequences), 512):
-                batch = data.masked_batch(sequences, range(start, min(start + 512, len(sequences))), tokenizer,
-                                          m["max_seq_len"], m["mask_prob"], m["mask_seed"], variant)
+                batch = data.masked_batch(
+                    sequences,
+                    range(start, min(start + 512, len(sequences))),
+                    tokenizer,
+                    m["max_seq_len"],
+                    m["mask_prob"],
+                    m["mask_seed"],
+                    variant,
+                )
                 counts += (batch["labels"] != data.IGNORE_INDEX).sum(dim=1).tolist()
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -304,8 +353,10 @@ class TeacherCache:
             np.save(f, fill.offsets)
         os.replace(self._file(variant, "logits.partial.npy"), self._file(variant, "logits.npy"))
         del self._fills[variant]
-        self.manifest["complete"][self._part(variant)] = {"sequences": len(fill.filled),
-                                                          "positions": int(fill.offsets[-1])}
+        self.manifest["complete"][self._part(variant)] = {
+            "sequences": len(fill.filled),
+            "positions": int(fill.offsets[-1]),
+        }
         self._write_manifest()
         self._file(variant, "filled.npy").unlink(missing_ok=True)
 
@@ -314,20 +365,26 @@ class TeacherCache:
             logits = np.load(self._file(variant, "logits.npy"), mmap_mode="r")
             offsets = np.load(self._file(variant, "offsets.npy"))
         except (OSError, ValueError) as err:
-            raise UserError(f"teacher cache {self.directory}: variant {self._part(variant)} is marked complete "
-                            f"but cannot be read ({err}); delete the folder and fill it again") from err
+            raise UserError(
+                f"teacher cache {self.directory}: variant {self._part(variant)} is marked complete "
+                f"but cannot be read ({err}); delete the folder and fill it again"
+            ) from err
         if logits.shape != (offsets[-1], self.manifest["vocab_size"]):
-            raise UserError(f"teacher cache {self.directory}: {self._part(variant)}.logits.npy has shape "
-                            f"{logits.shape}, its offsets say ({offsets[-1]}, {self.manifest['vocab_size']}); "
-                            "delete the folder and fill it again")
+            raise UserError(
+                f"teacher cache {self.directory}: {self._part(variant)}.logits.npy has shape "
+                f"{logits.shape}, its offsets say ({offsets[-1]}, {self.manifest['vocab_size']}); "
+                "delete the folder and fill it again"
+            )
         return logits, offsets
 
     def _read_manifest(self) -> dict | None:
         path = self.directory / MANIFEST
         if not path.is_file():
             if self.directory.is_dir() and any(not p.name.startswith(".") for p in self.directory.iterdir()):
-                raise UserError(f"--teacher_cache {self.directory} holds files but no {MANIFEST}: it is not a "
-                                "teacher cache; pass a new or empty folder")
+                raise UserError(
+                    f"--teacher_cache {self.directory} holds files but no {MANIFEST}: it is not a "
+                    "teacher cache; pass a new or empty folder"
+                )
             return None
         try:
             manifest = json.loads(path.read_text())
@@ -336,8 +393,10 @@ class TeacherCache:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise UserError(f"{path} is not a PepEmb teacher cache manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: teacher cache format_version {manifest.get('format_version')!r} is not "
-                            f"supported (this code reads version {FORMAT_VERSION}); fill a new cache")
+            raise UserError(
+                f"{path}: teacher cache format_version {manifest.get('format_version')!r} is not "
+                f"supported (this code reads version {FORMAT_VERSION}); fill a new cache"
+            )
         return manifest
 
     def _write_manifest(self) -> None:
@@ -357,8 +416,10 @@ class TeacherCache:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
-            raise UserError(f"teacher cache {self.directory} is being filled by another process; wait for it, "
-                            "or pass another --teacher_cache folder") from None
+            raise UserError(
+                f"teacher cache {self.directory} is being filled by another process; wait for it, "
+                "or pass another --teacher_cache folder"
+            ) from None
 
 
 def _reserve_disk(path: Path) -> None:
@@ -372,8 +433,10 @@ def _reserve_disk(path: Path) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
         except OSError as err:  # other errors: a filesystem that cannot reserve; the map allocates as it goes
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise UserError(f"{path}: no room for the {size / 2**20:.0f} MB of this teacher cache variant "
-                                f"({err.strerror}); free some space or pass another --teacher_cache folder") from None
+                raise UserError(
+                    f"{path}: no room for the {size / 2**20:.0f} MB of this teacher cache variant "
+                    f"({err.strerror}); free some space or pass another --teacher_cache folder"
+                ) from None
 
 
 class _Fill:
@@ -393,8 +456,14 @@ class TeacherTargets:
     not), `batches` counts the batches served live and from the cache.
     """
 
-    def __init__(self, teacher, cache: TeacherCache | None, tokenizer: ResidueTokenizer, about: dict,
-                 output_hidden_states: bool = False):
+    def __init__(
+        self,
+        teacher,
+        cache: TeacherCache | None,
+        tokenizer: ResidueTokenizer,
+        about: dict,
+        output_hidden_states: bool = False,
+    ):
         self.teacher, self.cache, self.tokenizer, self.about = teacher, cache, tokenizer, about
         self.output_hidden_states = output_hidden_states
         self.batches = {"live": 0, "cached": 0}
@@ -424,8 +493,7 @@ class TeacherTargets:
         if self.teacher is None:
             raise RuntimeError(f"mask variant {variant} is not in the teacher cache and no teacher is loaded")
         self.batches["live"] += 1
-        out = self.teacher(batch["input_ids"], batch["attention_mask"],
-                           output_hidden_states=self.output_hidden_states)
+        out = self.teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=self.output_hidden_states)
         if self.cache is not None:
             out["logits"] = self.cache.write(variant, batch, out["logits"])
         return self.add_embeddings(out, batch, variant)

@@ -1,5 +1,6 @@
 """Validation during training: loss terms, masked accuracy and agreement with the teacher on
 the fixed validation masks, summed over ranks."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,16 @@ from teacher_cache import TeacherTargets
 
 
 @torch.no_grad()
-def validate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args, device, autocast_dtype,
-             world: World = SINGLE_PROCESS) -> dict:
+def validate(
+    student,
+    hidden_proj,
+    teacher_outputs,
+    val_set: MaskedBatches,
+    args,
+    device,
+    autocast_dtype,
+    world: World = SINGLE_PROCESS,
+) -> dict:
     """Loss terms, masked accuracy (student and teacher), top-1 agreement with the teacher and
     perplexity on the validation split with fixed masks. `teacher_outputs(i, batch)` returns the
     teacher's (logits, last hidden states, targets with the embeddings) for validation batch i. Each rank evaluates every
@@ -27,11 +36,16 @@ def validate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args
     for i in range(world.rank, len(val_set), world.size):
         batch = {k: v.to(device) for k, v in val_set[i].items()}
         with autocast(device, autocast_dtype):
-            out = student(batch["input_ids"], batch["attention_mask"], output_hidden_states=hidden_proj is not None,
-                          output_embedding=student.teacher_map is not None)
+            out = student(
+                batch["input_ids"],
+                batch["attention_mask"],
+                output_hidden_states=hidden_proj is not None,
+                output_embedding=student.teacher_map is not None,
+            )
         t_logits, t_hidden, t_embedding = teacher_outputs(i, batch)
-        terms = loss_terms(out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions="masked",
-                           t_embedding=t_embedding)
+        terms = loss_terms(
+            out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions="masked", t_embedding=t_embedding
+        )
         counts = masked_metrics(out["logits"], t_logits, batch["labels"])
         for k in TERMS:
             sums[k] += float(terms[k]) * counts["n"]
@@ -41,9 +55,13 @@ def validate(student, hidden_proj, teacher_outputs, val_set: MaskedBatches, args
     sums = dict(zip(sums, all_reduce(list(sums.values()), world)))
     n = max(sums["n"], 1)
     metrics = {k: sums[k] / n for k in TERMS}
-    metrics.update(masked_acc=sums["student_correct"] / n, teacher_masked_acc=sums["teacher_correct"] / n,
-                   agreement=sums["agree"] / n, perplexity=math.exp(min(metrics["ce"], 50.0)),
-                   masked_tokens=int(sums["n"]))
+    metrics.update(
+        masked_acc=sums["student_correct"] / n,
+        teacher_masked_acc=sums["teacher_correct"] / n,
+        agreement=sums["agree"] / n,
+        perplexity=math.exp(min(metrics["ce"], 50.0)),
+        masked_tokens=int(sums["n"]),
+    )
     return metrics
 
 

@@ -34,6 +34,7 @@ The tasks without a live teacher are cheap, so they run --repeats times per batc
 median. torch runs on one thread unless --threads says otherwise (see bench/README.md).
 Prints a table and writes JSON (--output).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,20 @@ from teacher_targets import load_teacher_targets  # noqa: E402
 # batches (the first one a warm-up). UniProt proteins are taken at least as long as the crop, so
 # every batch holds exactly max_tokens real tokens.
 CONFIGS = {
-    "protbert": {"label": "ProtBert-shaped (random weights)", "fasta": data.SHIPPED_UNIPROT, "fill_crop": True,
-                 "quick": {"max_seq_len": 64, "max_tokens": 256, "batches": 3},
-                 "full": {"max_seq_len": 128, "max_tokens": 1024, "batches": 5}},
-    "antiberty": {"label": "AntiBERTy", "fasta": data.SHIPPED_ANTIBODIES, "fill_crop": False,
-                  "quick": {"max_seq_len": 160, "batch_size": 8, "batches": 3},
-                  "full": {"max_seq_len": 160, "batch_size": 32, "batches": 6}},
+    "protbert": {
+        "label": "ProtBert-shaped (random weights)",
+        "fasta": data.SHIPPED_UNIPROT,
+        "fill_crop": True,
+        "quick": {"max_seq_len": 64, "max_tokens": 256, "batches": 3},
+        "full": {"max_seq_len": 128, "max_tokens": 1024, "batches": 5},
+    },
+    "antiberty": {
+        "label": "AntiBERTy",
+        "fasta": data.SHIPPED_ANTIBODIES,
+        "fill_crop": False,
+        "quick": {"max_seq_len": 160, "batch_size": 8, "batches": 3},
+        "full": {"max_seq_len": 160, "batch_size": 32, "batches": 6},
+    },
 }
 MODES = ("live fp32", "live int8", "cached")
 
@@ -110,17 +119,35 @@ class Trainer:
 
     def __init__(self, args, tokenizer, total_steps: int, device: torch.device, optimizer_options: dict | None = None):
         torch.manual_seed(args.seed)  # every trainer starts from the same weights
-        config = StudentConfig.from_tokenizer(tokenizer, d_model=args.d_model, num_heads=args.num_heads,
-                                              num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout)
+        config = StudentConfig.from_tokenizer(
+            tokenizer,
+            d_model=args.d_model,
+            num_heads=args.num_heads,
+            num_layers=args.num_layers,
+            d_ff=args.d_ff,
+            dropout=args.dropout,
+        )
         self.args, self.device = args, device
         self.student = Student(config).to(device).train()
-        self.optimizer = torch.optim.AdamW(adamw_param_groups([self.student], args.weight_decay),
-                                           lr=args.learning_rate, **(optimizer_options or {}))
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, min(args.warmup_steps, total_steps),
-                                                         total_steps)
+        self.optimizer = torch.optim.AdamW(
+            adamw_param_groups([self.student], args.weight_decay), lr=args.learning_rate, **(optimizer_options or {})
+        )
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, min(args.warmup_steps, total_steps), total_steps
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.window = {"tokens": 0, "seqs": 0, "masked": 0, "loss": 0.0, "kl": 0.0, "ce": 0.0, "cos": 0.0, "emb": 0.0,
-                       "correct": 0, "agree": 0}
+        self.window = {
+            "tokens": 0,
+            "seqs": 0,
+            "masked": 0,
+            "loss": 0.0,
+            "kl": 0.0,
+            "ce": 0.0,
+            "cos": 0.0,
+            "emb": 0.0,
+            "correct": 0,
+            "agree": 0,
+        }
         self.laps = Laps()
 
     def step(self, loader, targets, variant: int) -> None:
@@ -152,8 +179,15 @@ class Trainer:
         with autocast(self.device, None):
             out = self.student(batch["input_ids"], batch["attention_mask"], output_hidden_states=False)
             self.laps.lap("student forward")
-            terms = loss_terms(out, None, t["logits"], t.get("hidden_states"), batch, self.args,
-                               distill_positions=self.args.distill_positions)
+            terms = loss_terms(
+                out,
+                None,
+                t["logits"],
+                t.get("hidden_states"),
+                batch,
+                self.args,
+                distill_positions=self.args.distill_positions,
+            )
         self.laps.lap("loss")
         self.scaler.scale(terms["loss"] / 1).backward()
         if not bool(torch.isfinite(terms["loss"])):  # distill.py skips the step; a benchmark stops
@@ -178,6 +212,7 @@ class Trainer:
 # Setup: data, teacher, cache, modes
 # --------------------------------------------------------------------------------------------
 
+
 def per_batch(settings: dict) -> int:
     return settings.get("batch_size") or settings["max_tokens"] // settings["max_seq_len"]
 
@@ -192,19 +227,31 @@ def write_data(directory: Path, fasta: Path, settings: dict, fill_crop: bool) ->
     n_train = settings["batches"] * per_batch(settings)
     directory.mkdir(parents=True)
     data.write_fasta(directory / "train.fasta", proteins[:n_train])
-    data.write_fasta(directory / "val.fasta", proteins[n_train:n_train + 2])
-    data.write_fasta(directory / "test.fasta", proteins[n_train + 2:n_train + 3])
+    data.write_fasta(directory / "val.fasta", proteins[n_train : n_train + 2])
+    data.write_fasta(directory / "test.fasta", proteins[n_train + 2 : n_train + 3])
     return directory
 
 
-def distill_args(data_dir: Path, teacher: str, settings: dict, student: dict, cache_dir: Path | None = None,
-                 use_8bit: bool = False):
+def distill_args(
+    data_dir: Path, teacher: str, settings: dict, student: dict, cache_dir: Path | None = None, use_8bit: bool = False
+):
     """distill.py's parsed and validated arguments for one mode."""
-    argv = ["--data_path", str(data_dir), "--teacher_model", teacher, "--device", "cpu",
-            "--max_seq_len", str(settings["max_seq_len"]),
-            *(["--max_tokens", str(settings["max_tokens"])] if "max_tokens" in settings
-              else ["--batch_size", str(settings["batch_size"])]),
-            *[f"--{k}={v}" for k, v in student.items()]]
+    argv = [
+        "--data_path",
+        str(data_dir),
+        "--teacher_model",
+        teacher,
+        "--device",
+        "cpu",
+        "--max_seq_len",
+        str(settings["max_seq_len"]),
+        *(
+            ["--max_tokens", str(settings["max_tokens"])]
+            if "max_tokens" in settings
+            else ["--batch_size", str(settings["batch_size"])]
+        ),
+        *[f"--{k}={v}" for k, v in student.items()],
+    ]
     if cache_dir is not None:
         argv += ["--teacher_cache", str(cache_dir), "--mask_variants", "1"]
     if use_8bit:
@@ -232,8 +279,14 @@ def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, MaskedBatches]
         raise RuntimeError("the cache fill did not complete mask variant 0")
     filler.cache.close()
     cache_bytes = sum(f.stat().st_size for f in Path(args.teacher_cache).iterdir() if f.is_file())
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "batches": len(epoch),
-            "sequences": len(train_seqs), "bytes": cache_bytes}, epoch
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "batches": len(epoch),
+        "sequences": len(train_seqs),
+        "bytes": cache_bytes,
+    }, epoch
 
 
 def load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_seqs, device) -> dict:
@@ -250,6 +303,7 @@ def load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_
 # --------------------------------------------------------------------------------------------
 # The interleaved measurement
 # --------------------------------------------------------------------------------------------
+
 
 def run_interleaved(tasks_for_batch, n_batches: int) -> dict[str, list[float]]:
     """Seconds per task per batch after the warm-up batch 0, which runs every task once.
@@ -293,13 +347,24 @@ def measure(modes: dict, epoch: MaskedBatches, args, device, repeats: int) -> di
                 trainer.laps.reset()
         batch = epoch[i]
         cached_logits = modes["cached"](batch, 0)["logits"]
-        tasks = [(f"{mode} step", lambda m=mode: trainers[m].step(loaders[m], modes[m], 0),
-                  repeats if mode == "cached" else 1) for mode in modes]
-        tasks += [(f"{mode} teacher", lambda m=mode: modes[m].teacher(batch["input_ids"], batch["attention_mask"]), 1)
-                  for mode in modes if mode != "cached"]
-        tasks += [("cached teacher", lambda: modes["cached"](batch, 0), repeats),
-                  ("student step", lambda: alone.student_step(batch, cached_logits), repeats),
-                  ("batch build", lambda: epoch[i], repeats)]
+        tasks = [
+            (
+                f"{mode} step",
+                lambda m=mode: trainers[m].step(loaders[m], modes[m], 0),
+                repeats if mode == "cached" else 1,
+            )
+            for mode in modes
+        ]
+        tasks += [
+            (f"{mode} teacher", lambda m=mode: modes[m].teacher(batch["input_ids"], batch["attention_mask"]), 1)
+            for mode in modes
+            if mode != "cached"
+        ]
+        tasks += [
+            ("cached teacher", lambda: modes["cached"](batch, 0), repeats),
+            ("student step", lambda: alone.student_step(batch, cached_logits), repeats),
+            ("batch build", lambda: epoch[i], repeats),
+        ]
         return tasks
 
     times = run_interleaved(tasks_for_batch, n)
@@ -309,20 +374,32 @@ def measure(modes: dict, epoch: MaskedBatches, args, device, repeats: int) -> di
     for mode in modes:
         step_s, teacher_s = sum(times[f"{mode} step"]), sum(times[f"{mode} teacher"])
         # per batch: step / (teacher + student), each timed on that batch, close together in time
-        overheads = [s / (t + a) for s, t, a in zip(times[f"{mode} step"], times[f"{mode} teacher"],
-                                                      times["student step"])]
-        results[mode] = {"tokens_per_s": sum(tokens) / step_s, "step_ms": 1000 * step_s / len(tokens),
-                         "teacher_ms": 1000 * teacher_s / len(tokens), "student_ms": 1000 * student_s / len(tokens),
-                         "overhead": statistics.median(overheads), "overhead_per_batch": overheads,
-                         "overhead_of_totals": step_s / (teacher_s + student_s),
-                         "phases_ms": trainers[mode].laps.per_step_ms()}
+        overheads = [
+            s / (t + a) for s, t, a in zip(times[f"{mode} step"], times[f"{mode} teacher"], times["student step"])
+        ]
+        results[mode] = {
+            "tokens_per_s": sum(tokens) / step_s,
+            "step_ms": 1000 * step_s / len(tokens),
+            "teacher_ms": 1000 * teacher_s / len(tokens),
+            "student_ms": 1000 * student_s / len(tokens),
+            "overhead": statistics.median(overheads),
+            "overhead_per_batch": overheads,
+            "overhead_of_totals": step_s / (teacher_s + student_s),
+            "phases_ms": trainers[mode].laps.per_step_ms(),
+        }
     for mode in modes:
         results[mode]["speedup_vs_live_fp32"] = results[mode]["tokens_per_s"] / results["live fp32"]["tokens_per_s"]
-    return {"student_parameters": alone.student.num_parameters(), "timed_batches": len(tokens),
-            "repeats": repeats, "tokens_per_batch": tokens, "modes": results,
-            "student_alone_tokens_per_s": sum(tokens) / student_s,
-            "batch_build_ms": 1000 * sum(times["batch build"]) / len(tokens),
-            "student_alone_phases_ms": alone.laps.per_step_ms(), "seconds_per_batch": times}
+    return {
+        "student_parameters": alone.student.num_parameters(),
+        "timed_batches": len(tokens),
+        "repeats": repeats,
+        "tokens_per_batch": tokens,
+        "modes": results,
+        "student_alone_tokens_per_s": sum(tokens) / student_s,
+        "batch_build_ms": 1000 * sum(times["batch build"]) / len(tokens),
+        "student_alone_phases_ms": alone.laps.per_step_ms(),
+        "seconds_per_batch": times,
+    }
 
 
 def bench_teacher(name: str, quick: bool, student: dict, device: torch.device, workdir: Path, repeats: int) -> dict:
@@ -332,8 +409,11 @@ def bench_teacher(name: str, quick: bool, student: dict, device: torch.device, w
     if name == "protbert":
         print("writing a random ProtBert-shaped teacher (1.7 GB) ...", flush=True)
         # 40,000 positions as ProtBert has: its parameter count (the position table is idle weight).
-        teacher = str(teacher_module.save_random_teacher(workdir / "protbert", max_positions=40000,
-                                                         **teacher_module.PROTBERT_SHAPE))
+        teacher = str(
+            teacher_module.save_random_teacher(
+                workdir / "protbert", max_positions=40000, **teacher_module.PROTBERT_SHAPE
+            )
+        )
     else:
         teacher = teacher_module.ANTIBERTY
     cache_dir = workdir / f"cache-{name}"
@@ -344,36 +424,53 @@ def bench_teacher(name: str, quick: bool, student: dict, device: torch.device, w
     modes = load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_seqs, device)
     result = measure(modes, epoch, cache_args, device, repeats)
     about = modes["cached"].about
-    return {"teacher": name, "label": config["label"], "teacher_parameters": about["num_parameters"],
-            "data": config["fasta"].name, **settings, "train_sequences": len(train_seqs),
-            "padding_efficiency": epoch.padding_efficiency, "cache_fill": fill, **result}
+    return {
+        "teacher": name,
+        "label": config["label"],
+        "teacher_parameters": about["num_parameters"],
+        "data": config["fasta"].name,
+        **settings,
+        "train_sequences": len(train_seqs),
+        "padding_efficiency": epoch.padding_efficiency,
+        "cache_fill": fill,
+        **result,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
+
 def print_report(r: dict, student: dict) -> None:
     batching = f"max_tokens {r['max_tokens']}" if "max_tokens" in r else f"batch_size {r['batch_size']}"
     tokens = r["tokens_per_batch"]
-    print(f"\n{r['label']} teacher, {r['teacher_parameters'] / 1e6:.1f}M parameters; {r['data']}, "
-          f"{r['train_sequences']} proteins, max_seq_len {r['max_seq_len']}, {batching}; student "
-          f"{r['student_parameters'] / 1e6:.1f}M ({', '.join(f'{k} {v}' for k, v in student.items())}); "
-          f"{r['timed_batches']} timed batches of {sum(tokens) / len(tokens):.0f} tokens after 1 warm-up")
-    print(f"{'mode':<11}{'tokens/s':>10}{'vs fp32':>9}{'step ms':>10}{'teacher ms':>12}{'student ms':>12}"
-          f"{'other ms':>10}{'overhead (range)':>22}")
+    print(
+        f"\n{r['label']} teacher, {r['teacher_parameters'] / 1e6:.1f}M parameters; {r['data']}, "
+        f"{r['train_sequences']} proteins, max_seq_len {r['max_seq_len']}, {batching}; student "
+        f"{r['student_parameters'] / 1e6:.1f}M ({', '.join(f'{k} {v}' for k, v in student.items())}); "
+        f"{r['timed_batches']} timed batches of {sum(tokens) / len(tokens):.0f} tokens after 1 warm-up"
+    )
+    print(
+        f"{'mode':<11}{'tokens/s':>10}{'vs fp32':>9}{'step ms':>10}{'teacher ms':>12}{'student ms':>12}"
+        f"{'other ms':>10}{'overhead (range)':>22}"
+    )
     for mode, m in r["modes"].items():
         other = m["step_ms"] - m["teacher_ms"] - m["student_ms"]
         spread = f"{m['overhead']:.3f} ({min(m['overhead_per_batch']):.2f}-{max(m['overhead_per_batch']):.2f})"
-        print(f"{mode:<11}{m['tokens_per_s']:>10.1f}{m['speedup_vs_live_fp32']:>8.1f}x{m['step_ms']:>10.1f}"
-              f"{m['teacher_ms']:>12.1f}{m['student_ms']:>12.1f}{other:>10.1f}{spread:>22}")
+        print(
+            f"{mode:<11}{m['tokens_per_s']:>10.1f}{m['speedup_vs_live_fp32']:>8.1f}x{m['step_ms']:>10.1f}"
+            f"{m['teacher_ms']:>12.1f}{m['student_ms']:>12.1f}{other:>10.1f}{spread:>22}"
+        )
     fill = r["cache_fill"]
-    print(f"teacher ms: Teacher.__call__ alone (cached: the cache read); student ms: student step alone; "
-          f"overhead: median over batches of step / (teacher + student); tasks without a live teacher: median of "
-          f"{r['repeats']} runs per batch.\ncache fill (once, fp32 teacher): {fill['sequences']} sequences "
-          f"in {fill['seconds']:.1f} s, {fill['tokens_per_s']:.1f} tokens/s; {fill['bytes'] / 1024:.1f} KiB on disk. "
-          f"Student step alone: {r['student_alone_tokens_per_s']:.0f} tokens/s; batch building "
-          f"{r['batch_build_ms']:.1f} ms/batch.")
+    print(
+        f"teacher ms: Teacher.__call__ alone (cached: the cache read); student ms: student step alone; "
+        f"overhead: median over batches of step / (teacher + student); tasks without a live teacher: median of "
+        f"{r['repeats']} runs per batch.\ncache fill (once, fp32 teacher): {fill['sequences']} sequences "
+        f"in {fill['seconds']:.1f} s, {fill['tokens_per_s']:.1f} tokens/s; {fill['bytes'] / 1024:.1f} KiB on disk. "
+        f"Student step alone: {r['student_alone_tokens_per_s']:.0f} tokens/s; batch building "
+        f"{r['batch_build_ms']:.1f} ms/batch."
+    )
 
 
 def main(argv=None):
@@ -383,12 +480,20 @@ def main(argv=None):
     p.add_argument("--d_model", type=int, default=384, help="student hidden size (distill.py's default)")
     p.add_argument("--num_heads", type=int, default=6, help="student attention heads")
     p.add_argument("--num_layers", type=int, default=4, help="student blocks")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs per batch of the tasks without a live teacher (cheap and noisy), their median kept")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 0: torch's default. 1 because on a 2-core machine shared with other "
-                        "jobs, 2 OpenMP threads wait on each other at every small op (AdamW's step measured "
-                        "100x slower at load 4.5)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per batch of the tasks without a live teacher (cheap and noisy), their median kept",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 0: torch's default. 1 because on a 2-core machine shared with other "
+        "jobs, 2 OpenMP threads wait on each other at every small op (AdamW's step measured "
+        "100x slower at load 4.5)",
+    )
     p.add_argument("--output", default=str(REPO / "outputs" / "bench" / "bench_distill.json"), help="JSON results")
     args = p.parse_args(argv)
 
@@ -397,9 +502,16 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     device = torch.device("cpu")
     student = {"d_model": args.d_model, "num_heads": args.num_heads, "num_layers": args.num_layers}
-    summary = {"quick": args.quick, "device": str(device), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-               "load_average_start": os.getloadavg(), "student": student, "teachers": {}}
+    summary = {
+        "quick": args.quick,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "load_average_start": os.getloadavg(),
+        "student": student,
+        "teachers": {},
+    }
     print(f"device cpu, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_distill-") as workdir:
@@ -414,8 +526,10 @@ def main(argv=None):
         modes = summary["teachers"]["protbert"]["modes"]
         summary["cached_vs_live_protbert_fp32"] = modes["cached"]["speedup_vs_live_fp32"]
         print(f"\ncached / live ProtBert-shaped fp32: {summary['cached_vs_live_protbert_fp32']:.1f}x (target >= 10x)")
-    print(f"load average {summary['load_average_start'][0]:.1f} at start, {summary['load_average_end'][0]:.1f} at end; "
-          f"{summary['seconds']:.0f} s in all")
+    print(
+        f"load average {summary['load_average_start'][0]:.1f} at start, {summary['load_average_end'][0]:.1f} at end; "
+        f"{summary['seconds']:.0f} s in all"
+    )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2) + "\n")

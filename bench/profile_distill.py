@@ -21,6 +21,7 @@ bench_distill.Trainer.step: distill.py's step (forward_backward + optimizer_step
                         SelfAttention with dropout_p 0; the other dropouts unchanged).
 Prints tables and writes JSON (--output).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,11 +70,13 @@ class SyncFreeTrainer(Trainer):
 
 
 def make_trainers(args, tokenizer, total_steps, device) -> dict[str, Trainer]:
-    trainers = {"baseline": Trainer(args, tokenizer, total_steps, device),
-                "fused AdamW": Trainer(args, tokenizer, total_steps, device, {"fused": True}),
-                "no per-step syncs": SyncFreeTrainer(args, tokenizer, total_steps, device),
-                "fused AdamW + no syncs": SyncFreeTrainer(args, tokenizer, total_steps, device, {"fused": True}),
-                "no attention-prob dropout": Trainer(args, tokenizer, total_steps, device)}
+    trainers = {
+        "baseline": Trainer(args, tokenizer, total_steps, device),
+        "fused AdamW": Trainer(args, tokenizer, total_steps, device, {"fused": True}),
+        "no per-step syncs": SyncFreeTrainer(args, tokenizer, total_steps, device),
+        "fused AdamW + no syncs": SyncFreeTrainer(args, tokenizer, total_steps, device, {"fused": True}),
+        "no attention-prob dropout": Trainer(args, tokenizer, total_steps, device),
+    }
     for block in trainers["no attention-prob dropout"].student.blocks:
         block.attn.dropout = 0.0
     return trainers
@@ -85,8 +88,15 @@ def top_operators(trainer: Trainer, loader, targets, steps: int, rows: int) -> t
             trainer.step(loader, targets, 0)
     averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in averages)
-    top = [{"operator": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
-            "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps} for e in averages[:rows]]
+    top = [
+        {
+            "operator": e.key,
+            "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+            "share": e.self_cpu_time_total / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in averages[:rows]
+    ]
     return top, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -124,8 +134,10 @@ def main(argv=None):
             if i == 1:
                 for trainer in trainers.values():
                     trainer.laps.reset()
-            return [(name, lambda t=trainer, name=name: t.step(loaders[name], targets, 0), 1)
-                    for name, trainer in trainers.items()]
+            return [
+                (name, lambda t=trainer, name=name: t.step(loaders[name], targets, 0), 1)
+                for name, trainer in trainers.items()
+            ]
 
         started = time.perf_counter()
         times = run_interleaved(tasks_for_step, steps + 1)
@@ -136,41 +148,67 @@ def main(argv=None):
     tokens = sum(int(epoch[j % n]["attention_mask"].sum()) for j in range(1, steps + 1))
     base = phases["baseline"]
     step_ms = sum(base.values())
-    print(f"\nAntiBERTy cache, antibody sample, batch_size {args_cli.batch_size}, max_seq_len "
-          f"{SETTINGS['max_seq_len']}; student {trainers['baseline'].student.num_parameters() / 1e6:.2f}M "
-          f"({student}); {steps} timed steps "
-          f"of {tokens / steps:.0f} tokens per variant after 1 warm-up ({seconds:.0f} s)")
+    print(
+        f"\nAntiBERTy cache, antibody sample, batch_size {args_cli.batch_size}, max_seq_len "
+        f"{SETTINGS['max_seq_len']}; student {trainers['baseline'].student.num_parameters() / 1e6:.2f}M "
+        f"({student}); {steps} timed steps "
+        f"of {tokens / steps:.0f} tokens per variant after 1 warm-up ({seconds:.0f} s)"
+    )
     print(f"\n1. Phases of the baseline step\n{'phase':<24}{'ms/step':>9}{'share':>8}")
     for phase, ms in base.items():
         print(f"{phase:<24}{ms:>9.2f}{ms / step_ms:>8.1%}")
     not_model = sum(ms for phase, ms in base.items() if phase not in MODEL_PHASES)
-    print(f"{'step':<24}{step_ms:>9.2f}\nnot the student's training (loader, to device, cache read, metrics, "
-          f"schedule): {not_model:.2f} ms = {not_model / step_ms:.1%}; full step / student training "
-          f"= {step_ms / (step_ms - not_model):.3f}")
+    print(
+        f"{'step':<24}{step_ms:>9.2f}\nnot the student's training (loader, to device, cache read, metrics, "
+        f"schedule): {not_model:.2f} ms = {not_model / step_ms:.1%}; full step / student training "
+        f"= {step_ms / (step_ms - not_model):.3f}"
+    )
 
-    print(f"\n2. torch.profiler, baseline, 3 steps: top operators by self CPU time\n"
-          f"{'operator':<34}{'ms/step':>9}{'share':>8}{'calls/step':>12}")
+    print(
+        f"\n2. torch.profiler, baseline, 3 steps: top operators by self CPU time\n"
+        f"{'operator':<34}{'ms/step':>9}{'share':>8}{'calls/step':>12}"
+    )
     for op in ops[:15]:
-        print(f"{op['operator'][:33]:<34}{op['self_ms_per_step']:>9.2f}{op['share']:>8.1%}"
-              f"{op['calls_per_step']:>12.0f}")
+        print(
+            f"{op['operator'][:33]:<34}{op['self_ms_per_step']:>9.2f}{op['share']:>8.1%}{op['calls_per_step']:>12.0f}"
+        )
 
-    print(f"\n3. Prototypes, interleaved step by step with the baseline (vs base: median over steps of the "
-          f"step's time / the baseline's on the same batch, same round)\n"
-          f"{'variant':<28}{'step ms':>9}{'vs base':>9}{'optimizer ms':>14}{'metrics ms':>12}")
+    print(
+        f"\n3. Prototypes, interleaved step by step with the baseline (vs base: median over steps of the "
+        f"step's time / the baseline's on the same batch, same round)\n"
+        f"{'variant':<28}{'step ms':>9}{'vs base':>9}{'optimizer ms':>14}{'metrics ms':>12}"
+    )
     variants = {}
     for name in trainers:
         ratios = [a / b for a, b in zip(times[name], times["baseline"])]
-        variants[name] = {"step_ms": 1000 * sum(times[name]) / steps, "vs_baseline": statistics.median(ratios),
-                          "phases_ms": phases[name], "tokens_per_s": tokens / sum(times[name])}
+        variants[name] = {
+            "step_ms": 1000 * sum(times[name]) / steps,
+            "vs_baseline": statistics.median(ratios),
+            "phases_ms": phases[name],
+            "tokens_per_s": tokens / sum(times[name]),
+        }
         v = variants[name]
-        print(f"{name:<28}{v['step_ms']:>9.1f}{v['vs_baseline']:>9.3f}"
-              f"{phases[name]['optimizer']:>14.2f}{phases[name]['metrics + window sums']:>12.2f}")
+        print(
+            f"{name:<28}{v['step_ms']:>9.1f}{v['vs_baseline']:>9.3f}"
+            f"{phases[name]['optimizer']:>14.2f}{phases[name]['metrics + window sums']:>12.2f}"
+        )
 
-    summary = {"quick": args_cli.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "student": student, **SETTINGS, "batch_size": args_cli.batch_size, "timed_steps": steps,
-               "tokens_per_step": tokens / steps,
-               "cache_fill": fill, "phases_ms": base, "not_model_share": not_model / step_ms,
-               "top_operators": ops, "variants": variants, "step_seconds": times}
+    summary = {
+        "quick": args_cli.quick,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "student": student,
+        **SETTINGS,
+        "batch_size": args_cli.batch_size,
+        "timed_steps": steps,
+        "tokens_per_step": tokens / steps,
+        "cache_fill": fill,
+        "phases_ms": base,
+        "not_model_share": not_model / step_ms,
+        "top_operators": ops,
+        "variants": variants,
+        "step_seconds": times,
+    }
     output = Path(args_cli.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,6 +21,7 @@ and R^2. Distillation is worth it here only if kd-emb's distilled map beats mlm 
 
 Writes OUTPUT_DIR/teacher_space.json and teacher_space.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ FULL = {"steps": 600, "d_model": 256, "num_layers": 4, "train_size": None, "outp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run on 200 shipped chains, tiny students")
     p.add_argument("--data_dir", help="folder with train/val/test.fasta [the shipped antibodies, split 80/10/10]")
     p.add_argument("--train_size", type=int, help="use the first N training chains [all; --quick 200]")
@@ -91,16 +93,32 @@ def prepare_data(args) -> Path:
     else:
         proteins = data.read_fasta(data.SHIPPED_ANTIBODIES)
         splits = dict(zip(("train", "val", "test"), data.split_proteins(proteins, 0.1, 0.1, seed=SEED)))
-    splits["train"] = splits["train"][:args.train_size]
+    splits["train"] = splits["train"][: args.train_size]
     for name, proteins in splits.items():
         data.write_fasta(folder / f"{name}.fasta", proteins)
     return folder
 
 
 def shared_flags(args, data_dir: Path) -> list[str]:
-    return ["--data_path", str(data_dir), "--teacher_model", TEACHER, "--use_8bit", "--device", "cpu",
-            "--max_seq_len", str(MAX_SEQ_LEN), "--batch_size", str(BATCH), "--seed", str(SEED),
-            "--mask_variants", str(args.mask_variants), "--teacher_cache", str(args.output_dir / "cache")]
+    return [
+        "--data_path",
+        str(data_dir),
+        "--teacher_model",
+        TEACHER,
+        "--use_8bit",
+        "--device",
+        "cpu",
+        "--max_seq_len",
+        str(MAX_SEQ_LEN),
+        "--batch_size",
+        str(BATCH),
+        "--seed",
+        str(SEED),
+        "--mask_variants",
+        str(args.mask_variants),
+        "--teacher_cache",
+        str(args.output_dir / "cache"),
+    ]
 
 
 def run(command: list[str], log: Path, threads: int | None = None) -> float:
@@ -116,20 +134,48 @@ def run(command: list[str], log: Path, threads: int | None = None) -> float:
 
 def train_students(args, data_dir: Path) -> dict:
     """The three students' run folders (trained now unless already there)."""
-    variants = {"kd-emb": [*KD, "--embedding_weight", str(args.embedding_weight)], "kd": KD,
-                "mlm": ["--distill_weight", "0", "--task_weight", "1"]}
+    variants = {
+        "kd-emb": [*KD, "--embedding_weight", str(args.embedding_weight)],
+        "kd": KD,
+        "mlm": ["--distill_weight", "0", "--task_weight", "1"],
+    }
     runs = {name: args.output_dir / "runs" / name for name in variants}
     todo = [name for name, folder in runs.items() if not (folder / "summary.json").is_file()]
 
     def train(name: str) -> None:
         print(f"training {name}", flush=True)
         runs[name].mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "distill.py", *shared_flags(args, data_dir), *variants[name],
-                   "--output_dir", str(runs[name]), "--overwrite", "--d_model", str(args.d_model), "--num_heads", "4",
-                   "--num_layers", str(args.num_layers), "--learning_rate", str(args.learning_rate),
-                   "--warmup_steps", str(max(1, args.steps // 10)), "--max_steps", str(args.steps),
-                   "--num_epochs", "100000", "--eval_every", str(max(1, args.steps // 4)), "--log_every", "10",
-                   "--save_every", "1000000", "--keep_last", "1"]
+        command = [
+            sys.executable,
+            "distill.py",
+            *shared_flags(args, data_dir),
+            *variants[name],
+            "--output_dir",
+            str(runs[name]),
+            "--overwrite",
+            "--d_model",
+            str(args.d_model),
+            "--num_heads",
+            "4",
+            "--num_layers",
+            str(args.num_layers),
+            "--learning_rate",
+            str(args.learning_rate),
+            "--warmup_steps",
+            str(max(1, args.steps // 10)),
+            "--max_steps",
+            str(args.steps),
+            "--num_epochs",
+            "100000",
+            "--eval_every",
+            str(max(1, args.steps // 4)),
+            "--log_every",
+            "10",
+            "--save_every",
+            "1000000",
+            "--keep_last",
+            "1",
+        ]
         run(command, runs[name] / "log.txt", threads=max(1, (os.cpu_count() or 1) // args.jobs))
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -139,8 +185,10 @@ def train_students(args, data_dir: Path) -> dict:
 
 def pooled_embeddings(model, sequences: list[str], tokenizer) -> torch.Tensor:
     """Per-protein embeddings (mean last hidden state over residues), unmasked, evaluation's crop."""
-    batches = [data.collate(sequences[i:i + BATCH], tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
-               for i in range(0, len(sequences), BATCH)]
+    batches = [
+        data.collate(sequences[i : i + BATCH], tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
+        for i in range(0, len(sequences), BATCH)
+    ]
     return evaluation.last_hidden_states(model, batches, "cpu")["pooled"]
 
 
@@ -154,10 +202,11 @@ def least_squares_map(x: torch.Tensor, y: np.ndarray):
 def score(runs: dict, data_dir: Path) -> dict:
     """Masked accuracy and teacher-space measures of each student on the test chains."""
     from teacher import load_teacher
+
     teacher = load_teacher(TEACHER, use_8bit=True)
     train = [p.sequence for p in data.read_fasta(data_dir / "train.fasta")]
     test = [p.sequence for p in data.read_fasta(data_dir / "test.fasta")]
-    targets = np.array(TeacherCache(runs["kd"].parent.parent / "cache").read_embeddings()[:len(train)])
+    targets = np.array(TeacherCache(runs["kd"].parent.parent / "cache").read_embeddings()[: len(train)])
     teacher_test = pooled_embeddings(teacher, test, teacher.tokenizer)
     masking = argparse.Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None, batch_size=BATCH)
     masked = data.MaskedBatches(test, teacher.tokenizer, masking, epoch=0, train=False)
@@ -167,32 +216,43 @@ def score(runs: dict, data_dir: Path) -> dict:
         stats = evaluation.masked_statistics(student, None, masked, "cpu")
         own = pooled_embeddings(student, test, tokenizer)
         fitted = least_squares_map(pooled_embeddings(student, train, tokenizer), targets)
-        record = {"masked_acc": sum(stats["per_id"]["student"].tolist()) / stats["n"],
-                  "own_space_knn_overlap": measures.knn_overlap(teacher_test, own, k=10),
-                  "least_squares_map": evaluation.teacher_space_measures(torch.from_numpy(fitted(own)), teacher_test),
-                  "steps": json.loads((folder / "summary.json").read_text())["steps"]}
+        record = {
+            "masked_acc": sum(stats["per_id"]["student"].tolist()) / stats["n"],
+            "own_space_knn_overlap": measures.knn_overlap(teacher_test, own, k=10),
+            "least_squares_map": evaluation.teacher_space_measures(torch.from_numpy(fitted(own)), teacher_test),
+            "steps": json.loads((folder / "summary.json").read_text())["steps"],
+        }
         if student.teacher_map is not None:
             with torch.no_grad():
                 record["distilled_map"] = evaluation.teacher_space_measures(student.teacher_map(own), teacher_test)
         results[name] = record
-    return {"students": results, "test_chains": len(test), "train_chains": len(train),
-            "knn_chance": measures.knn_overlap_chance(len(test), 10)}
+    return {
+        "students": results,
+        "test_chains": len(test),
+        "train_chains": len(train),
+        "knn_chance": measures.knn_overlap_chance(len(test), 10),
+    }
 
 
 def table(results: dict, args) -> str:
-    lines = [f"{results['train_chains']:,} training / {results['test_chains']:,} test antibody chains; students "
-             f"d_model {args.d_model} x {args.num_layers} layers, {args.steps} steps of {BATCH}; teacher {TEACHER} "
-             f"(int8). 10-NN chance level {results['knn_chance']:.3f}.", "",
-             "| student | map into the teacher's space | masked acc | 10-NN overlap, own space "
-             "| 10-NN overlap, teacher space | centred cosine | R² | raw cosine |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{results['train_chains']:,} training / {results['test_chains']:,} test antibody chains; students "
+        f"d_model {args.d_model} x {args.num_layers} layers, {args.steps} steps of {BATCH}; teacher {TEACHER} "
+        f"(int8). 10-NN chance level {results['knn_chance']:.3f}.",
+        "",
+        "| student | map into the teacher's space | masked acc | 10-NN overlap, own space "
+        "| 10-NN overlap, teacher space | centred cosine | R² | raw cosine |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results["students"].items():
         for kind in ("distilled_map", "least_squares_map"):
             if kind in r:
                 m = r[kind]
-                lines.append(f"| {name} | {kind.replace('_', ' ')} | {r['masked_acc']:.3f} "
-                             f"| {r['own_space_knn_overlap']:.3f} | {m['knn_overlap']:.3f} | {m['centred_cosine']:.3f} "
-                             f"| {m['r2']:.3f} | {m['raw_cosine']:.3f} |")
+                lines.append(
+                    f"| {name} | {kind.replace('_', ' ')} | {r['masked_acc']:.3f} "
+                    f"| {r['own_space_knn_overlap']:.3f} | {m['knn_overlap']:.3f} | {m['centred_cosine']:.3f} "
+                    f"| {m['r2']:.3f} | {m['raw_cosine']:.3f} |"
+                )
     return "\n".join(lines)
 
 
@@ -202,8 +262,10 @@ def main(argv=None):
     cache = args.output_dir / "cache"
     if not (cache / "manifest.json").is_file() or not TeacherCache(cache).has_embeddings:
         print(f"filling the teacher cache {cache} (logits and per-protein embeddings)", flush=True)
-        seconds = run([sys.executable, "cache_teacher.py", *shared_flags(args, data_dir), "--embeddings"],
-                      args.output_dir / "cache_fill.log")
+        seconds = run(
+            [sys.executable, "cache_teacher.py", *shared_flags(args, data_dir), "--embeddings"],
+            args.output_dir / "cache_fill.log",
+        )
         print(f"  filled in {seconds / 60:.1f} min", flush=True)
     runs = train_students(args, data_dir)
     results = {**score(runs, data_dir), "args": {k: str(v) for k, v in vars(args).items()}}

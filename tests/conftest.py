@@ -4,6 +4,7 @@ No test needs the network: HF_HUB_OFFLINE is set before transformers is imported
 tried to reach the Hub would fail at once instead of retrying for a minute. The AntiBERTy
 conversion (about 100 MB) uses its default cache so that later runs reuse it.
 """
+
 import os
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """The student model and its checkpoints: properties of RoPE, masking, tying and file handling."""
+
 import json
 
 import pytest
@@ -16,8 +17,7 @@ from architecture import (
     save_student,
 )
 
-PROTBERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O"
-                  .split())
+PROTBERT_VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O".split()
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def batch(tokenizer):
 
 
 # -- rotary embeddings -------------------------------------------------------------------------
+
 
 def test_rotary_score_depends_only_on_offset():
     torch.manual_seed(0)
@@ -73,6 +74,7 @@ def test_rotary_table_grows_and_is_not_saved():
 
 
 # -- attention and masking ---------------------------------------------------------------------
+
 
 def test_padding_does_not_change_logits(model, tokenizer):
     ids = tokenizer.encode("MKTAYIAKQRQISFVKSHF")[None]
@@ -148,6 +150,7 @@ def test_inputs_embeds_replace_the_lookup(model, batch):
 
 # -- parameters --------------------------------------------------------------------------------
 
+
 def test_gradients_reach_every_parameter(tokenizer, batch):
     model = tiny_student(tokenizer).train()
     input_ids, mask = batch
@@ -177,19 +180,25 @@ def test_tied_embeddings_share_one_tensor(tokenizer):
 def test_default_parameter_count_by_hand(tokenizer):
     model = Student(StudentConfig.from_tokenizer(tokenizer))
     V, D, F, L = 30, 384, 1536, 4
-    embedding = V * D                                       # 11,520 (shared with the decoder)
-    block = (2 * D                                          # attention LayerNorm
-             + D * 3 * D + 3 * D                            # q, k, v projection
-             + D * D + D                                    # output projection
-             + 2 * D                                        # feed-forward LayerNorm
-             + D * F + F + F * D + D)                       # feed-forward: 1,774,464 per block
+    embedding = V * D  # 11,520 (shared with the decoder)
+    block = (
+        2 * D  # attention LayerNorm
+        + D * 3 * D
+        + 3 * D  # q, k, v projection
+        + D * D
+        + D  # output projection
+        + 2 * D  # feed-forward LayerNorm
+        + D * F
+        + F
+        + F * D
+        + D
+    )  # feed-forward: 1,774,464 per block
     final_norm = 2 * D
-    head = D * D + D + 2 * D + V                            # dense, LayerNorm, output bias
+    head = D * D + D + 2 * D + V  # dense, LayerNorm, output bias
     assert embedding + L * block + final_norm + head == 7_258_782
     assert model.num_parameters() == 7_258_782
     assert model.num_parameters(exclude_embeddings=True) == 7_258_782 - 11_520
-    assert model.summary() == ("Student: 4 layers, d_model 384, 6 heads, d_ff 1536, vocab 30, "
-                               "7.3M parameters")
+    assert model.summary() == ("Student: 4 layers, d_model 384, 6 heads, d_ff 1536, vocab 30, 7.3M parameters")
 
 
 @pytest.mark.parametrize("length", [1, 512, 4096])
@@ -204,14 +213,18 @@ def test_runs_at_any_length(tokenizer, length):
 
 # -- config validation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sizes, message", [
-    ({"d_model": 30, "num_heads": 4}, "d_model 30 is not divisible by num_heads 4"),
-    ({"d_model": 30, "num_heads": 2}, "head dimension d_model/num_heads = 15 must be even"),
-    ({"num_layers": -1}, "num_layers must be a positive integer, got -1"),
-    ({"d_model": 0}, "d_model must be a positive integer, got 0"),
-    ({"d_ff": -8}, "d_ff must be a positive integer, got -8"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
-])
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ({"d_model": 30, "num_heads": 4}, "d_model 30 is not divisible by num_heads 4"),
+        ({"d_model": 30, "num_heads": 2}, "head dimension d_model/num_heads = 15 must be even"),
+        ({"num_layers": -1}, "num_layers must be a positive integer, got -1"),
+        ({"d_model": 0}, "d_model must be a positive integer, got 0"),
+        ({"d_ff": -8}, "d_ff must be a positive integer, got -8"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ],
+)
 def test_config_rejects_bad_sizes(tokenizer, sizes, message):
     with pytest.raises(ValueError, match=message):
         StudentConfig.from_tokenizer(tokenizer, **sizes)
@@ -219,8 +232,7 @@ def test_config_rejects_bad_sizes(tokenizer, sizes, message):
 
 def test_config_rejects_ids_outside_the_vocab():
     with pytest.raises(ValueError, match=r"pad_token_id 30 is outside the vocabulary \(size 30\)"):
-        StudentConfig(vocab=PROTBERT_VOCAB, pad_token_id=30, mask_token_id=4, cls_token_id=2,
-                      eos_token_id=3)
+        StudentConfig(vocab=PROTBERT_VOCAB, pad_token_id=30, mask_token_id=4, cls_token_id=2, eos_token_id=3)
 
 
 def test_config_defaults(tokenizer):
@@ -229,6 +241,7 @@ def test_config_defaults(tokenizer):
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+
 
 def test_save_and_load_give_identical_logits(model, batch, tokenizer, tmp_path):
     directory = tmp_path / "best_model"
@@ -314,8 +327,7 @@ def test_pickle_carrying_code_is_refused_without_running(tmp_path):
     torch.load(tmp_path / "control.pt", weights_only=False)
     assert control.exists()  # the payload is live: unrestricted unpickling runs it
 
-    torch.save({"format": "pepemb-student", "format_version": 1, "x": _Payload(target)},
-               tmp_path / "evil.pt")
+    torch.save({"format": "pepemb-student", "format_version": 1, "x": _Payload(target)}, tmp_path / "evil.pt")
     _reject(tmp_path / "evil.pt", "refused to load: unpickling it would call io.open")
     assert not target.exists()
 
@@ -331,6 +343,7 @@ def test_checkpoint_with_mismatched_weights_is_rejected(model, tmp_path):
 def test_read_safetensors_matches_the_safetensors_package(tmp_path):
     # architecture.py parses the format itself (torch only); check it against the reference writer
     from safetensors.torch import save_file
+
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2).half(), "empty": torch.zeros(0)}
     save_file(tensors, tmp_path / "t.safetensors")
     read = read_safetensors(tmp_path / "t.safetensors")

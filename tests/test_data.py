@@ -1,4 +1,5 @@
 """data.py: FASTA parsing and its error messages, splits, masking rates, batching, collation."""
+
 import gzip
 import subprocess
 import sys
@@ -31,18 +32,19 @@ def write(path, content: bytes):
 # read_fasta / write_fasta
 # --------------------------------------------------------------------------------------------
 
-MESSY = (b"\xef\xbb\xbf>sp|P1|ONE first protein\r\nmkt\r\naiL*\r\n\r\n"
-         b">P2\nACDUZOB\n"
-         b">P3 duplicate of one\nMKTAIL\n"
-         b">P4\tshort\nMK\n"
-         b">P5 empty\n")
+MESSY = (
+    b"\xef\xbb\xbf>sp|P1|ONE first protein\r\nmkt\r\naiL*\r\n\r\n"
+    b">P2\nACDUZOB\n"
+    b">P3 duplicate of one\nMKTAIL\n"
+    b">P4\tshort\nMK\n"
+    b">P5 empty\n"
+)
 
 
 def test_read_fasta_normalises_and_counts(tmp_path):
     stats = {}
     proteins = data.read_fasta(write(tmp_path / "m.fasta", MESSY), min_length=3, stats=stats)
-    assert proteins == [Protein("sp|P1|ONE", "first protein", "MKTAIL"),
-                        Protein("P2", "", "ACDXXXX")]
+    assert proteins == [Protein("sp|P1|ONE", "first protein", "MKTAIL"), Protein("P2", "", "ACDXXXX")]
     assert stats == dict(records=5, kept=2, too_short=2, duplicates=1, rare_to_x=4)
 
 
@@ -91,8 +93,7 @@ BAD_INPUTS = [
     ("no_header", b"MKTAIL\n>P1\nMKT\n", "line 1: sequence data before the first '>' header"),
     ("binary", bytes(range(256)) * 4, "binary content"),
     ("corrupt_gzip", b"\x1f\x8b\x08\x00garbage-not-deflate" * 3, "corrupt or truncated gzip"),
-    ("truncated_gzip", gzip.compress(data.SHIPPED_ANTIBODIES.read_bytes())[:20000],
-     "corrupt or truncated gzip"),
+    ("truncated_gzip", gzip.compress(data.SHIPPED_ANTIBODIES.read_bytes())[:20000], "corrupt or truncated gzip"),
     ("digits", b">P1\nMKT\n>P2\nMKT42AIL\n", "line 4: invalid character '4' in sequence P2"),
     ("punctuation", b">P1\nMKT;AIL\n", "line 2: invalid character ';'"),
     ("gap", b">P1\nMKT-AIL\n", "line 2: alignment gap '-'"),
@@ -112,8 +113,7 @@ def test_read_fasta_rejects_bad_input_in_one_line(tmp_path, name, content, expec
     assert message.startswith(str(path)) and expected in message and "\n" not in message
 
 
-SUBPROCESS_CASES = ["missing", "empty", "no_records", "binary", "corrupt_gzip", "digits",
-                    "punctuation"]
+SUBPROCESS_CASES = ["missing", "empty", "no_records", "binary", "corrupt_gzip", "digits", "punctuation"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)
@@ -123,9 +123,13 @@ def test_download_script_rejects_bad_input_fasta(tmp_path, name):
     if content is not None:
         bad.write_bytes(content)
     out = tmp_path / "split"
-    result = subprocess.run([sys.executable, str(REPO / "download_sample_data.py"),
-                             "--output_dir", str(out), "--input_fasta", str(bad)],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "download_sample_data.py"), "--output_dir", str(out), "--input_fasta", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}")
@@ -136,6 +140,7 @@ def test_download_script_rejects_bad_input_fasta(tmp_path, name):
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
+
 
 def proteins_of(n):
     return [Protein(f"P{i}", "", "M" * (i + 1)) for i in range(n)]
@@ -185,11 +190,11 @@ def test_load_splits_from_file_and_folder(tmp_path):
 # Masking
 # --------------------------------------------------------------------------------------------
 
+
 def random_batch(tok, rows, length, seed=0):
     g = torch.Generator().manual_seed(seed)
     letters = "ACDEFGHIKLMNPQRSTVWY"
-    seqs = ["".join(letters[i] for i in torch.randint(20, (length,), generator=g).tolist())
-            for _ in range(rows)]
+    seqs = ["".join(letters[i] for i in torch.randint(20, (length,), generator=g).tolist()) for _ in range(rows)]
     return tok.batch_encode(seqs)[0]
 
 
@@ -239,6 +244,7 @@ def test_mask_is_seeded_and_zero_prob_masks_nothing(tok):
 # Batching
 # --------------------------------------------------------------------------------------------
 
+
 def test_token_budget_batches_by_hand():
     lengths = [5, 3, 9, 3, 20, 4]
     batches = data.batch_indices(lengths, max_tokens=10, shuffle=False)
@@ -271,8 +277,7 @@ def test_fixed_batch_size_and_argument_checks():
 
 
 def test_ties_are_broken_randomly():
-    orders = {tuple(map(tuple, data.batch_indices([10] * 8, batch_size=4, seed=s)))
-              for s in range(5)}
+    orders = {tuple(map(tuple, data.batch_indices([10] * 8, batch_size=4, seed=s))) for s in range(5)}
     assert len(orders) > 1
 
 
@@ -288,6 +293,7 @@ def test_padding_efficiency_on_shipped_uniprot():
 # --------------------------------------------------------------------------------------------
 # Collation
 # --------------------------------------------------------------------------------------------
+
 
 def test_collate_pads_to_longest_and_crops(tok):
     seqs = ["MKTAYIAKQR", "MKT", "ACDEFGHIKLMNPQRSTVWY" * 3]
@@ -337,8 +343,9 @@ def test_a_sequence_is_cropped_and_masked_the_same_in_any_batch(tok):
 def test_per_sequence_masks_have_bert_rates(tok):
     # 1,000 sequences, each with its own generator: together they must mask like one big draw
     ids = random_batch(tok, rows=1000, length=200)
-    batch = data.collate([tok.decode(row) for row in ids], tok, max_seq_len=202,
-                         seeds=data.mask_seeds(42, 0, range(1000)))
+    batch = data.collate(
+        [tok.decode(row) for row in ids], tok, max_seq_len=202, seeds=data.mask_seeds(42, 0, range(1000))
+    )
     chosen = batch["labels"] != -100
     residues = ~torch.isin(ids, torch.tensor(tok.special_ids))
     assert abs(chosen.sum().item() / residues.sum().item() - 0.15) < 0.005
@@ -351,8 +358,11 @@ def test_per_sequence_masks_have_bert_rates(tok):
 
 
 def test_mask_seeds_differ_by_variant_and_index_and_are_stable():
-    seeds = [s for seed, variant in [(42, 0), (42, 1), (42, data.VALIDATION_VARIANT), (43, 0)]
-             for s in data.mask_seeds(seed, variant, range(1000))]
+    seeds = [
+        s
+        for seed, variant in [(42, 0), (42, 1), (42, data.VALIDATION_VARIANT), (43, 0)]
+        for s in data.mask_seeds(seed, variant, range(1000))
+    ]
     assert len(set(seeds)) == 4000 and all(0 <= s < 2**63 for s in seeds)
     assert data.mask_seeds(42, 0, [7]) == [data.mask_seeds(42, 0, range(10))[7]]
 

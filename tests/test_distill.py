@@ -1,4 +1,5 @@
 """distill.py end to end on CPU with a tiny ProtBert-vocabulary teacher."""
+
 import json
 import shutil
 import warnings
@@ -23,10 +24,33 @@ def small_fasta(tmp_path_factory):
 
 
 def tiny_args(teacher_dir, fasta, output_dir, *extra):
-    return ["--data_path", str(fasta), "--output_dir", str(output_dir), "--teacher_model", str(teacher_dir),
-            "--d_model", "32", "--num_heads", "2", "--num_layers", "2", "--batch_size", "16",
-            "--max_seq_len", "64", "--learning_rate", "3e-3", "--warmup_steps", "2", "--log_every", "2",
-            "--seed", "7", *extra]
+    return [
+        "--data_path",
+        str(fasta),
+        "--output_dir",
+        str(output_dir),
+        "--teacher_model",
+        str(teacher_dir),
+        "--d_model",
+        "32",
+        "--num_heads",
+        "2",
+        "--num_layers",
+        "2",
+        "--batch_size",
+        "16",
+        "--max_seq_len",
+        "64",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--log_every",
+        "2",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def read_metrics(output_dir):
@@ -35,8 +59,23 @@ def read_metrics(output_dir):
 
 def test_short_run_moves_student_towards_teacher(protbert_teacher_dir, small_fasta, tmp_path):
     out = tmp_path / "run"
-    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--num_epochs", "8", "--eval_every", "20",
-                           "--distill_weight", "0.9", "--task_weight", "0.1", "--dropout", "0.0"))
+    distill.main(
+        tiny_args(
+            protbert_teacher_dir,
+            small_fasta,
+            out,
+            "--num_epochs",
+            "8",
+            "--eval_every",
+            "20",
+            "--distill_weight",
+            "0.9",
+            "--task_weight",
+            "0.1",
+            "--dropout",
+            "0.0",
+        )
+    )
     val = [r for r in read_metrics(out) if r["split"] == "val"]
     assert val[0]["step"] == 0 and val[-1]["step"] == 48  # 96 train sequences / 16 = 6 steps x 8 epochs
     assert val[-1]["kl"] < 0.5 * val[0]["kl"], (val[0]["kl"], val[-1]["kl"])
@@ -58,8 +97,22 @@ def test_short_run_moves_student_towards_teacher(protbert_teacher_dir, small_fas
 def test_resume_reaches_the_same_weights(protbert_teacher_dir, small_fasta, tmp_path):
     # dropout on, accumulation over 2 micro-batches, checkpoint mid-epoch: every RNG and the data
     # position must be restored for the resumed run to match the uninterrupted one bit for bit.
-    flags = ["--num_epochs", "3", "--save_every", "4", "--keep_last", "0", "--eval_every", "100",
-             "--dropout", "0.1", "--grad_accumulation_steps", "2", "--max_tokens", "512"]
+    flags = [
+        "--num_epochs",
+        "3",
+        "--save_every",
+        "4",
+        "--keep_last",
+        "0",
+        "--eval_every",
+        "100",
+        "--dropout",
+        "0.1",
+        "--grad_accumulation_steps",
+        "2",
+        "--max_tokens",
+        "512",
+    ]
     full = tmp_path / "full"
     distill.main(tiny_args(protbert_teacher_dir, small_fasta, full, *flags))
     steps = [p.name for p in list_checkpoints(full)]
@@ -85,18 +138,30 @@ def test_existing_run_is_refused_without_resume_or_overwrite(protbert_teacher_di
         distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "1"))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num_heads", "5"], "does not divide"),
-    (["--temperature", "0"], "temperature"),
-    (["--distill_weight", "0", "--task_weight", "0"], "loss weights are 0"),
-    (["--batch_size", "-1"], "batch_size"),
-    (["--fp16", "--bf16"], "one of --fp16"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_heads", "5"], "does not divide"),
+        (["--temperature", "0"], "temperature"),
+        (["--distill_weight", "0", "--task_weight", "0"], "loss weights are 0"),
+        (["--batch_size", "-1"], "batch_size"),
+        (["--fp16", "--bf16"], "one of --fp16"),
+    ],
+)
 def test_bad_flag_combinations_fail_before_any_model_loads(tmp_path, flags, message):
     # the teacher path does not exist: the flag error must be reported first
     with pytest.raises(UserError, match=message):
-        distill.main(["--data_path", "x.fasta", "--teacher_model", str(tmp_path / "missing"),
-                      "--output_dir", str(tmp_path / "out"), *flags])
+        distill.main(
+            [
+                "--data_path",
+                "x.fasta",
+                "--teacher_model",
+                str(tmp_path / "missing"),
+                "--output_dir",
+                str(tmp_path / "out"),
+                *flags,
+            ]
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -112,8 +177,19 @@ def test_int8_teacher_and_wandb_offline(protbert_teacher_dir, small_fasta, tmp_p
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "4", "--use_8bit",
-                           "--use_wandb", "--wandb_run_name", "pytest"))
+    distill.main(
+        tiny_args(
+            protbert_teacher_dir,
+            small_fasta,
+            out,
+            "--max_steps",
+            "4",
+            "--use_8bit",
+            "--use_wandb",
+            "--wandb_run_name",
+            "pytest",
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert "int8" in summary["teacher_backend"]
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -135,11 +211,25 @@ def test_budget_schedule_warms_up_by_steps_then_decays_with_the_budget():
     assert cosine.get_last_lr()[0] == pytest.approx(0.5)
 
 
-def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(protbert_teacher_dir, small_fasta,
-                                                                            tmp_path):
+def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(
+    protbert_teacher_dir, small_fasta, tmp_path
+):
     out = tmp_path / "run"
-    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_time", "0.1", "--num_epochs", "10000",
-                           "--eval_every", "100000", "--save_every", "100000"))
+    distill.main(
+        tiny_args(
+            protbert_teacher_dir,
+            small_fasta,
+            out,
+            "--max_time",
+            "0.1",
+            "--num_epochs",
+            "10000",
+            "--eval_every",
+            "100000",
+            "--save_every",
+            "100000",
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert 6 <= summary["elapsed_s"] < 20
     records = read_metrics(out)
@@ -151,8 +241,21 @@ def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(pro
 
 def test_max_time_with_max_steps_decays_to_zero_at_the_last_step(protbert_teacher_dir, small_fasta, tmp_path):
     out = tmp_path / "run"  # an hour's budget that 8 steps never use up: the steps end the run, and the decay
-    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_time", "60", "--max_steps", "8",
-                           "--num_epochs", "10000", "--eval_every", "100000"))
+    distill.main(
+        tiny_args(
+            protbert_teacher_dir,
+            small_fasta,
+            out,
+            "--max_time",
+            "60",
+            "--max_steps",
+            "8",
+            "--num_epochs",
+            "10000",
+            "--eval_every",
+            "100000",
+        )
+    )
     lrs = {r["step"]: r["lr"] for r in read_metrics(out) if r["split"] == "train"}
     assert sorted(lrs) == [2, 4, 6, 8]
     # warmup 2 steps, then 3e-3 x (1 - step / 8); the seconds used of 3,600 move it by under 1%
@@ -162,8 +265,11 @@ def test_max_time_with_max_steps_decays_to_zero_at_the_last_step(protbert_teache
 
 def test_masked_lm_only_never_calls_the_teacher_in_training(protbert_teacher_dir, small_fasta, tmp_path):
     out = tmp_path / "run"
-    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "6", "--distill_weight", "0",
-                           "--task_weight", "1"))
+    distill.main(
+        tiny_args(
+            protbert_teacher_dir, small_fasta, out, "--max_steps", "6", "--distill_weight", "0", "--task_weight", "1"
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_batches"] == {"live": 1, "cached": 0}  # the one validation batch, once
     train = [r for r in read_metrics(out) if r["split"] == "train"]

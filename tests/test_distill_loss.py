@@ -1,4 +1,5 @@
 """distill.distillation_loss against hand computations on tiny tensors."""
+
 import math
 
 import pytest
@@ -45,17 +46,33 @@ def test_identical_logits_give_zero_kl_and_all_positions_mode_counts_every_real_
     labels[0, 2], labels[1, 1] = 3, 4
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, 3:] = 0
-    same = distillation_loss(logits, logits.clone(), labels, mask, temperature=2.0, distill_weight=1.0,
-                             task_weight=0.0, distill_positions="all")
+    same = distillation_loss(
+        logits,
+        logits.clone(),
+        labels,
+        mask,
+        temperature=2.0,
+        distill_weight=1.0,
+        task_weight=0.0,
+        distill_positions="all",
+    )
     assert same["kl"].item() == pytest.approx(0.0, abs=1e-6)
 
     # 'all' averages the KL over the 8 real positions; only position (0, 0) differs
     teacher = logits.clone()
     teacher[0, 0] += torch.arange(7.0)
-    one = distillation_loss(logits[:, :1], teacher[:, :1], torch.tensor([[0], [-100]]), mask[:, :1],
-                            temperature=1.0, distill_weight=1.0, task_weight=0.0)["kl"]
-    all_pos = distillation_loss(logits, teacher, labels, mask, temperature=1.0, distill_weight=1.0,
-                                task_weight=0.0, distill_positions="all")["kl"]
+    one = distillation_loss(
+        logits[:, :1],
+        teacher[:, :1],
+        torch.tensor([[0], [-100]]),
+        mask[:, :1],
+        temperature=1.0,
+        distill_weight=1.0,
+        task_weight=0.0,
+    )["kl"]
+    all_pos = distillation_loss(
+        logits, teacher, labels, mask, temperature=1.0, distill_weight=1.0, task_weight=0.0, distill_positions="all"
+    )["kl"]
     assert all_pos.item() == pytest.approx(one.item() / 8, rel=1e-5)
 
 
@@ -63,8 +80,18 @@ def test_hidden_cosine_term():
     s, t, labels, mask = one_masked_position([0.0, 0.0], [0.0, 0.0], label=0)
     student_hidden = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     teacher_hidden = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0]]])  # cos = 1, -1, 1
-    out = distillation_loss(s, t, labels, mask, temperature=1.0, distill_weight=0.0, task_weight=1.0,
-                            student_hidden=student_hidden, teacher_hidden=teacher_hidden, hidden_weight=0.5)
+    out = distillation_loss(
+        s,
+        t,
+        labels,
+        mask,
+        temperature=1.0,
+        distill_weight=0.0,
+        task_weight=1.0,
+        student_hidden=student_hidden,
+        teacher_hidden=teacher_hidden,
+        hidden_weight=0.5,
+    )
     assert out["cos"].item() == pytest.approx((0 + 2 + 0) / 3)
     assert out["loss"].item() == pytest.approx(math.log(2) + 0.5 * 2 / 3, abs=1e-6)
 
@@ -73,5 +100,4 @@ def test_masked_metrics_counts():
     student = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])  # predicts 1, 0, 0
     teacher = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [5.0, 0.0]]])  # predicts 1, 1, 0
     labels = torch.tensor([[1, 1, -100]])
-    assert masked_metrics(student, teacher, labels) == {"n": 2, "student_correct": 1,
-                                                        "teacher_correct": 2, "agree": 1}
+    assert masked_metrics(student, teacher, labels) == {"n": 2, "student_correct": 1, "teacher_correct": 2, "agree": 1}

@@ -8,6 +8,7 @@ same weights, and a checkpoint of either must carry on in the other.
 Run as a script (by torchrun, in test_a_failing_rank_ends_the_job), this file is distill.py with
 rank 1 failing at its second training step.
 """
+
 import json
 import os
 import re
@@ -35,8 +36,24 @@ from schedule import planned_steps
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-TRAINING = ["--d_model", "32", "--num_heads", "2", "--num_layers", "1", "--learning_rate", "3e-3",
-            "--warmup_steps", "1", "--dropout", "0", "--log_every", "1", "--eval_every", "2"]
+TRAINING = [
+    "--d_model",
+    "32",
+    "--num_heads",
+    "2",
+    "--num_layers",
+    "1",
+    "--learning_rate",
+    "3e-3",
+    "--warmup_steps",
+    "1",
+    "--dropout",
+    "0",
+    "--log_every",
+    "1",
+    "--eval_every",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +67,30 @@ def fasta(tmp_path_factory) -> Path:
 
 def shared_flags(teacher_dir, fasta, *extra) -> list[str]:
     """Data, teacher and masking flags (distill.py's and cache_teacher.py's)."""
-    return ["--data_path", str(fasta), "--teacher_model", str(teacher_dir), "--batch_size", "4",
-            "--max_seq_len", "32", "--seed", "3", *extra]
+    return [
+        "--data_path",
+        str(fasta),
+        "--teacher_model",
+        str(teacher_dir),
+        "--batch_size",
+        "4",
+        "--max_seq_len",
+        "32",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def start_torchrun(script: str, argv: list[str], **popen) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGV`, in a session of its own (see torchrun)."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script, *argv], cwd=REPO, env=ONE_THREAD, start_new_session=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv],
+        cwd=REPO,
+        env=ONE_THREAD,
+        start_new_session=True,
+        **popen,
+    )
 
 
 def torchrun(script: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -87,6 +120,7 @@ def records(output_dir: Path, split: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Sharding and planning: pure functions
 # --------------------------------------------------------------------------------------------
+
 
 def test_each_rank_takes_its_share_of_a_step_and_a_step_is_the_same_batches_on_any_count():
     # 13 batches, 2 processes x 2 accumulation: batch 12 is dropped, or rank 0 would have one more
@@ -123,14 +157,25 @@ def test_a_resume_with_another_global_batch_plans_the_steps_left():
 # distill.py on 2 processes
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def runs(protbert_teacher_dir, fasta, tmp_path_factory) -> dict[str, Path]:
     """4 steps of 2 global batches each, with checkpoints at steps 2 and 4: by 2 processes x 1 ("two")
     and by 1 process accumulating 2 micro-batches ("one")."""
     root = tmp_path_factory.mktemp("runs")
     # --hidden_weight: the projection of the student's hidden states is trained outside DDP's wrapper
-    flags = [*shared_flags(protbert_teacher_dir, fasta), *TRAINING, "--hidden_weight", "0.5", "--max_steps", "4",
-             "--save_every", "2", "--keep_last", "0"]
+    flags = [
+        *shared_flags(protbert_teacher_dir, fasta),
+        *TRAINING,
+        "--hidden_weight",
+        "0.5",
+        "--max_steps",
+        "4",
+        "--save_every",
+        "2",
+        "--keep_last",
+        "0",
+    ]
     result = torchrun("distill.py", [*flags, "--output_dir", str(root / "two")])
     assert result.returncode == 0, result.stderr[-3000:]
     distill.main([*flags, "--output_dir", str(root / "one"), "--grad_accumulation_steps", "2"])
@@ -193,13 +238,28 @@ def fail_on_rank_1_at_step_2(loss_terms):
             if calls == 2:
                 raise RuntimeError("injected failure on rank 1")
         return loss_terms(*args, **kwargs)
+
     return failing
 
 
 def test_a_failing_rank_ends_the_job(protbert_teacher_dir, fasta, tmp_path):
     out = tmp_path / "run"
-    result = torchrun(__file__, [*shared_flags(protbert_teacher_dir, fasta), *TRAINING, "--output_dir", str(out),
-                                 "--max_steps", "100", "--save_every", "1", "--keep_last", "0"], timeout=120)
+    result = torchrun(
+        __file__,
+        [
+            *shared_flags(protbert_teacher_dir, fasta),
+            *TRAINING,
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "100",
+            "--save_every",
+            "1",
+            "--keep_last",
+            "0",
+        ],
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr and "rank 1 failed" in result.stderr
     # rank 0 could not finish step 2 without rank 1: step 1's checkpoint is the last, and whole
@@ -210,8 +270,22 @@ def test_a_failing_rank_ends_the_job(protbert_teacher_dir, fasta, tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="signals as on Linux")
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(protbert_teacher_dir, fasta, tmp_path):
     out, log = tmp_path / "run", tmp_path / "stderr.txt"
-    argv = [*shared_flags(protbert_teacher_dir, fasta), *TRAINING, "--output_dir", str(out), "--max_steps", "1000000",
-            "--num_epochs", "100000", "--save_every", "5", "--keep_last", "0", "--eval_every", "1000000"]
+    argv = [
+        *shared_flags(protbert_teacher_dir, fasta),
+        *TRAINING,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1000000",
+        "--num_epochs",
+        "100000",
+        "--save_every",
+        "5",
+        "--keep_last",
+        "0",
+        "--eval_every",
+        "1000000",
+    ]
     with open(log, "w") as stderr:
         job = start_torchrun("distill.py", argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -236,12 +310,14 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(prot
 # The teacher cache
 # --------------------------------------------------------------------------------------------
 
+
 def test_two_processes_fill_the_cache_one_would_and_train_from_it(protbert_teacher_dir, fasta, tmp_path):
     teacher_dir = shutil.copytree(protbert_teacher_dir, tmp_path / "teacher")  # removed to show it is not needed
     cache_flags = ["--mask_variants", "2"]
     two_cache, one_cache = tmp_path / "two_cache", tmp_path / "one_cache"
-    result = torchrun("cache_teacher.py", [*shared_flags(teacher_dir, fasta, *cache_flags),
-                                           "--teacher_cache", str(two_cache)])
+    result = torchrun(
+        "cache_teacher.py", [*shared_flags(teacher_dir, fasta, *cache_flags), "--teacher_cache", str(two_cache)]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "34 batches through the teacher" in result.stdout  # 2 variants x 16 train + 2 val batches, each once
     cache_teacher.main(shared_flags(teacher_dir, fasta, *cache_flags, "--teacher_cache", str(one_cache)))
@@ -250,13 +326,20 @@ def test_two_processes_fill_the_cache_one_would_and_train_from_it(protbert_teach
     assert sorted(manifest["complete"]) == ["train0", "train1", "val"]
     for part in manifest["complete"]:
         assert np.array_equal(np.load(two_cache / f"{part}.offsets.npy"), np.load(one_cache / f"{part}.offsets.npy"))
-        np.testing.assert_allclose(np.load(two_cache / f"{part}.logits.npy"), np.load(one_cache / f"{part}.logits.npy"),
-                                   rtol=1e-3, atol=1e-2)
+        np.testing.assert_allclose(
+            np.load(two_cache / f"{part}.logits.npy"), np.load(one_cache / f"{part}.logits.npy"), rtol=1e-3, atol=1e-2
+        )
 
     # each rank reads its own batches' entries: the same weights as one process, and no teacher
     shutil.rmtree(teacher_dir)
-    flags = [*shared_flags(teacher_dir, fasta, *cache_flags, "--teacher_cache", str(two_cache)), *TRAINING,
-             "--num_epochs", "2", "--eval_every", "100"]
+    flags = [
+        *shared_flags(teacher_dir, fasta, *cache_flags, "--teacher_cache", str(two_cache)),
+        *TRAINING,
+        "--num_epochs",
+        "2",
+        "--eval_every",
+        "100",
+    ]
     result = torchrun("distill.py", [*flags, "--output_dir", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-3000:]
     distill.main([*flags, "--output_dir", str(tmp_path / "one"), "--grad_accumulation_steps", "2"])
@@ -265,21 +348,41 @@ def test_two_processes_fill_the_cache_one_would_and_train_from_it(protbert_teach
 
 
 def test_two_processes_refuse_to_fill_a_cache_while_training(protbert_teacher_dir, fasta, tmp_path):
-    result = torchrun("distill.py", [*shared_flags(protbert_teacher_dir, fasta, "--teacher_cache", str(tmp_path / "c")),
-                                     *TRAINING, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"])
+    result = torchrun(
+        "distill.py",
+        [
+            *shared_flags(protbert_teacher_dir, fasta, "--teacher_cache", str(tmp_path / "c")),
+            *TRAINING,
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "2",
+        ],
+    )
     # the first rank to exit (2, a user error) makes torchrun stop the other, which may not get to say it
     assert result.returncode != 0 and re.search(r"exitcode\s*: 2 ", result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all("lacks mask variants val, train0, train1, train2, train3" in e and "cache_teacher.py" in e
-                          for e in errors)
+    assert errors and all(
+        "lacks mask variants val, train0, train1, train2, train3" in e and "cache_teacher.py" in e for e in errors
+    )
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
 
 
 def test_a_bad_timeout_is_refused_before_any_process_group():
     with pytest.raises(cli.UserError, match="--dist_timeout must be positive"):
-        validate_shared_args(Namespace(max_seq_len=32, batch_size=4, mask_variants=1, max_tokens=None,
-                                               num_workers=0, mask_prob=0.15, fp16=False, bf16=False,
-                                               dist_timeout=0))
+        validate_shared_args(
+            Namespace(
+                max_seq_len=32,
+                batch_size=4,
+                mask_variants=1,
+                max_tokens=None,
+                num_workers=0,
+                mask_prob=0.15,
+                fp16=False,
+                bf16=False,
+                dist_timeout=0,
+            )
+        )
 
 
 if __name__ == "__main__":  # torchrun tests/test_distributed.py <distill.py arguments>

@@ -1,4 +1,5 @@
 """download_sample_data.py against a real local HTTP server that pages, fails and stalls."""
+
 import json
 import os
 import socket
@@ -21,8 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 PAGE, PAGES = 10, 4
 LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 # 40 distinct UniRef50-like records, 30-69 residues.
-RECORDS = [(f"UniRef50_T{i:03d}", "M" + "".join(LETTERS[(i * 7 + j * j) % 20] for j in range(29 + i)))
-           for i in range(PAGE * PAGES)]
+RECORDS = [
+    (f"UniRef50_T{i:03d}", "M" + "".join(LETTERS[(i * 7 + j * j) % 20] for j in range(29 + i)))
+    for i in range(PAGE * PAGES)
+]
 FAST = ["--retries", "3", "--backoff", "0.01"]
 
 
@@ -48,12 +51,11 @@ class FakeUniProt(BaseHTTPRequestHandler):
                 return self.reply(429, "slow down", {"Retry-After": "0"})
             if fault == "slow":
                 time.sleep(1.5)
-            page = RECORDS[cursor * PAGE:(cursor + 1) * PAGE]
+            page = RECORDS[cursor * PAGE : (cursor + 1) * PAGE]
             headers = {}
             if cursor + 1 < PAGES:
                 host, port = self.server.server_address
-                headers["Link"] = (f'<http://{host}:{port}/uniref/search?cursor={cursor + 1}'
-                                   f'&size={PAGE}>; rel="next"')
+                headers["Link"] = f'<http://{host}:{port}/uniref/search?cursor={cursor + 1}&size={PAGE}>; rel="next"'
             self.reply(200, "".join(f">{id_} n=1\n{seq}\n" for id_, seq in page), headers)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up on a stalled page, as intended
@@ -99,23 +101,31 @@ def all_sequences(out):
 def test_download_recovers_from_500_and_stalled_page(server, tmp_path):
     server.faults = {1: ["500"], 2: ["slow"]}
     out = tmp_path / "split"
-    dl.main(["--output_dir", str(out), "--num_sequences", "25", "--base_url", server.url,
-             "--timeout", "0.5", *FAST])
+    dl.main(["--output_dir", str(out), "--num_sequences", "25", "--base_url", server.url, "--timeout", "0.5", *FAST])
 
     assert all_sequences(out) == sorted(RECORDS[:25])  # the first 25, nothing lost or repeated
-    assert [(cursor, fault) for cursor, _, fault in server.log] == \
-        [(0, None), (1, "500"), (1, None), (2, "slow"), (2, None)]  # stops once 25 are in
+    assert [(cursor, fault) for cursor, _, fault in server.log] == [
+        (0, None),
+        (1, "500"),
+        (1, None),
+        (2, "slow"),
+        (2, None),
+    ]  # stops once 25 are in
     first_query = server.log[0][1]
-    assert first_query == {"query": ["(identity:0.5) AND (length:[30 TO 1000])"],
-                           "format": ["fasta"], "size": ["25"]}
+    assert first_query == {"query": ["(identity:0.5) AND (length:[30 TO 1000])"], "format": ["fasta"], "size": ["25"]}
     assert len(data.read_fasta(out / "uniref50.fasta")) == 30  # whole pages are kept raw
     stats = json.loads((out / "stats.json").read_text())
     assert stats["source"] == server.url and stats["seed"] == 42
     assert stats["read_stats"]["selected"] == 25
     assert {k: v["count"] for k, v in stats["splits"].items()} == {"train": 21, "val": 2, "test": 2}
     assert stats["splits"]["val"]["length_min"] >= 30
-    assert sorted(f.name for f in out.iterdir()) == ["stats.json", "test.fasta", "train.fasta",
-                                                     "uniref50.fasta", "val.fasta"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "stats.json",
+        "test.fasta",
+        "train.fasta",
+        "uniref50.fasta",
+        "val.fasta",
+    ]
 
 
 def test_download_gives_up_after_retries(server, tmp_path):
@@ -128,15 +138,15 @@ def test_retry_after_is_honoured(server):
     server.faults = {0: ["429"]}
     start = time.monotonic()
     with requests.Session() as session:
-        text, next_url = dl.fetch_page(session, f"{server.url}/uniref/search", None, 5.0,
-                                       retries=1, backoff=30.0)
+        text, next_url = dl.fetch_page(session, f"{server.url}/uniref/search", None, 5.0, retries=1, backoff=30.0)
     assert time.monotonic() - start < 10  # Retry-After: 0 beat the 30 s backoff
     assert text.startswith(f">{RECORDS[0][0]}") and next_url.endswith("cursor=1&size=10")
 
 
-@pytest.mark.parametrize("base,expected", [("/nothing", "HTTP 404"),
-                                           ("/html", "did not answer with FASTA"),
-                                           ("/empty", "no UniRef50 clusters of 30-1000")])
+@pytest.mark.parametrize(
+    "base,expected",
+    [("/nothing", "HTTP 404"), ("/html", "did not answer with FASTA"), ("/empty", "no UniRef50 clusters of 30-1000")],
+)
 def test_wrong_server_is_a_user_error(server, tmp_path, base, expected):
     out = tmp_path / "split"
     with pytest.raises(UserError, match=expected):
@@ -153,8 +163,20 @@ def test_oversized_page_is_refused(server, monkeypatch):
 def test_offline_fallback_uses_the_shipped_sample(tmp_path, capsys):
     url = closed_port_url()
     fallback, offline = tmp_path / "fallback", tmp_path / "offline"
-    dl.main(["--output_dir", str(fallback), "--num_sequences", "200", "--base_url", url,
-             "--retries", "1", "--backoff", "0.01"])
+    dl.main(
+        [
+            "--output_dir",
+            str(fallback),
+            "--num_sequences",
+            "200",
+            "--base_url",
+            url,
+            "--retries",
+            "1",
+            "--backoff",
+            "0.01",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and url in err[0] and "unreachable" in err[0]
     assert "data/uniprot_sample.fasta" in err[0]
@@ -183,9 +205,24 @@ def test_input_fasta_is_a_seeded_file_ordered_sample(tmp_path):
     runs = {}
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         out = tmp_path / name
-        dl.main(["--output_dir", str(out), "--input_fasta", str(source), "--num_sequences", "20",
-                 "--min_length", "20", "--max_length", "100", "--seed", seed,
-                 "--base_url", closed_port_url()])
+        dl.main(
+            [
+                "--output_dir",
+                str(out),
+                "--input_fasta",
+                str(source),
+                "--num_sequences",
+                "20",
+                "--min_length",
+                "20",
+                "--max_length",
+                "100",
+                "--seed",
+                seed,
+                "--base_url",
+                closed_port_url(),
+            ]
+        )
         runs[name] = data.load_splits(out)
     assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
     eligible = [p for p in records if 20 <= len(p.sequence) <= 100]
@@ -193,16 +230,37 @@ def test_input_fasta_is_a_seeded_file_ordered_sample(tmp_path):
         assert part == sorted(part, key=eligible.index)  # file order kept within each split
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())
     assert stats["source"] == str(source)
-    assert stats["read_stats"] == {"records": 60, "kept": 55, "too_short": 5, "duplicates": 0,
-                                   "rare_to_x": 0, "too_long": 14, "selected": 20}
+    assert stats["read_stats"] == {
+        "records": 60,
+        "kept": 55,
+        "too_short": 5,
+        "duplicates": 0,
+        "rare_to_x": 0,
+        "too_long": 14,
+        "selected": 20,
+    }
 
 
 def test_cli_takes_the_api_url_from_the_environment(server, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "PEPEMB_UNIPROT_URL": server.url}
-    result = subprocess.run([sys.executable, str(REPO / "download_sample_data.py"),
-                             "--output_dir", str(out), "--num_sequences", "40", "--seed", "7"],
-                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "download_sample_data.py"),
+            "--output_dir",
+            str(out),
+            "--num_sequences",
+            "40",
+            "--seed",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert [cursor for cursor, _, _ in server.log] == [0, 1, 2, 3]
     assert all_sequences(out) == sorted(RECORDS)

@@ -1,5 +1,6 @@
 """embed.py: batch-independent embeddings, window stitching, safe file names, resume, HF models
 and the safetensors export, on a tiny student (d_model 32) and tiny random HF teachers."""
+
 import json
 import re
 
@@ -15,15 +16,20 @@ import embedding
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student, save_student
 from teacher import PROTBERT_VOCAB
 
-SEQUENCES = ["MKTAYIAKQR", "GSHMSLFDFFKNKGSAATATDRLKLLD", "ACDEFGHIKLMNPQRSTVWYACDEFGHIKLMNPQRSTVWYWW",
-             "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAV"]
+SEQUENCES = [
+    "MKTAYIAKQR",
+    "GSHMSLFDFFKNKGSAATATDRLKLLD",
+    "ACDEFGHIKLMNPQRSTVWYACDEFGHIKLMNPQRSTVWYWW",
+    "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAV",
+]
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = StudentConfig.from_tokenizer(ResidueTokenizer.from_vocab(PROTBERT_VOCAB), d_model=32,
-                                          num_heads=2, num_layers=2, dropout=0.0)
+    config = StudentConfig.from_tokenizer(
+        ResidueTokenizer.from_vocab(PROTBERT_VOCAB), d_model=32, num_heads=2, num_layers=2, dropout=0.0
+    )
     directory = tmp_path_factory.mktemp("student")
     save_student(Student(config), directory, {"step": 7})
     return directory
@@ -58,18 +64,17 @@ def direct_hidden(embedder, sequence: str, layer: int) -> torch.Tensor:
 
 # -- the embeddings themselves ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["student", "protbert", "esm2"])
 def test_embedding_does_not_depend_on_the_rest_of_the_batch(kind, student, request):
     fixture = {"protbert": "protbert_teacher_dir", "esm2": "esm_teacher_dir"}.get(kind)
-    embedder = (embed.load_embedder(str(request.getfixturevalue(fixture)), torch.device("cpu"))
-                if fixture else student)
+    embedder = embed.load_embedder(str(request.getfixturevalue(fixture)), torch.device("cpu")) if fixture else student
     last = embedder.num_layers
     alone = embedded(embedder, SEQUENCES[:1], [last])[0]
     batched = embedded(embedder, SEQUENCES, [last], max_tokens=10_000)  # one padded batch of 4
     assert len(data.batch_indices([len(s) + 2 for s in SEQUENCES], max_tokens=10_000, shuffle=False)) == 1
     torch.testing.assert_close(batched[0].per_residue[last], alone.per_residue[last], atol=1e-5, rtol=0)
-    torch.testing.assert_close(batched[0].per_residue[last].mean(0), alone.per_residue[last].mean(0),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[0].per_residue[last].mean(0), alone.per_residue[last].mean(0), atol=1e-5, rtol=0)
     assert alone.per_residue[last].shape == (len(SEQUENCES[0]), embedder.hidden_size)
 
 
@@ -92,10 +97,10 @@ def test_window_starts_cover_the_sequence_with_the_requested_overlap():
 def test_long_sequences_are_stitched_by_averaging_the_windows_that_cover_each_residue(student):
     sequence = SEQUENCES[3][:25]
     starts = [0, 6, 12, 15]  # windows of 10 residues, overlap >= 4, the last one flush with the end
-    windows = [direct_hidden(student, sequence[s:s + 10], 1)[1:-1] for s in starts]
-    expected = torch.stack([
-        torch.stack([w[r - s] for s, w in zip(starts, windows) if s <= r < s + 10]).mean(0)
-        for r in range(25)])
+    windows = [direct_hidden(student, sequence[s : s + 10], 1)[1:-1] for s in starts]
+    expected = torch.stack(
+        [torch.stack([w[r - s] for s, w in zip(starts, windows) if s <= r < s + 10]).mean(0) for r in range(25)]
+    )
     # residue 13 lies in windows 6..15 and 12..21 only; residue 20 in the last two
     torch.testing.assert_close(expected[13], (windows[1][7] + windows[2][1]) / 2)
 
@@ -118,9 +123,22 @@ def test_a_5000_residue_protein_is_embedded_in_windows(student):
 
 # -- files ------------------------------------------------------------------------------------
 
+
 def test_file_names_are_safe_and_distinct():
-    ids = ["P12345", "sp|P69905|HBA_HUMAN", "a b", "a/b", "a_b", "../../etc", "dup", "dup", "dup",
-           "Case", "case", "x" * 300]
+    ids = [
+        "P12345",
+        "sp|P69905|HBA_HUMAN",
+        "a b",
+        "a/b",
+        "a_b",
+        "../../etc",
+        "dup",
+        "dup",
+        "dup",
+        "Case",
+        "case",
+        "x" * 300,
+    ]
     names = embed.file_names(ids)
     assert len({n.lower() for n in names}) == len(ids)
     assert all(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,90}", n) for n in names)
@@ -131,12 +149,10 @@ def test_file_names_are_safe_and_distinct():
 
 
 def test_fasta_to_files_with_duplicates_and_unsafe_ids(student_dir, tmp_path):
-    records = [("sp|P1|A_HUMAN", SEQUENCES[0]), ("dup", SEQUENCES[1]), ("x/../y", SEQUENCES[2]),
-               ("dup", SEQUENCES[3])]
+    records = [("sp|P1|A_HUMAN", SEQUENCES[0]), ("dup", SEQUENCES[1]), ("x/../y", SEQUENCES[2]), ("dup", SEQUENCES[3])]
     fasta = write_fasta(tmp_path / "in.fasta", records)
     out = tmp_path / "out"
-    assert run([student_dir, fasta, out, "--include", "mean", "per_tok", "cls",
-                "--repr_layers", "0", "-1"]) == 0
+    assert run([student_dir, fasta, out, "--include", "mean", "per_tok", "cls", "--repr_layers", "0", "-1"]) == 0
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["duplicate_ids"] == {"dup": 2}
@@ -192,8 +208,10 @@ def test_resume_embeds_only_what_is_missing(student_dir, tmp_path, capsys):
 
 # -- HuggingFace models, layers, precision ---------------------------------------------------
 
+
 def test_huggingface_teacher_embeds_like_its_own_tokenizer_and_model(protbert_teacher_dir, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
     fasta = write_fasta(tmp_path / "in.fasta", [(f"s{i}", s) for i, s in enumerate(SEQUENCES)])
     out = tmp_path / "out"
     assert run([protbert_teacher_dir, fasta, out, "--repr_layers", "0", "-1"]) == 0
@@ -203,14 +221,14 @@ def test_huggingface_teacher_embeds_like_its_own_tokenizer_and_model(protbert_te
     hf_tokenizer = AutoTokenizer.from_pretrained(protbert_teacher_dir)
     model = AutoModelForMaskedLM.from_pretrained(protbert_teacher_dir).eval()
     with torch.inference_mode():
-        hidden = model(**hf_tokenizer(" ".join(SEQUENCES[1]), return_tensors="pt"),
-                       output_hidden_states=True).hidden_states[-1][0]
+        hidden = model(
+            **hf_tokenizer(" ".join(SEQUENCES[1]), return_tensors="pt"), output_hidden_states=True
+        ).hidden_states[-1][0]
     expected = hidden[1:-1].mean(0).numpy()
     np.testing.assert_allclose(npz["mean_layer_2"][1], expected, atol=1e-5)
 
 
-def test_layers_out_of_range_and_bad_flags_are_user_errors(student_dir, protbert_teacher_dir, tmp_path,
-                                                           capsys):
+def test_layers_out_of_range_and_bad_flags_are_user_errors(student_dir, protbert_teacher_dir, tmp_path, capsys):
     fasta = write_fasta(tmp_path / "in.fasta", [("a", SEQUENCES[0])])
     for model, layer in ((student_dir, "3"), (student_dir, "-4"), (protbert_teacher_dir, "5")):
         assert run([model, fasta, tmp_path / "out", "--repr_layers", layer]) == 2
@@ -229,11 +247,17 @@ def test_half_precision_on_cpu_warns_and_runs_in_fp32(student_dir, tmp_path):
 
 # -- export ----------------------------------------------------------------------------------
 
+
 def test_export_hf_round_trip_gives_identical_embeddings(student_dir, tmp_path):
     exported = tmp_path / "hf"
     assert run([student_dir / "model.pt", "--export_hf", exported]) == 0
-    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                         "tokenizer_config.json", "vocab.txt"]
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
     assert (exported / "vocab.txt").read_text().split() == PROTBERT_VOCAB
     checkpoint = load_student(exported)
     assert checkpoint.metadata == {"step": 7} and not checkpoint.model.training

@@ -1,4 +1,5 @@
 """evaluate.py against metrics recomputed by hand from the two models' logits."""
+
 import json
 import math
 from argparse import Namespace
@@ -61,9 +62,13 @@ def report(student_dir, fasta, tmp_path_factory):
 
 def masked_logits(student, teacher, tokenizer):
     """Student logits, teacher logits and true ids at every masked position of the fixed masks."""
-    batches = MaskedBatches(SEQUENCES, tokenizer, Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=MASK_PROB,
-                                                            seed=SEED, max_tokens=None, batch_size=BATCH_SIZE),
-                            epoch=0, train=False)
+    batches = MaskedBatches(
+        SEQUENCES,
+        tokenizer,
+        Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=MASK_PROB, seed=SEED, max_tokens=None, batch_size=BATCH_SIZE),
+        epoch=0,
+        train=False,
+    )
     s, t, y = [], [], []
     with torch.no_grad():
         for i in range(len(batches)):
@@ -105,8 +110,9 @@ def test_fixed_masks_do_not_depend_on_the_batching(report, student_dir, fasta, t
         assert other["counts"] == batched["counts"] and other["per_residue"] == batched["per_residue"]
         for who in ("student", "teacher"):
             assert other["metrics"][who]["perplexity"] == pytest.approx(batched["metrics"][who]["perplexity"], rel=1e-5)
-        assert other["metrics"]["kl_teacher_student"] == pytest.approx(batched["metrics"]["kl_teacher_student"],
-                                                                        rel=1e-4)
+        assert other["metrics"]["kl_teacher_student"] == pytest.approx(
+            batched["metrics"]["kl_teacher_student"], rel=1e-4
+        )
 
 
 def test_per_residue_counts_add_up_to_the_totals(report):
@@ -119,14 +125,14 @@ def test_per_residue_counts_add_up_to_the_totals(report):
         for r in per_residue.values():
             assert r[f"{who}_acc"] == r[f"{who}_correct"] / r["masked_count"]
     # Frequencies are over every evaluated residue, the second sequence cropped to 22.
-    evaluated = Counter("".join(s[:MAX_SEQ_LEN - 2] for s in SEQUENCES))
+    evaluated = Counter("".join(s[: MAX_SEQ_LEN - 2] for s in SEQUENCES))
     assert report["counts"]["residues"] == sum(evaluated.values()) == 12 + 22 + 18
     for residue, r in per_residue.items():
         assert r["frequency"] == evaluated[residue] / sum(evaluated.values())
 
 
 def test_constant_predictor_scores_the_baseline(teacher, fasta, tmp_path):
-    evaluated = Counter("".join(s[:MAX_SEQ_LEN - 2] for s in SEQUENCES))
+    evaluated = Counter("".join(s[: MAX_SEQ_LEN - 2] for s in SEQUENCES))
     (common, top), (_, second) = evaluated.most_common(2)
     assert top > second  # no tie: the baseline residue is unambiguous
     student = save_tiny_student(tmp_path / "student", teacher, {"max_seq_len": MAX_SEQ_LEN}, most_likely=common)
@@ -153,8 +159,9 @@ def test_output_files(report, student_dir):
     for who in ("student", "teacher"):
         assert speed[who]["sequences_per_s"] > 0 and speed[who]["batches"] == 2
         assert speed[who]["tokens"] == 12 + 22 + 18 + 3 * 2  # both batches: every residue, cls and eos
-    assert speed["speedup"]["tokens_per_s"] == pytest.approx(speed["student"]["tokens_per_s"]
-                                                              / speed["teacher"]["tokens_per_s"])
+    assert speed["speedup"]["tokens_per_s"] == pytest.approx(
+        speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]
+    )
     student = load_student(student_dir).model
     # fp32 weights, the tied embedding counted once; rotary tables are not saved state.
     assert speed["student"]["weights_mb"] == student.num_parameters() * 4 / 2**20
@@ -163,9 +170,24 @@ def test_output_files(report, student_dir):
 
 
 def test_without_teacher_from_the_command_line(student_dir, fasta, tmp_path, capsys):
-    evaluate.main(["--model_path", str(student_dir / "model.pt"), "--data_path", str(fasta),
-                   "--output_dir", str(tmp_path), "--teacher_model", "none", "--device", "cpu",
-                   "--speed_batches", "1", "--max_sequences", "2"])
+    evaluate.main(
+        [
+            "--model_path",
+            str(student_dir / "model.pt"),
+            "--data_path",
+            str(fasta),
+            "--output_dir",
+            str(tmp_path),
+            "--teacher_model",
+            "none",
+            "--device",
+            "cpu",
+            "--speed_batches",
+            "1",
+            "--max_sequences",
+            "2",
+        ]
+    )
     assert "| masked accuracy |" in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["metrics"]["teacher"] is None and report["metrics"]["agreement"] is None
@@ -179,8 +201,9 @@ def test_split_folder_uses_its_test_fasta(student_dir, fasta, tmp_path):
     with pytest.raises(UserError, match="test.fasta"):
         evaluate.evaluate_checkpoint(student_dir, tmp_path, tmp_path / "out", teacher_model="none")
     (tmp_path / "test.fasta").write_text(">a\nMKV\n")
-    report = evaluate.evaluate_checkpoint(student_dir, tmp_path, tmp_path / "out", teacher_model="none",
-                                          speed_batches=0)
+    report = evaluate.evaluate_checkpoint(
+        student_dir, tmp_path, tmp_path / "out", teacher_model="none", speed_batches=0
+    )
     assert report["setup"]["sequences"] == 1 and report["counts"]["residues"] == 3
     assert report["speed"] is None
 
@@ -201,7 +224,7 @@ def residue_states(model, sequences, tokenizer, teacher_model: bool):
     rows = []
     with torch.no_grad():
         for sequence in sequences:
-            ids = tokenizer.encode(sequence[:MAX_SEQ_LEN - 2])[None]
+            ids = tokenizer.encode(sequence[: MAX_SEQ_LEN - 2])[None]
             out = model(ids, torch.ones_like(ids), output_hidden_states=True)["hidden_states"]
             rows.append((out if teacher_model else out[-1])[0, 1:-1])
     return torch.cat(rows).double()
@@ -224,7 +247,7 @@ def test_fidelity_measures_match_a_hand_computation(report, student_dir, teacher
         for (protein, position), w in zip(sites, wild):
             sequence = SEQUENCES[protein]
             start = min(max(position - (MAX_SEQ_LEN - 2) // 2, 0), max(len(sequence) - (MAX_SEQ_LEN - 2), 0))
-            ids = tokenizer.encode(sequence[start:start + MAX_SEQ_LEN - 2])[None]
+            ids = tokenizer.encode(sequence[start : start + MAX_SEQ_LEN - 2])[None]
             ids[0, position - start + 1] = tokenizer.mask_id
             with torch.no_grad():
                 log_p = F.log_softmax(model(ids, torch.ones_like(ids))["logits"][0, position - start + 1].double(), -1)
@@ -265,7 +288,8 @@ def test_the_report_shows_fidelity_next_to_masked_accuracy(report):
 
 
 def test_fidelity_can_be_skipped(student_dir, fasta, tmp_path):
-    report = evaluate.evaluate_checkpoint(student_dir, fasta, tmp_path, **{**EVAL_OPTIONS, "speed_batches": 0},
-                                          mutation_proteins=0, embedding_proteins=0)
+    report = evaluate.evaluate_checkpoint(
+        student_dir, fasta, tmp_path, **{**EVAL_OPTIONS, "speed_batches": 0}, mutation_proteins=0, embedding_proteins=0
+    )
     assert report["fidelity"] is None
     assert "Fidelity" not in (tmp_path / "report.md").read_text()

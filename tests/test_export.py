@@ -1,5 +1,6 @@
 """The native export (export.py, `embed.py --export_hf`): a transformers ESM-2 model that a fresh
 process loads without this repository, with the student's logits, tokens and embeddings."""
+
 import json
 import subprocess
 import sys
@@ -45,8 +46,11 @@ def trained_like_student(vocab, teacher_hidden_size=None) -> tuple[Student, Resi
     """A student whose weights are far from initialisation (LayerNorms and biases included)."""
     tokenizer = ResidueTokenizer.from_vocab(vocab)
     torch.manual_seed(1)
-    student = Student(StudentConfig.from_tokenizer(tokenizer, d_model=32, num_heads=4, num_layers=2,
-                                                   teacher_hidden_size=teacher_hidden_size))
+    student = Student(
+        StudentConfig.from_tokenizer(
+            tokenizer, d_model=32, num_heads=4, num_layers=2, teacher_hidden_size=teacher_hidden_size
+        )
+    )
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -58,12 +62,20 @@ def exported(request, tmp_path_factory):
     """(student, tokenizer, export folder, checkpoint folder) for each vocabulary."""
     root = tmp_path_factory.mktemp(f"export-{request.param}")
     student, tokenizer = trained_like_student(VOCABS[request.param], teacher_hidden_size=12)
-    save_student(student, root / "student", {"teacher": "antiberty", "step": 5,
-                                             "distill_args": {"data_path": "ab.fasta", "temperature": 2.0}})
-    report = {"setup": {"sequences": 10, "data_path": "test.fasta"},
-              "metrics": {"student": {"masked_acc": 0.612, "perplexity": 3.5}, "teacher": {"masked_acc": 0.85},
-                          "agreement": 0.7},
-              "fidelity": {"mutation_effects": {"student": {"spearman": 0.812}}}}
+    save_student(
+        student,
+        root / "student",
+        {"teacher": "antiberty", "step": 5, "distill_args": {"data_path": "ab.fasta", "temperature": 2.0}},
+    )
+    report = {
+        "setup": {"sequences": 10, "data_path": "test.fasta"},
+        "metrics": {
+            "student": {"masked_acc": 0.612, "perplexity": 3.5},
+            "teacher": {"masked_acc": 0.85},
+            "agreement": 0.7,
+        },
+        "fidelity": {"mutation_effects": {"student": {"spearman": 0.812}}},
+    }
     (root / "report.json").write_text(json.dumps(report))
     assert run([root / "student", "--export_hf", root / "hf", "--eval_report", root / "report.json"]) == 0
     return student, tokenizer, root / "hf", root
@@ -100,8 +112,13 @@ def test_a_fresh_process_loads_the_export_without_this_repository(exported, tmp_
     student, tokenizer, folder, _ = exported
     sequences = real_sequences()
     out = tmp_path / "fresh.npz"
-    result = subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS, str(folder), json.dumps(sequences), str(out)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_PROCESS, str(folder), json.dumps(sequences), str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # every weight of the masked LM comes from the export (AutoModel alone adds ESM's untrained pooler)
     missing = [line for line in result.stderr.splitlines() if "| MISSING" in line]
@@ -126,8 +143,13 @@ def test_pooled_hidden_states_equal_embed_py(exported, tmp_path):
     assert run([root / "student", fasta, tmp_path / "emb"]) == 0
     ours = np.load(tmp_path / "emb" / "embeddings.npz")["mean_layer_2"]
     out = tmp_path / "fresh.npz"
-    subprocess.run([sys.executable, "-I", "-c", FRESH_PROCESS, str(folder), json.dumps(sequences), str(out)],
-                   cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_PROCESS, str(folder), json.dumps(sequences), str(out)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert np.abs(np.load(out)["pooled"] - ours).max() < 1e-5
 
 
@@ -145,9 +167,16 @@ def test_load_student_reads_the_export_back_exactly(exported):
 def test_the_model_card_says_what_the_student_is(exported):
     _, _, folder, _ = exported
     card = (folder / "README.md").read_text()
-    for expected in ("antiberty", "pipeline_tag: fill-mask", "masked accuracy: student 0.612, teacher 0.850",
-                     "Spearman with the teacher: 0.812", "--export_hf", "licence: MIT", "Ruffolo",
-                     "teacher_map.safetensors"):
+    for expected in (
+        "antiberty",
+        "pipeline_tag: fill-mask",
+        "masked accuracy: student 0.612, teacher 0.850",
+        "Spearman with the teacher: 0.812",
+        "--export_hf",
+        "licence: MIT",
+        "Ruffolo",
+        "teacher_map.safetensors",
+    ):
         assert expected in card, expected
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "esm" and config["position_embedding_type"] == "rotary"
@@ -159,8 +188,13 @@ def test_folders_of_the_old_export_layout_still_load(tmp_path):
     student, _ = trained_like_student(PROTBERT_VOCAB)
     folder = tmp_path / "old"
     folder.mkdir()
-    config = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION, "weights": EXPORTED_WEIGHTS,
-              "config": asdict(student.config), "metadata": {"step": 3}}
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "weights": EXPORTED_WEIGHTS,
+        "config": asdict(student.config),
+        "metadata": {"step": 3},
+    }
     (folder / "config.json").write_text(json.dumps(config))
     weights = {k: v.clone().contiguous() for k, v in student.state_dict().items()}
     safetensors.torch.save_file(weights, str(folder / EXPORTED_WEIGHTS))

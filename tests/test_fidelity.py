@@ -1,6 +1,7 @@
 """bench/fidelity.py end to end on the shipped antibodies: AntiBERTy, a prefilled cache, two tiny
 students capped at a few steps. The benchmark's numbers are not tested (they need quiet CPU
 minutes); what it records and how it scores are."""
+
 import json
 import os
 import sys
@@ -27,9 +28,13 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow  # quick_run: a cache fill of 800 chains through AntiBERTy, two distill.py runs
 def test_every_run_is_recorded_with_its_test_scores(quick_run):
     output_dir, results = quick_run
-    assert results["setup"]["data"] == {"source": str(fidelity.data.SHIPPED_ANTIBODIES),
-                                        "note": "--quick: shipped 1,000-chain sample",
-                                        "train": 800, "val": 100, "test": 100}
+    assert results["setup"]["data"] == {
+        "source": str(fidelity.data.SHIPPED_ANTIBODIES),
+        "note": "--quick: shipped 1,000-chain sample",
+        "train": 800,
+        "val": 100,
+        "test": 100,
+    }
     runs = {r["variant"]: r for r in results["runs"]}
     assert sorted(runs) == ["kd-cache", "mlm"]
     for r in runs.values():
@@ -55,11 +60,19 @@ def test_test_scores_match_evaluate_py(quick_run):
     """The replayed teacher logits and fixed masks give what evaluate.py computes from scratch."""
     output_dir, results = quick_run
     run = next(r for r in results["runs"] if r["variant"] == "kd-cache")
-    report = evaluate.evaluate_checkpoint(run["checkpoint"], output_dir / "data" / "test.fasta",
-                                          output_dir / "eval", teacher_model="antiberty", use_8bit=True,
-                                          seed=fidelity.SEED, max_seq_len=fidelity.MAX_SEQ_LEN, speed_batches=0,
-                                          device="cpu", mutation_proteins=fidelity.QUICK["mutation_proteins"],
-                                          embedding_proteins=fidelity.QUICK["embedding_proteins"])
+    report = evaluate.evaluate_checkpoint(
+        run["checkpoint"],
+        output_dir / "data" / "test.fasta",
+        output_dir / "eval",
+        teacher_model="antiberty",
+        use_8bit=True,
+        seed=fidelity.SEED,
+        max_seq_len=fidelity.MAX_SEQ_LEN,
+        speed_batches=0,
+        device="cpu",
+        mutation_proteins=fidelity.QUICK["mutation_proteins"],
+        embedding_proteins=fidelity.QUICK["embedding_proteins"],
+    )
     one_token = 1 / run["test"]["masked_tokens"]
     assert report["counts"]["masked_tokens"] == run["test"]["masked_tokens"]
     assert report["metrics"]["student"]["masked_acc"] == pytest.approx(run["test"]["masked_acc"], abs=one_token)
@@ -68,7 +81,8 @@ def test_test_scores_match_evaluate_py(quick_run):
     mutations, reps = report["fidelity"]["mutation_effects"]["student"], report["fidelity"]["representations"]
     assert mutations["spearman"] == pytest.approx(run["test"]["mutation_spearman"], abs=1e-6)
     assert mutations["spearman_within_position_mean"] == pytest.approx(
-        run["test"]["mutation_spearman_within_position"], abs=1e-6)
+        run["test"]["mutation_spearman_within_position"], abs=1e-6
+    )
     assert reps["cka"] == pytest.approx(run["test"]["cka"], abs=1e-6)
     assert reps["knn_overlap"] == pytest.approx(run["test"]["knn_overlap"], abs=1e-6)
 
@@ -84,16 +98,20 @@ def test_runs_already_recorded_are_skipped(quick_run, capsys):
 @pytest.mark.slow
 def test_step_budgets_run_side_by_side_and_join_the_results(quick_run):
     output_dir, _ = quick_run
-    fidelity.main(["--quick", "--budgets", "3steps", "--jobs", "2", "--max_steps", str(STEPS),
-                   "--output_dir", str(output_dir)])
+    fidelity.main(
+        ["--quick", "--budgets", "3steps", "--jobs", "2", "--max_steps", str(STEPS), "--output_dir", str(output_dir)]
+    )
     runs = json.loads((output_dir / "fidelity.json").read_text())["runs"]
     stepped = {r["variant"]: r for r in runs if r["budget_steps"] == 3}
     assert sorted(stepped) == ["kd-cache", "mlm"] and len(runs) == 4
     for r in stepped.values():
         assert r["steps"] == 3 and r["threads"] == max(1, os.cpu_count() // 2) and r["process_cpu_s"] is None
         assert "--max_steps 3" in r["command"] and "--max_time" not in r["command"]
-        lrs = [json.loads(line)["lr"] for line in open(Path(r["checkpoint"]).parent / "metrics.jsonl")
-               if json.loads(line)["split"] == "train"]
+        lrs = [
+            json.loads(line)["lr"]
+            for line in open(Path(r["checkpoint"]).parent / "metrics.jsonl")
+            if json.loads(line)["split"] == "train"
+        ]
         assert lrs[-1] == 0.0  # the step schedule decays to 0 at the last step
     assert "| mlm | all | 3 steps | 3 |" in (output_dir / "fidelity.md").read_text()
 
@@ -102,15 +120,27 @@ def test_step_budgets_run_side_by_side_and_join_the_results(quick_run):
 def test_results_made_otherwise_are_refused(quick_run):
     output_dir, _ = quick_run
     with pytest.raises(UserError, match="other settings"):
-        fidelity.main(["--quick", "--budgets", "0.5", "--max_steps", str(STEPS), "--learning_rate", "5e-4",
-                       "--output_dir", str(output_dir)])
+        fidelity.main(
+            [
+                "--quick",
+                "--budgets",
+                "0.5",
+                "--max_steps",
+                str(STEPS),
+                "--learning_rate",
+                "5e-4",
+                "--output_dir",
+                str(output_dir),
+            ]
+        )
 
 
 @pytest.mark.slow  # the teacher on 100 test chains, two 3-step masked-LM runs
 def test_training_set_sizes_share_the_test_split_and_draw_the_regime_map(tmp_path):
     out = tmp_path / "out"
-    fidelity.main(["--quick", "--variants", "mlm", "--budgets", "3steps", "--train_sizes", "64,128",
-                   "--output_dir", str(out)])
+    fidelity.main(
+        ["--quick", "--variants", "mlm", "--budgets", "3steps", "--train_sizes", "64,128", "--output_dir", str(out)]
+    )
     runs = json.loads((out / "fidelity.json").read_text())["runs"]
     assert sorted(r["train_size"] for r in runs) == [64, 128] and all(r["steps"] == 3 for r in runs)
     small, large, full = (data.read_fasta(out / folder / "train.fasta") for folder in ("data-n64", "data-n128", "data"))
@@ -130,16 +160,24 @@ def test_budgets_are_minutes_or_steps():
     assert fidelity.Budget.of({"budget_min": 10.0}) == ten  # records written before step budgets existed
     assert fidelity.Budget.of({"budget_min": None, "budget_steps": 800}) == steps
     assert sorted([steps, fidelity.Budget.parse("30"), ten], key=fidelity.Budget.sort_key) == [
-        ten, fidelity.Budget.parse("30"), steps]
+        ten,
+        fidelity.Budget.parse("30"),
+        steps,
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [(["--variants", "kd,nope"], "unknown nope"),
-                                           (["--budgets", "ten"], "separated by commas"),
-                                           (["--budgets", "0"], "positive"),
-                                           (["--budgets", "0steps"], "positive"),
-                                           (["--budgets", "10,800steps", "--jobs", "2"], "one at a time"),
-                                           (["--train_sizes", "ten"], "chain counts"),
-                                           (["--train_sizes", "8,all"], "at least --batch_size")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "kd,nope"], "unknown nope"),
+        (["--budgets", "ten"], "separated by commas"),
+        (["--budgets", "0"], "positive"),
+        (["--budgets", "0steps"], "positive"),
+        (["--budgets", "10,800steps", "--jobs", "2"], "one at a time"),
+        (["--train_sizes", "ten"], "chain counts"),
+        (["--train_sizes", "8,all"], "at least --batch_size"),
+    ],
+)
 def test_bad_arguments_are_user_errors(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
         fidelity.resolve_args(fidelity.build_parser().parse_args([*argv, "--output_dir", str(tmp_path)]))
@@ -150,11 +188,13 @@ def test_every_variant_is_a_valid_distill_command(name, tmp_path):
     """Each variant's command passes distill.py's checks, asks for the loss it is named for and
     reads a cache exactly when it is meant to."""
     import distill
+
     variant = fidelity.VARIANTS[name]
     args = fidelity.resolve_args(fidelity.build_parser().parse_args(["--output_dir", str(tmp_path)]))
     cache = tmp_path / "cache" if variant.cache else None
-    command = fidelity.distill_command(variant, fidelity.Budget.parse("10"), tmp_path / "run", cache, args,
-                                       tmp_path / "data")
+    command = fidelity.distill_command(
+        variant, fidelity.Budget.parse("10"), tmp_path / "run", cache, args, tmp_path / "data"
+    )
     parsed = distill.build_parser().parse_args(command[2:])
     distill.validate_args(parsed)
     assert parsed.max_time == 10 and parsed.teacher_model == "antiberty" and parsed.use_8bit
@@ -170,7 +210,11 @@ def test_every_variant_is_a_valid_distill_command(name, tmp_path):
 
 def test_the_kd_variants_measure_distill_defaults():
     import distill
+
     defaults = distill.build_parser().parse_args(["--data_path", "x"])
     kd = dict(zip(fidelity.KD[::2], fidelity.KD[1::2]))
     assert (defaults.distill_weight, defaults.task_weight, defaults.temperature) == (
-        float(kd["--distill_weight"]), float(kd["--task_weight"]), float(kd["--temperature"]))
+        float(kd["--distill_weight"]),
+        float(kd["--task_weight"]),
+        float(kd["--temperature"]),
+    )

@@ -1,5 +1,6 @@
 """measures.py against hand computations: CKA, Spearman, neighbourhood overlap, masked marginals
 on a tiny student, agreement of mutation scores, the frequency baseline and mean pooling."""
+
 import math
 
 import numpy as np
@@ -11,10 +12,8 @@ from architecture import STANDARD_RESIDUES, ResidueTokenizer, Student, StudentCo
 
 torch.set_num_threads(1)
 
-PROTBERT_VOCAB = ("[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O"
-                  .split())
-ESM2_VOCAB = ("<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O "
-              ". - <null_1> <mask>").split()
+PROTBERT_VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O".split()
+ESM2_VOCAB = ("<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>").split()
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMAC", "ACDEFGHIKLMNPQRSTVWYX", "WWKLLP"]
 
 
@@ -32,9 +31,10 @@ def tokenizer_and_model(request):
 
 # -- Spearman ------------------------------------------------------------------------------------
 
+
 def test_spearman_known_rankings():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert measures.spearman(x, x ** 3) == pytest.approx(1.0)
+    assert measures.spearman(x, x**3) == pytest.approx(1.0)
     assert measures.spearman(x, -np.exp(x)) == pytest.approx(-1.0)
     assert measures.spearman(x, np.ones(5)) is None
     assert measures.spearman([1.0], [2.0]) is None
@@ -45,11 +45,12 @@ def test_spearman_with_ties_by_hand():
     y = [1.0, 3.0, 2.0, 4.0]
     np.testing.assert_array_equal(measures.average_ranks(np.array(x)), [1, 2.5, 2.5, 4])
     # ranks x: 1, 2.5, 2.5, 4 -> centred -1.5, 0, 0, 1.5; y: 1, 3, 2, 4 -> -1.5, .5, -.5, 1.5
-    expected = (1.5 * 1.5 + 1.5 * 1.5) / math.sqrt((1.5 ** 2 * 2) * (1.5 ** 2 * 2 + 0.5 ** 2 * 2))
+    expected = (1.5 * 1.5 + 1.5 * 1.5) / math.sqrt((1.5**2 * 2) * (1.5**2 * 2 + 0.5**2 * 2))
     assert measures.spearman(x, y) == pytest.approx(expected)
 
 
 # -- linear CKA ------------------------------------------------------------------------------------
+
 
 def cka_via_hsic(x, y):
     """The textbook form: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T, centring matrix H."""
@@ -90,6 +91,7 @@ def test_cka_rejects_mismatched_items_and_is_nan_for_constants():
 
 # -- k-nearest-neighbour overlap ---------------------------------------------------------------------
 
+
 def test_knn_overlap_of_identical_embeddings_is_one():
     x = np.random.default_rng(3).normal(size=(30, 4))
     assert measures.knn_overlap(x, x, k=5) == 1.0
@@ -109,7 +111,7 @@ def test_knn_overlap_planted_clusters():
     # neighbours one way, the other the opposite way. With k=1 a point's nearest neighbour is in
     # its cluster under both; with k=2 both cluster mates are chosen by both.
     reference = two_clusters(np.array([0.0, 0.10, 0.30]))  # nearest of items 0, 1, 2: 1, 0, 1
-    other = two_clusters(np.array([0.0, 0.20, 0.30]))      # nearest of items 0, 1, 2: 1, 2, 1
+    other = two_clusters(np.array([0.0, 0.20, 0.30]))  # nearest of items 0, 1, 2: 1, 2, 1
     # k=1: items 0 and 2 (and 3, 5) agree, item 1 (and 4) does not -> 4/6
     assert measures.knn_overlap(reference, other, k=1) == pytest.approx(4 / 6)
     assert measures.knn_overlap(reference, other, k=2) == 1.0
@@ -128,6 +130,7 @@ def test_knn_overlap_clips_k_and_chance():
 
 
 # -- masked marginals ------------------------------------------------------------------------------
+
 
 def test_sample_mutation_sites_is_deterministic_and_standard_only():
     sequences = ["MKXXTAY", "GS", "AAAAAAAAAA"]
@@ -177,7 +180,7 @@ def test_masked_marginals_batched_equals_unbatched(tokenizer_and_model):
     assert len(calls) > 2 and all(rows * length <= 30 or rows == 1 for rows, length in calls)
     assert sum(rows for rows, _ in calls) == len(sites)
     calls.clear()
-    whole = measures.masked_marginals(counting_forward, tokenizer, SEQUENCES, sites, max_tokens=10 ** 6)
+    whole = measures.masked_marginals(counting_forward, tokenizer, SEQUENCES, sites, max_tokens=10**6)
     assert len(calls) == 1 and calls[0][0] == len(sites)
     np.testing.assert_allclose(batched, whole, atol=1e-5, rtol=0)
 
@@ -204,6 +207,7 @@ def test_masked_marginals_reject_non_standard_sites(tokenizer_and_model):
 
 
 # -- agreement and the frequency baseline -----------------------------------------------------------
+
 
 def test_mutation_effect_agreement_identical_negated_and_counts():
     rng = np.random.default_rng(5)
@@ -238,8 +242,8 @@ def test_frequency_baseline_scores_by_hand():
     wild_types = [0, 9]
     scores = measures.frequency_baseline_scores(frequencies, sites, wild_types)
     assert scores.shape == (2, 20)
-    assert scores[0, 1] == pytest.approx(math.log(2.0))      # C (2) against A (1)
-    assert scores[1, 0] == pytest.approx(math.log(1 / 10))   # A (1) against L (10)
+    assert scores[0, 1] == pytest.approx(math.log(2.0))  # C (2) against A (1)
+    assert scores[1, 0] == pytest.approx(math.log(1 / 10))  # A (1) against L (10)
     assert scores[0, 0] == scores[1, 9] == 0.0
     np.testing.assert_allclose(scores, measures.frequency_baseline_scores(frequencies / 20.0, sites, wild_types))
 
@@ -253,6 +257,7 @@ def test_frequency_baseline_against_itself_agrees_perfectly_within_a_protein():
 
 
 # -- mean pooling ------------------------------------------------------------------------------------
+
 
 def test_mean_pooled_equals_a_hand_loop():
     tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)

@@ -1,5 +1,6 @@
 """Progress in logs: tqdm bars on a terminal, bounded plain lines (no carriage returns) in a file
 or a pipe, for the shared helper, distill.py and the libraries' own bars."""
+
 import fcntl
 import os
 import pty
@@ -15,8 +16,10 @@ import progress
 from conftest import write_short_uniprot
 
 REPO = Path(__file__).resolve().parent.parent
-LOOP = ("import sys; sys.path.insert(0, {repo!r}); from progress import progress\n"
-        "for _ in progress(range({n}), desc='work', unit='item'): pass\n")
+LOOP = (
+    "import sys; sys.path.insert(0, {repo!r}); from progress import progress\n"
+    "for _ in progress(range({n}), desc='work', unit='item'): pass\n"
+)
 
 
 def run_in_terminal(code: str) -> str:
@@ -45,8 +48,9 @@ def test_a_terminal_gets_a_tqdm_bar():
 
 
 def test_a_pipe_gets_one_plain_line_for_a_long_fast_loop():
-    result = subprocess.run([sys.executable, "-c", LOOP.format(repo=str(REPO), n=100_000)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", LOOP.format(repo=str(REPO), n=100_000)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "\r" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("work: 100,000/100,000 item (done) | ")
@@ -70,10 +74,34 @@ def test_plain_lines_come_at_most_every_interval(monkeypatch, capsys):
 @pytest.mark.slow  # a 16-step distillation in a subprocess
 def test_distill_writes_a_readable_log(protbert_teacher_dir, tmp_path):
     fasta = write_short_uniprot(tmp_path / "prot.fasta", 48, 40)
-    command = [sys.executable, str(REPO / "distill.py"), "--data_path", str(fasta), "--teacher_model",
-               str(protbert_teacher_dir), "--output_dir", str(tmp_path / "run"), "--d_model", "32", "--num_heads", "2",
-               "--num_layers", "1", "--batch_size", "8", "--max_seq_len", "32", "--max_steps", "16", "--log_every", "4",
-               "--eval_every", "8", "--device", "cpu"]
+    command = [
+        sys.executable,
+        str(REPO / "distill.py"),
+        "--data_path",
+        str(fasta),
+        "--teacher_model",
+        str(protbert_teacher_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--d_model",
+        "32",
+        "--num_heads",
+        "2",
+        "--num_layers",
+        "1",
+        "--batch_size",
+        "8",
+        "--max_seq_len",
+        "32",
+        "--max_steps",
+        "16",
+        "--log_every",
+        "4",
+        "--eval_every",
+        "8",
+        "--device",
+        "cpu",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -6,6 +6,7 @@ repeated. The bad-input table runs each script's main through cli.run, as its `_
 does (in-process: milliseconds a row); one row per script, the signals and kill -9 run real
 processes. Tiny models throughout: a d=64 random teacher with ProtBert's vocabulary, d=32 students.
 """
+
 import gzip
 import importlib
 import json
@@ -54,6 +55,7 @@ def one_thread():
 # Shared inputs
 # --------------------------------------------------------------------------------------------
 
+
 def random_protein(id_: str, length: int, seed: int) -> data.Protein:
     rng = random.Random(seed)
     return data.Protein(id_, "", "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(length)))
@@ -80,18 +82,36 @@ def inputs(tmp_path_factory, protbert_teacher_dir, esm_teacher_dir) -> dict[str,
     save_student(student, root / "student", {"teacher": str(protbert_teacher_dir), "max_seq_len": 32})
     model_pt = (root / "student" / "model.pt").read_bytes()
     (root / "truncated").mkdir()
-    (root / "truncated" / "model.pt").write_bytes(model_pt[:len(model_pt) // 2])
+    (root / "truncated" / "model.pt").write_bytes(model_pt[: len(model_pt) // 2])
     # A checkpoint-STEP folder whose model.pt is cut short (training_state.pt is never reached).
     (root / "truncated_checkpoint").mkdir()
-    (root / "truncated_checkpoint" / "model.pt").write_bytes(model_pt[:len(model_pt) // 2])
+    (root / "truncated_checkpoint" / "model.pt").write_bytes(model_pt[: len(model_pt) // 2])
     (root / "truncated_checkpoint" / TRAINING_STATE).write_bytes(b"")
     names = {p.name.split(".")[0]: str(p) for p in root.iterdir()}
-    return {**names, "teacher": str(protbert_teacher_dir), "esm": str(esm_teacher_dir),
-            "nowhere": str(root / "nowhere")}
+    return {
+        **names,
+        "teacher": str(protbert_teacher_dir),
+        "esm": str(esm_teacher_dir),
+        "nowhere": str(root / "nowhere"),
+    }
 
 
-TINY_STUDENT = ["--d_model", "32", "--num_heads", "2", "--num_layers", "1", "--max_seq_len", "32",
-                "--warmup_steps", "0", "--learning_rate", "3e-3", "--seed", "3"]
+TINY_STUDENT = [
+    "--d_model",
+    "32",
+    "--num_heads",
+    "2",
+    "--num_layers",
+    "1",
+    "--max_seq_len",
+    "32",
+    "--warmup_steps",
+    "0",
+    "--learning_rate",
+    "3e-3",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +122,47 @@ def trained_run(tmp_path_factory, protbert_teacher_dir) -> Path:
     split = root / "data"
     proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:50]
     cropped = [data.Protein(p.id, p.description, p.sequence[:40]) for p in proteins]
-    odd = [random_protein("huge", HUGE, 1), data.Protein("all_x", "", "X" * 30),
-           data.Protein("all_x_short", "", "X" * 5), data.Protein("dup", "first", "MKTAYIAKQRQISFVK"),
-           data.Protein("dup", "second", "GSHMSLFDFFKNKGSA")]
+    odd = [
+        random_protein("huge", HUGE, 1),
+        data.Protein("all_x", "", "X" * 30),
+        data.Protein("all_x_short", "", "X" * 5),
+        data.Protein("dup", "first", "MKTAYIAKQRQISFVK"),
+        data.Protein("dup", "second", "GSHMSLFDFFKNKGSA"),
+    ]
     data.write_fasta(split / "train.fasta", cropped[:40] + odd)
     data.write_fasta(split / "val.fasta", cropped[40:46] + odd[:1])
     data.write_fasta(split / "test.fasta", cropped[46:])
     out = root / "run"
-    distill.main(["--data_path", str(split), "--output_dir", str(out), "--teacher_model", str(protbert_teacher_dir),
-                  *TINY_STUDENT, "--batch_size", "16", "--max_steps", "4", "--save_every", "2", "--eval_every", "2",
-                  "--keep_last", "0", "--log_every", "1"])
+    distill.main(
+        [
+            "--data_path",
+            str(split),
+            "--output_dir",
+            str(out),
+            "--teacher_model",
+            str(protbert_teacher_dir),
+            *TINY_STUDENT,
+            "--batch_size",
+            "16",
+            "--max_steps",
+            "4",
+            "--save_every",
+            "2",
+            "--eval_every",
+            "2",
+            "--keep_last",
+            "0",
+            "--log_every",
+            "1",
+        ]
+    )
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # How a user error must look, and what it must leave alone
 # --------------------------------------------------------------------------------------------
+
 
 def assert_user_error(code: int, stderr: str, message: str) -> None:
     """Exit 2, no traceback, exactly one `error:` line, the last one, containing `message`."""
@@ -133,8 +178,9 @@ def finite_weights(checkpoint: Path) -> bool:
 
 def snapshot(folder: Path) -> dict:
     """Every file under folder: (content, modification time)."""
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
@@ -149,8 +195,14 @@ def run_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
 
 
 def run_script(script: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / f"{script}.py"), *argv], capture_output=True,
-                          text=True, cwd=REPO, env=ONE_THREAD, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / f"{script}.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ONE_THREAD,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,13 +213,41 @@ def run_script(script: str, argv: list[str], timeout: float = 120) -> subprocess
 # stray file) that must survive byte for byte. embed gets --overwrite, so that its refusal of an
 # existing output folder does not hide the error under test (and --overwrite must not clear
 # anything before the input is known to be good).
-EARLIER_OUTPUT = {"distill": "notes.txt", "evaluate": "report.json", "embed": "manifest.json",
-                  "visualization": "summary.json", "download_sample_data": "train.fasta"}
+EARLIER_OUTPUT = {
+    "distill": "notes.txt",
+    "evaluate": "report.json",
+    "embed": "manifest.json",
+    "visualization": "summary.json",
+    "download_sample_data": "train.fasta",
+}
 
-DISTILL = ["--data_path", "{good}", "--output_dir", "{out}", "--teacher_model", "{teacher}", *TINY_STUDENT,
-           "--batch_size", "4", "--max_steps", "2"]
-EVALUATE = ["--model_path", "{student}", "--data_path", "{good}", "--output_dir", "{out}",
-            "--teacher_model", "none", "--speed_batches", "0", "--device", "cpu"]
+DISTILL = [
+    "--data_path",
+    "{good}",
+    "--output_dir",
+    "{out}",
+    "--teacher_model",
+    "{teacher}",
+    *TINY_STUDENT,
+    "--batch_size",
+    "4",
+    "--max_steps",
+    "2",
+]
+EVALUATE = [
+    "--model_path",
+    "{student}",
+    "--data_path",
+    "{good}",
+    "--output_dir",
+    "{out}",
+    "--teacher_model",
+    "none",
+    "--speed_batches",
+    "0",
+    "--device",
+    "cpu",
+]
 VISUALIZE = ["--model_path", "{student}", "--output_dir", "{out}", "--device", "cpu", "--n_steps", "2"]
 DOWNLOAD = ["--output_dir", "{out}", "--offline", "--num_sequences", "20"]
 
@@ -177,54 +257,109 @@ BAD_INPUT = [
     ("distill: empty FASTA", "distill", [*DISTILL, "--data_path", "{empty}"], "file is empty"),
     ("distill: binary FASTA", "distill", [*DISTILL, "--data_path", "{binary}"], "binary content"),
     ("distill: digits in a sequence", "distill", [*DISTILL, "--data_path", "{digits}"], "invalid character '4'"),
-    ("distill: output folder inside a file", "distill", [*DISTILL, "--output_dir", "{file}/out"],
-     "which is a file; pass a folder"),
+    (
+        "distill: output folder inside a file",
+        "distill",
+        [*DISTILL, "--output_dir", "{file}/out"],
+        "which is a file; pass a folder",
+    ),
     ("distill: negative size", "distill", [*DISTILL, "--d_model", "-32"], "--d_model must be positive"),
     ("distill: negative temperature", "distill", [*DISTILL, "--temperature", "-1"], "--temperature must be > 0"),
     ("distill: missing teacher", "distill", [*DISTILL, "--teacher_model", "{nowhere}"], "does not exist"),
-    ("distill: resume from a non-checkpoint", "distill", [*DISTILL, "--resume", "{student}"],
-     "not a checkpoint folder"),
-    ("distill: resume from a truncated checkpoint", "distill", [*DISTILL, "--resume", "{truncated_checkpoint}"],
-     "truncated"),
+    (
+        "distill: resume from a non-checkpoint",
+        "distill",
+        [*DISTILL, "--resume", "{student}"],
+        "not a checkpoint folder",
+    ),
+    (
+        "distill: resume from a truncated checkpoint",
+        "distill",
+        [*DISTILL, "--resume", "{truncated_checkpoint}"],
+        "truncated",
+    ),
     ("evaluate: missing checkpoint", "evaluate", [*EVALUATE, "--model_path", "{nowhere}"], "no such checkpoint"),
     ("evaluate: truncated checkpoint", "evaluate", [*EVALUATE, "--model_path", "{truncated}"], "truncated"),
     ("evaluate: corrupt gzip", "evaluate", [*EVALUATE, "--data_path", "{corrupt}"], "corrupt or truncated gzip"),
     ("evaluate: missing data", "evaluate", [*EVALUATE, "--data_path", "{nowhere}"], "no such file"),
-    ("evaluate: data folder without test.fasta", "evaluate", [*EVALUATE, "--data_path", "{no_test}"],
-     "needs test.fasta"),
+    (
+        "evaluate: data folder without test.fasta",
+        "evaluate",
+        [*EVALUATE, "--data_path", "{no_test}"],
+        "needs test.fasta",
+    ),
     ("evaluate: missing teacher", "evaluate", [*EVALUATE, "--teacher_model", "{nowhere}"], "does not exist"),
-    ("evaluate: output folder inside a file", "evaluate", [*EVALUATE, "--output_dir", "{file}/out"],
-     "which is a file; pass a folder"),
+    (
+        "evaluate: output folder inside a file",
+        "evaluate",
+        [*EVALUATE, "--output_dir", "{file}/out"],
+        "which is a file; pass a folder",
+    ),
     ("evaluate: mask_prob out of range", "evaluate", [*EVALUATE, "--mask_prob", "1.5"], "--mask_prob"),
     ("embed: missing FASTA", "embed", ["{student}", "{nowhere}", "{out}", "--overwrite"], "no such file"),
     ("embed: empty FASTA", "embed", ["{student}", "{empty}", "{out}", "--overwrite"], "file is empty"),
-    ("embed: truncated checkpoint", "embed", ["{truncated}/model.pt", "{good}", "{out}", "--overwrite"],
-     "truncated"),
+    ("embed: truncated checkpoint", "embed", ["{truncated}/model.pt", "{good}", "{out}", "--overwrite"], "truncated"),
     ("embed: missing model", "embed", ["{nowhere}", "{good}", "{out}", "--overwrite"], "does not exist"),
     ("embed: output folder inside a file", "embed", ["{student}", "{good}", "{file}/out"], "which is a file"),
     ("embed: export folder inside a file", "embed", ["{student}", "--export_hf", "{file}/hf"], "which is a file"),
-    ("visualization: truncated checkpoint", "visualization",
-     [*VISUALIZE, "--model_path", "{truncated}", "--sequence", "MKTV"], "truncated"),
-    ("visualization: digits in a FASTA", "visualization", [*VISUALIZE, "--fasta", "{digits}"],
-     "invalid character '4'"),
-    ("visualization: 100,000 residues", "visualization", [*VISUALIZE, "--fasta", "{huge}"],
-     "100,000 residues, more than --max_length 1022"),
-    ("visualization: output folder inside a file", "visualization",
-     [*VISUALIZE, "--sequence", "MKTV", "--output_dir", "{file}/out"], "which is a file"),
-    ("visualization: zero integration steps", "visualization",
-     [*VISUALIZE, "--sequence", "MKTV", "--n_steps", "0"], "--n_steps must be at least 1"),
-    ("visualization: missing teacher", "visualization",
-     [*VISUALIZE, "--sequence", "MKTV", "--teacher_model", "{nowhere}"], "does not exist"),
-    ("download: output folder inside a file", "download_sample_data", [*DOWNLOAD, "--output_dir", "{file}/out"],
-     "which is a file"),
-    ("download: zero sequences", "download_sample_data", [*DOWNLOAD, "--num_sequences", "0"],
-     "--num_sequences must be at least 1"),
-    ("download: min_length above max_length", "download_sample_data",
-     [*DOWNLOAD, "--min_length", "50", "--max_length", "10"], "--min_length <= --max_length"),
+    (
+        "visualization: truncated checkpoint",
+        "visualization",
+        [*VISUALIZE, "--model_path", "{truncated}", "--sequence", "MKTV"],
+        "truncated",
+    ),
+    ("visualization: digits in a FASTA", "visualization", [*VISUALIZE, "--fasta", "{digits}"], "invalid character '4'"),
+    (
+        "visualization: 100,000 residues",
+        "visualization",
+        [*VISUALIZE, "--fasta", "{huge}"],
+        "100,000 residues, more than --max_length 1022",
+    ),
+    (
+        "visualization: output folder inside a file",
+        "visualization",
+        [*VISUALIZE, "--sequence", "MKTV", "--output_dir", "{file}/out"],
+        "which is a file",
+    ),
+    (
+        "visualization: zero integration steps",
+        "visualization",
+        [*VISUALIZE, "--sequence", "MKTV", "--n_steps", "0"],
+        "--n_steps must be at least 1",
+    ),
+    (
+        "visualization: missing teacher",
+        "visualization",
+        [*VISUALIZE, "--sequence", "MKTV", "--teacher_model", "{nowhere}"],
+        "does not exist",
+    ),
+    (
+        "download: output folder inside a file",
+        "download_sample_data",
+        [*DOWNLOAD, "--output_dir", "{file}/out"],
+        "which is a file",
+    ),
+    (
+        "download: zero sequences",
+        "download_sample_data",
+        [*DOWNLOAD, "--num_sequences", "0"],
+        "--num_sequences must be at least 1",
+    ),
+    (
+        "download: min_length above max_length",
+        "download_sample_data",
+        [*DOWNLOAD, "--min_length", "50", "--max_length", "10"],
+        "--min_length <= --max_length",
+    ),
 ]
 # One row per script also runs as a real process: the entry point, not only main().
-AS_PROCESS = ["distill: binary FASTA", "evaluate: truncated checkpoint", "embed: output folder inside a file",
-              "visualization: 100,000 residues", "download: zero sequences"]
+AS_PROCESS = [
+    "distill: binary FASTA",
+    "evaluate: truncated checkpoint",
+    "embed: output folder inside a file",
+    "visualization: 100,000 residues",
+    "download: zero sequences",
+]
 
 
 def prepare_case(script: str, argv: list[str], inputs: dict, tmp_path: Path) -> list[str]:
@@ -275,8 +410,12 @@ def test_overwrite_with_bad_input_keeps_the_earlier_run(trained_run, inputs, tmp
 def test_resume_with_another_vocabulary_or_size_is_refused(trained_run, inputs, tmp_path, capsys):
     out = shutil.copytree(trained_run, tmp_path / "run")
     before = snapshot(out)
-    base = [a.format(**inputs, out=out) for a in DISTILL] + ["--resume", "auto", "--data_path",
-                                                             str(trained_run.parent / "data")]
+    base = [a.format(**inputs, out=out) for a in DISTILL] + [
+        "--resume",
+        "auto",
+        "--data_path",
+        str(trained_run.parent / "data"),
+    ]
     for change in (["--teacher_model", inputs["esm"]], ["--d_model", "64"]):
         code, stderr = run_in_process("distill", base + change, capsys)
         assert_user_error(code, stderr, "holds a different student")
@@ -291,14 +430,19 @@ def test_resume_from_a_damaged_training_state_is_one_line(damage, trained_run, i
         state.write_bytes(state.read_bytes()[:1000])
     else:
         torch.save({"position": CreatesFile(tmp_path / "payload-ran")}, state)
-    argv = [a.format(**inputs, out=out) for a in DISTILL] + ["--resume", "auto", "--data_path",
-                                                             str(trained_run.parent / "data")]
+    argv = [a.format(**inputs, out=out) for a in DISTILL] + [
+        "--resume",
+        "auto",
+        "--data_path",
+        str(trained_run.parent / "data"),
+    ]
     assert_user_error(*run_in_process("distill", argv, capsys), str(state))
 
 
 # --------------------------------------------------------------------------------------------
 # Odd but valid input: 100,000 residues, all-X sequences, duplicate ids
 # --------------------------------------------------------------------------------------------
+
 
 def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicate_ids(trained_run):
     train = data.read_fasta(trained_run.parent / "data" / "train.fasta")
@@ -312,13 +456,13 @@ def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicat
 
 
 def test_evaluate_crops_a_100000_residue_protein_and_scores_all_x(inputs, tmp_path):
-    report = evaluate.evaluate_checkpoint(inputs["student"], inputs["huge"], tmp_path / "eval",
-                                          max_seq_len=32, speed_batches=1, device="cpu")
+    report = evaluate.evaluate_checkpoint(
+        inputs["student"], inputs["huge"], tmp_path / "eval", max_seq_len=32, speed_batches=1, device="cpu"
+    )
     assert report["setup"]["sequences"] == 3 and report["counts"]["residues"] == 3 * 30
     all_x = tmp_path / "all_x.fasta"
     data.write_fasta(all_x, [data.Protein("all_x", "", "X" * 50)])
-    report = evaluate.evaluate_checkpoint(inputs["student"], all_x, tmp_path / "eval_x", speed_batches=0,
-                                          device="cpu")
+    report = evaluate.evaluate_checkpoint(inputs["student"], all_x, tmp_path / "eval_x", speed_batches=0, device="cpu")
     assert report["metrics"]["baseline"] == {"residue": "X", "frequency": 1.0, "masked_acc": 1.0}
     assert list(report["per_residue"]) == ["X"] and report["counts"]["nonstandard_masked"] >= 1
     for model in ("student", "teacher"):
@@ -328,8 +472,20 @@ def test_evaluate_crops_a_100000_residue_protein_and_scores_all_x(inputs, tmp_pa
 @pytest.mark.parametrize("long, embedded", [("chunk", HUGE), ("truncate", 500)])
 def test_embed_chunks_or_truncates_a_100000_residue_protein(long, embedded, inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = [inputs["student"], inputs["huge"], str(out), "--long", long, "--max_length", "500", "--overlap", "50",
-            "--include", "mean", "per_tok"]
+    argv = [
+        inputs["student"],
+        inputs["huge"],
+        str(out),
+        "--long",
+        long,
+        "--max_length",
+        "500",
+        "--overlap",
+        "50",
+        "--include",
+        "mean",
+        "per_tok",
+    ]
     assert run_in_process("embed", argv, capsys)[0] == 0
     npz = np.load(out / "embeddings.npz")
     assert list(npz["ids"]) == ["huge", *[p.id for p in data.read_fasta(inputs["good"])[:2]]]
@@ -351,12 +507,26 @@ def test_visualization_keeps_records_with_duplicate_ids_apart(inputs, tmp_path, 
     fasta = tmp_path / "dup.fasta"
     fasta.write_text(">dup first\nMKTAYIAKQR\n>dup second\nXXXXXXXX\n")
     out = tmp_path / "vis"
-    argv = ["--model_path", inputs["student"], "--fasta", str(fasta), "--output_dir", str(out),
-            "--target_position", "2", "--n_steps", "2", "--device", "cpu"]
+    argv = [
+        "--model_path",
+        inputs["student"],
+        "--fasta",
+        str(fasta),
+        "--output_dir",
+        str(out),
+        "--target_position",
+        "2",
+        "--n_steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert run_in_process("visualization", argv, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [(s["id"], Path(s["output_dir"]).name, s["length"]) for s in summary["sequences"]] == \
-        [("dup", "dup", 10), ("dup", "dup_2", 8)]
+    assert [(s["id"], Path(s["output_dir"]).name, s["length"]) for s in summary["sequences"]] == [
+        ("dup", "dup", 10),
+        ("dup", "dup_2", 8),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,14 +543,38 @@ class Distill:
         self.out = out
         log = out.parent / f"{out.name}-{time.monotonic_ns()}"
         self.stdout_path, self.stderr_path = Path(f"{log}.out"), Path(f"{log}.err")
-        argv = ["--data_path", str(fasta), "--output_dir", str(out), "--teacher_model", str(teacher_dir),
-                *TINY_STUDENT, "--batch_size", "4", "--save_every", "1", "--keep_last", "0",
-                "--eval_every", "1000", "--log_every", "1", "--num_epochs", "1000", *extra]
+        argv = [
+            "--data_path",
+            str(fasta),
+            "--output_dir",
+            str(out),
+            "--teacher_model",
+            str(teacher_dir),
+            *TINY_STUDENT,
+            "--batch_size",
+            "4",
+            "--save_every",
+            "1",
+            "--keep_last",
+            "0",
+            "--eval_every",
+            "1000",
+            "--log_every",
+            "1",
+            "--num_epochs",
+            "1000",
+            *extra,
+        ]
         if "--max_steps" not in extra:
             argv += ["--max_steps", "1000000"]  # runs until stopped
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen([sys.executable, str(REPO / "distill.py"), *argv],
-                                            stdout=stdout, stderr=stderr, cwd=REPO, env=ONE_THREAD)
+            self.process = subprocess.Popen(
+                [sys.executable, str(REPO / "distill.py"), *argv],
+                stdout=stdout,
+                stderr=stderr,
+                cwd=REPO,
+                env=ONE_THREAD,
+            )
 
     @property
     def stdout(self) -> str:
@@ -431,8 +625,7 @@ def interrupt_fasta(tmp_path_factory) -> Path:
 
 
 @linux_only
-def test_sigterm_and_sigint_save_a_checkpoint_and_resume_auto_finishes(protbert_teacher_dir, interrupt_fasta,
-                                                                      tmp_path):
+def test_sigterm_and_sigint_save_a_checkpoint_and_resume_auto_finishes(protbert_teacher_dir, interrupt_fasta, tmp_path):
     out = tmp_path / "run"
     step = -1
     for signum, flags in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume", "auto"])):
@@ -511,8 +704,9 @@ class Killed(BaseException):
     """Stands for kill -9 at one exact point: nothing after it runs."""
 
 
-def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(protbert_teacher_dir, interrupt_fasta, tmp_path,
-                                                                  monkeypatch):
+def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(
+    protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
+):
     real_rmtree = shutil.rmtree
 
     def rmtree_then_killed(path, *args, **kwargs):
@@ -524,9 +718,27 @@ def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(protbert_teache
     monkeypatch.setattr(shutil, "rmtree", rmtree_then_killed)
     out = tmp_path / "run"
     try:  # step 4 is saved by --save_every 2, then again as the final checkpoint
-        distill.main(["--data_path", str(interrupt_fasta), "--output_dir", str(out), "--teacher_model",
-                      str(protbert_teacher_dir), *TINY_STUDENT, "--batch_size", "4", "--max_steps", "4",
-                      "--save_every", "2", "--keep_last", "0", "--eval_every", "100"])
+        distill.main(
+            [
+                "--data_path",
+                str(interrupt_fasta),
+                "--output_dir",
+                str(out),
+                "--teacher_model",
+                str(protbert_teacher_dir),
+                *TINY_STUDENT,
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "4",
+                "--save_every",
+                "2",
+                "--keep_last",
+                "0",
+                "--eval_every",
+                "100",
+            ]
+        )
     except Killed:
         pass
     monkeypatch.undo()
@@ -534,8 +746,9 @@ def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(protbert_teache
     assert_checkpoints_complete(out)
 
 
-def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(protbert_teacher_dir, interrupt_fasta, tmp_path,
-                                                                monkeypatch):
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(
+    protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
+):
     real_rmtree = shutil.rmtree
 
     def partly_removed_then_killed(path, *args, **kwargs):
@@ -547,9 +760,27 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(protbert_teacher
     monkeypatch.setattr(shutil, "rmtree", partly_removed_then_killed)
     out = tmp_path / "run"
     try:  # --keep_last 1: saving checkpoint-2 prunes checkpoint-1
-        distill.main(["--data_path", str(interrupt_fasta), "--output_dir", str(out), "--teacher_model",
-                      str(protbert_teacher_dir), *TINY_STUDENT, "--batch_size", "4", "--max_steps", "3",
-                      "--save_every", "1", "--keep_last", "1", "--eval_every", "100"])
+        distill.main(
+            [
+                "--data_path",
+                str(interrupt_fasta),
+                "--output_dir",
+                str(out),
+                "--teacher_model",
+                str(protbert_teacher_dir),
+                *TINY_STUDENT,
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "3",
+                "--save_every",
+                "1",
+                "--keep_last",
+                "1",
+                "--eval_every",
+                "100",
+            ]
+        )
     except Killed:
         pass
     monkeypatch.undo()
@@ -560,9 +791,11 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(protbert_teacher
 # Numerical faults
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
-        value, protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch):
+    value, protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
+):
     live = teacher_cache.TeacherTargets.__call__
     training_batches = []
 
@@ -577,9 +810,25 @@ def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
     monkeypatch.setattr(teacher_cache.TeacherTargets, "__call__", third_batch_poisoned)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"non-finite loss at step 3; step skipped \(1 in a row\)") as caught:
-        distill.main(["--data_path", str(interrupt_fasta), "--output_dir", str(out), "--teacher_model",
-                      str(protbert_teacher_dir), *TINY_STUDENT, "--batch_size", "4", "--num_epochs", "1",
-                      "--eval_every", "100", "--save_every", "100"])
+        distill.main(
+            [
+                "--data_path",
+                str(interrupt_fasta),
+                "--output_dir",
+                str(out),
+                "--teacher_model",
+                str(protbert_teacher_dir),
+                *TINY_STUDENT,
+                "--batch_size",
+                "4",
+                "--num_epochs",
+                "1",
+                "--eval_every",
+                "100",
+                "--save_every",
+                "100",
+            ]
+        )
     assert sum("non-finite loss" in str(w.message) for w in caught) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert len(training_batches) == 12 and summary["steps"] == 11  # 48 sequences / 4, one step skipped
@@ -591,6 +840,7 @@ def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
 def nan_teacher_dir(protbert_teacher_dir, tmp_path_factory) -> Path:
     """The tiny teacher with one NaN weight: every logit it gives is NaN."""
     from transformers import AutoModelForMaskedLM
+
     directory = shutil.copytree(protbert_teacher_dir, tmp_path_factory.mktemp("nan_teacher") / "teacher")
     model = AutoModelForMaskedLM.from_pretrained(directory)
     with torch.no_grad():
@@ -599,19 +849,42 @@ def nan_teacher_dir(protbert_teacher_dir, tmp_path_factory) -> Path:
     return directory
 
 
-def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_last_checkpoint(trained_run, nan_teacher_dir,
-                                                                             tmp_path, capsys):
+def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_last_checkpoint(
+    trained_run, nan_teacher_dir, tmp_path, capsys
+):
     out = shutil.copytree(trained_run, tmp_path / "run")
     before = snapshot(out)
-    argv = ["--data_path", str(trained_run.parent / "data"), "--output_dir", str(out), "--teacher_model",
-            str(nan_teacher_dir), *TINY_STUDENT, "--batch_size", "16", "--max_steps", "100", "--save_every", "2",
-            "--eval_every", "2", "--keep_last", "0", "--log_every", "1", "--resume", "auto",
-            "--max_bad_steps", "2"]
+    argv = [
+        "--data_path",
+        str(trained_run.parent / "data"),
+        "--output_dir",
+        str(out),
+        "--teacher_model",
+        str(nan_teacher_dir),
+        *TINY_STUDENT,
+        "--batch_size",
+        "16",
+        "--max_steps",
+        "100",
+        "--save_every",
+        "2",
+        "--eval_every",
+        "2",
+        "--keep_last",
+        "0",
+        "--log_every",
+        "1",
+        "--resume",
+        "auto",
+        "--max_bad_steps",
+        "2",
+    ]
     with pytest.warns(UserWarning, match="non-finite loss") as caught:
         with pytest.raises(SystemExit) as exit_info:
             cli.run(distill.main, argv)
     assert [str(w.message) for w in caught if "non-finite" in str(w.message)] == [
-        f"non-finite loss at step 5; step skipped ({n} in a row)" for n in (1, 2)]
+        f"non-finite loss at step 5; step skipped ({n} in a row)" for n in (1, 2)
+    ]
     stderr = capsys.readouterr().err
     assert_user_error(exit_info.value.code, stderr, "2 non-finite losses in a row at step 4")
     assert f"checkpoint is kept in {out}" in stderr
@@ -622,6 +895,7 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tr
 # --------------------------------------------------------------------------------------------
 # Untrusted files and code
 # --------------------------------------------------------------------------------------------
+
 
 class CreatesFile:
     """Unpickling this creates a file: the kind of code a hostile checkpoint would carry."""
@@ -637,8 +911,12 @@ def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_pat
     out = shutil.copytree(trained_run, tmp_path / "run")
     payload_ran = tmp_path / "payload-ran"
     torch.save({"position": CreatesFile(payload_ran)}, out / "checkpoint-4" / TRAINING_STATE)
-    argv = [a.format(**inputs, out=out) for a in DISTILL] + ["--resume", "auto", "--data_path",
-                                                             str(trained_run.parent / "data")]
+    argv = [a.format(**inputs, out=out) for a in DISTILL] + [
+        "--resume",
+        "auto",
+        "--data_path",
+        str(trained_run.parent / "data"),
+    ]
     # Refused by torch.load(weights_only=True); how the refusal reads is the xfail test above's.
     with pytest.raises((SystemExit, pickle.UnpicklingError)):
         cli.run(distill.main, argv)
@@ -647,6 +925,7 @@ def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_pat
 
 def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkeypatch, capsys):
     import teacher as teacher_module
+
     calls = []
     for cls in (teacher_module.AutoTokenizer, teacher_module.AutoModelForMaskedLM):
         real = cls.from_pretrained
@@ -668,16 +947,30 @@ def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkey
         calls.clear()
 
 
-def test_wandb_key_is_never_printed_or_written(protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch,
-                                               capfd):
+def test_wandb_key_is_never_printed_or_written(protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch, capfd):
     key = "reliabilitytestkey" + "0123456789" * 3
     monkeypatch.setenv("WANDB_API_KEY", key)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    distill.main(["--data_path", str(interrupt_fasta), "--output_dir", str(out), "--teacher_model",
-                  str(protbert_teacher_dir), *TINY_STUDENT, "--batch_size", "8", "--max_steps", "2",
-                  "--use_wandb", "--wandb_run_name", "reliability"])
+    distill.main(
+        [
+            "--data_path",
+            str(interrupt_fasta),
+            "--output_dir",
+            str(out),
+            "--teacher_model",
+            str(protbert_teacher_dir),
+            *TINY_STUDENT,
+            "--batch_size",
+            "8",
+            "--max_steps",
+            "2",
+            "--use_wandb",
+            "--wandb_run_name",
+            "reliability",
+        ]
+    )
     assert list((out / "wandb").glob("offline-run-*"))
     printed = capfd.readouterr()
     assert key not in printed.out and key not in printed.err

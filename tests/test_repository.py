@@ -1,4 +1,5 @@
 """The repository's open-source files: a licence, a citation file that parses, a linter pinned."""
+
 from pathlib import Path
 
 import yaml

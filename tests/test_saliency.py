@@ -1,5 +1,6 @@
 """saliency.py: Integrated Gradients that add up, weight-randomisation sanity checks and the
 deletion test, on tiny students and on a model built so that one residue alone decides."""
+
 import json
 
 import numpy as np
@@ -49,8 +50,10 @@ def test_adaptive_steps_make_the_attributions_add_up(student):
         masked = true_ids.clone()
         masked[0, target] = student.tokenizer.mask_id
         with torch.no_grad():
-            change = (student.true_residue_log_probs(masked, true_ids)[0, target]
-                      - student.true_residue_log_probs(baseline, true_ids)[0, target]).item()
+            change = (
+                student.true_residue_log_probs(masked, true_ids)[0, target]
+                - student.true_residue_log_probs(baseline, true_ids)[0, target]
+            ).item()
         assert result.totals[row] - change == pytest.approx(result.deltas[row], abs=1e-4)
 
 
@@ -111,8 +114,9 @@ def test_deleting_the_deciding_residue_drops_the_prediction_far_more_than_a_rand
     tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
     sequence, deciding = "A" * 30, 12  # token 12 is residue 12 (1-based)
     model = OneResidueDecides(len(tokenizer), deciding).requires_grad_(False)
-    explainer = vis.Explainer("planted", "", model, tokenizer, model.embed, num_layers=1, num_heads=1,
-                              width=len(tokenizer), max_tokens=10**6)
+    explainer = vis.Explainer(
+        "planted", "", model, tokenizer, model.embed, num_layers=1, num_heads=1, width=len(tokenizer), max_tokens=10**6
+    )
     targets = [3, 20, 27]
     result = saliency.integrated_gradients(explainer, sequence, targets, progress=False)
     assert result.converged.all()
@@ -133,12 +137,30 @@ def test_nearest_residues_and_deletion_sizes_by_hand():
 def test_the_command_line_writes_the_checks(student_dir, tmp_path):
     out = tmp_path / "vis"
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(vis.main, ["--model_path", str(student_dir), "--sequence", SEQUENCE, "--output_dir", str(out),
-                           "--positions", "4,10,18", "--sanity_check", "--faithfulness", "--device", "cpu"])
+        cli.run(
+            vis.main,
+            [
+                "--model_path",
+                str(student_dir),
+                "--sequence",
+                SEQUENCE,
+                "--output_dir",
+                str(out),
+                "--positions",
+                "4,10,18",
+                "--sanity_check",
+                "--faithfulness",
+                "--device",
+                "cpu",
+            ],
+        )
     assert exit_info.value.code == 0
     model = json.loads((out / "summary.json").read_text())["sequences"][0]["models"]["student"]
     assert model["integrated_gradients"]["targets"] == [4, 10, 18] and all(model["integrated_gradients"]["converged"])
     assert len(model["sanity_check"]["cascade"]) == 4 and set(model["faithfulness"]["aopc"]) == {
-        "saliency", "random", "nearest"}
+        "saliency",
+        "random",
+        "nearest",
+    }
     for name in ("saliency_sanity.png", "saliency_faithfulness.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """setup_wandb.py as a user runs it, without network: a private HOME and W&B folders per test."""
+
 import os
 import pty
 import select
@@ -20,8 +21,7 @@ def wandb_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
     for name in ("home", "config", "runs"):
         (tmp_path / name).mkdir()
-    env.update(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "config"),
-               WANDB_DIR=str(tmp_path / "runs"))
+    env.update(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "config"), WANDB_DIR=str(tmp_path / "runs"))
     return env
 
 
@@ -33,8 +33,15 @@ def closed_port_url() -> str:
 
 
 def run(env, *args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=60, cwd=env["WANDB_DIR"])
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=env["WANDB_DIR"],
+    )
 
 
 def test_unreachable_server_is_one_line_and_never_shows_the_key(wandb_env):
@@ -76,8 +83,15 @@ def test_typed_key_is_hidden(wandb_env):
     """In a terminal the key is read with echo off: it must not come back on the screen."""
     wandb_env["WANDB_BASE_URL"] = closed_port_url()
     controller, terminal = pty.openpty()
-    process = subprocess.Popen([sys.executable, str(SCRIPT)], env=wandb_env, cwd=wandb_env["WANDB_DIR"],
-                               stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT)],
+        env=wandb_env,
+        cwd=wandb_env["WANDB_DIR"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
     os.close(terminal)
     screen = read_until(controller, b"W&B API key:")
     os.write(controller, FAKE_KEY.encode() + b"\n")

@@ -1,4 +1,5 @@
 """Teacher loading: local folders, offline failures, the AntiBERTy conversion, int8."""
+
 import importlib.util
 import socket
 import sys
@@ -22,17 +23,16 @@ from teacher import (
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("kind, vocab_size, max_positions", [("protbert", 30, 1024),
-                                                             ("esm2", 33, sys.maxsize)])
-def test_tiny_teacher_loads_frozen(kind, vocab_size, max_positions, protbert_teacher_dir,
-                                   esm_teacher_dir, antibody_proteins):
+@pytest.mark.parametrize("kind, vocab_size, max_positions", [("protbert", 30, 1024), ("esm2", 33, sys.maxsize)])
+def test_tiny_teacher_loads_frozen(
+    kind, vocab_size, max_positions, protbert_teacher_dir, esm_teacher_dir, antibody_proteins
+):
     folder = protbert_teacher_dir if kind == "protbert" else esm_teacher_dir
     teacher = load_teacher(str(folder))
     assert teacher.backend == "fp32" and teacher.device == torch.device("cpu")
     assert not teacher.model.training
     assert not any(p.requires_grad for p in teacher.model.parameters())
-    assert (len(teacher.tokenizer), teacher.vocab_size, teacher.hidden_size) == (vocab_size,
-                                                                               vocab_size, 64)
+    assert (len(teacher.tokenizer), teacher.vocab_size, teacher.hidden_size) == (vocab_size, vocab_size, 64)
     assert teacher.max_positions == max_positions
 
     short, long = antibody_proteins[0].sequence[:20], antibody_proteins[1].sequence
@@ -43,9 +43,8 @@ def test_tiny_teacher_loads_frozen(kind, vocab_size, max_positions, protbert_tea
     assert out["hidden_states"].shape == (2, len(long) + 2, 64)
     # Padding must not leak into the real positions: the short one alone gives the same outputs.
     alone = teacher(*teacher.tokenizer.batch_encode([short]), output_hidden_states=True)
-    assert torch.allclose(alone["logits"][0], out["logits"][0, :len(short) + 2], atol=1e-5)
-    assert torch.allclose(alone["hidden_states"][0], out["hidden_states"][0, :len(short) + 2],
-                          atol=1e-5)
+    assert torch.allclose(alone["logits"][0], out["logits"][0, : len(short) + 2], atol=1e-5)
+    assert torch.allclose(alone["hidden_states"][0], out["hidden_states"][0, : len(short) + 2], atol=1e-5)
 
 
 def test_outputs_can_be_saved_for_backward(protbert_teacher_dir):
@@ -113,6 +112,7 @@ def test_offline_mode_is_respected(unreachable_hub, monkeypatch):
 # AntiBERTy
 # --------------------------------------------------------------------------------------------
 
+
 def test_antiberty_conversion_is_exact_and_cached(tmp_path):
     folder = antiberty_folder(tmp_path)
     assert folder == tmp_path / "antiberty-0.1.3"
@@ -124,11 +124,19 @@ def test_antiberty_conversion_is_exact_and_cached(tmp_path):
     model, info = BertForMaskedLM.from_pretrained(folder, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     config = model.config
-    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers,
-            config.num_attention_heads, config.intermediate_size,
-            config.max_position_embeddings) == (25, 512, 8, 8, 2048, 512)
-    original = torch.load(_antiberty_package() / "trained_models" / "AntiBERTy_md_smooth"
-                          / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert (
+        config.vocab_size,
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.max_position_embeddings,
+    ) == (25, 512, 8, 8, 2048, 512)
+    original = torch.load(
+        _antiberty_package() / "trained_models" / "AntiBERTy_md_smooth" / "pytorch_model.bin",
+        map_location="cpu",
+        weights_only=True,
+    )
     kept = {k: v for k, v in original.items() if not k.startswith(_ANTIBERTY_EXTRA_KEYS)}
     converted = model.state_dict()
     assert set(kept) == set(converted)
@@ -154,19 +162,25 @@ def masked_antibodies(antiberty_fp32, antibody_proteins):
     tokenizer = antiberty_fp32.tokenizer
     sequences = [p.sequence for p in antibody_proteins[:100]]
     input_ids, attention_mask = tokenizer.batch_encode(sequences)
-    residues = (attention_mask.bool() & (input_ids != tokenizer.cls_id)
-                & (input_ids != tokenizer.eos_id))
+    residues = attention_mask.bool() & (input_ids != tokenizer.cls_id) & (input_ids != tokenizer.eos_id)
     generator = torch.Generator().manual_seed(0)
     masked = residues & (torch.rand(input_ids.shape, generator=generator) < 0.15)
-    return SimpleNamespace(input_ids=input_ids.masked_fill(masked, tokenizer.mask_id),
-                           attention_mask=attention_mask, masked=masked, original_ids=input_ids)
+    return SimpleNamespace(
+        input_ids=input_ids.masked_fill(masked, tokenizer.mask_id),
+        attention_mask=attention_mask,
+        masked=masked,
+        original_ids=input_ids,
+    )
 
 
 def masked_predictions(teacher, batch, batch_size=25):
     """The teacher's top-1 token at each masked position."""
-    logits = torch.cat([teacher(batch.input_ids[i:i + batch_size],
-                                batch.attention_mask[i:i + batch_size])["logits"]
-                        for i in range(0, len(batch.input_ids), batch_size)])
+    logits = torch.cat(
+        [
+            teacher(batch.input_ids[i : i + batch_size], batch.attention_mask[i : i + batch_size])["logits"]
+            for i in range(0, len(batch.input_ids), batch_size)
+        ]
+    )
     return logits.argmax(-1)[batch.masked]
 
 
@@ -175,8 +189,7 @@ def fp32_predictions(antiberty_fp32, masked_antibodies):
     return masked_predictions(antiberty_fp32, masked_antibodies)
 
 
-def test_antiberty_predicts_masked_antibody_residues(antiberty_fp32, masked_antibodies,
-                                                     fp32_predictions):
+def test_antiberty_predicts_masked_antibody_residues(antiberty_fp32, masked_antibodies, fp32_predictions):
     assert antiberty_fp32.backend == "fp32"
     assert len(antiberty_fp32.tokenizer) == 25 and antiberty_fp32.max_positions == 512
     original = masked_antibodies.original_ids[masked_antibodies.masked]
@@ -184,8 +197,7 @@ def test_antiberty_predicts_masked_antibody_residues(antiberty_fp32, masked_anti
     assert (fp32_predictions == original).float().mean() > 0.8  # measured 0.858
 
 
-def test_antiberty_int8_on_cpu_agrees_with_fp32(antiberty_fp32, masked_antibodies,
-                                                fp32_predictions):
+def test_antiberty_int8_on_cpu_agrees_with_fp32(antiberty_fp32, masked_antibodies, fp32_predictions):
     int8 = load_teacher("antiberty", use_8bit=True)
     assert int8.backend == "int8 dynamic (torch, CPU)"
     assert int8.num_parameters == antiberty_fp32.num_parameters
@@ -197,11 +209,10 @@ def test_antiberty_int8_on_cpu_agrees_with_fp32(antiberty_fp32, masked_antibodie
 # CUDA precisions (skipped on CPU-only machines)
 # --------------------------------------------------------------------------------------------
 
+
 @requires_cuda
-@pytest.mark.parametrize("use_8bit, half, backend", [(False, True, "fp16"),
-                                                     (True, False, "int8 bitsandbytes (CUDA)")])
-def test_cuda_precisions_agree_with_fp32(use_8bit, half, backend, masked_antibodies,
-                                         fp32_predictions):
+@pytest.mark.parametrize("use_8bit, half, backend", [(False, True, "fp16"), (True, False, "int8 bitsandbytes (CUDA)")])
+def test_cuda_precisions_agree_with_fp32(use_8bit, half, backend, masked_antibodies, fp32_predictions):
     teacher = load_teacher("antiberty", device="cuda", use_8bit=use_8bit, half=half)
     assert teacher.backend == backend
     logits = teacher(masked_antibodies.input_ids, masked_antibodies.attention_mask)["logits"]

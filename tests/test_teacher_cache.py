@@ -1,4 +1,5 @@
 """teacher_cache.py, cache_teacher.py and distill.py --teacher_cache: teacher once, students many."""
+
 import json
 import shutil
 from types import SimpleNamespace
@@ -37,14 +38,47 @@ def teacher_dir(protbert_teacher_dir, tmp_path_factory):
 
 def flags(teacher, fasta, cache, *extra):
     """The data, teacher and masking flags shared by distill.py and cache_teacher.py."""
-    return ["--data_path", str(fasta), "--teacher_model", str(teacher), "--max_seq_len", "24",
-            "--batch_size", "8", "--seed", "3", "--teacher_cache", str(cache), "--mask_variants", str(K), *extra]
+    return [
+        "--data_path",
+        str(fasta),
+        "--teacher_model",
+        str(teacher),
+        "--max_seq_len",
+        "24",
+        "--batch_size",
+        "8",
+        "--seed",
+        "3",
+        "--teacher_cache",
+        str(cache),
+        "--mask_variants",
+        str(K),
+        *extra,
+    ]
 
 
 def student_flags(output_dir, *extra):
-    return ["--output_dir", str(output_dir), "--d_model", "32", "--num_heads", "2", "--num_layers", "1",
-            "--learning_rate", "3e-3", "--warmup_steps", "2", "--log_every", "2", "--eval_every", "4",
-            "--num_epochs", "3", *extra]
+    return [
+        "--output_dir",
+        str(output_dir),
+        "--d_model",
+        "32",
+        "--num_heads",
+        "2",
+        "--num_layers",
+        "1",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--log_every",
+        "2",
+        "--eval_every",
+        "4",
+        "--num_epochs",
+        "3",
+        *extra,
+    ]
 
 
 def summary_of(output_dir):
@@ -69,6 +103,7 @@ def open_targets(args, variants):
 # The cache against the live teacher
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("positions", ["masked", "all"])
 def test_a_step_from_the_cache_has_the_live_teacher_loss(teacher_dir, tiny_fasta, tmp_path, positions):
     args = parsed(flags(teacher_dir, tiny_fasta, tmp_path / "cache", "--distill_positions", positions))
@@ -89,9 +124,19 @@ def test_a_step_from_the_cache_has_the_live_teacher_loss(teacher_dir, tiny_fasta
         cached = targets(batch, 0)["logits"]
         live = targets.teacher(batch["input_ids"], batch["attention_mask"])["logits"]
         student_logits = student(batch["input_ids"], batch["attention_mask"])["logits"]
-        losses = [distillation_loss(student_logits, t, batch["labels"], batch["attention_mask"],
-                                            temperature=2.0, distill_weight=0.5, task_weight=0.5,
-                                            distill_positions=positions)["loss"] for t in (cached, live)]
+        losses = [
+            distillation_loss(
+                student_logits,
+                t,
+                batch["labels"],
+                batch["attention_mask"],
+                temperature=2.0,
+                distill_weight=0.5,
+                task_weight=0.5,
+                distill_positions=positions,
+            )["loss"]
+            for t in (cached, live)
+        ]
         assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-3)
         stored = data.kl_positions(batch["labels"], batch["attention_mask"], positions)
         assert torch.allclose(cached[stored], live[stored], rtol=1e-3, atol=1e-3)
@@ -108,8 +153,9 @@ def test_epoch_e_uses_mask_variant_e_mod_k(tiny_fasta, teacher_dir, tmp_path):
     tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
 
     def masks_by_sequence(args, epoch):
-        batches = MaskedBatches(load_sequences(args)[0], tokenizer, args, epoch, train=True,
-                                        mask_variant=distill.mask_variant(epoch, args))
+        batches = MaskedBatches(
+            load_sequences(args)[0], tokenizer, args, epoch, train=True, mask_variant=distill.mask_variant(epoch, args)
+        )
         masks = {}
         for batch in batches:
             for row, j in enumerate(batch["sequence_index"].tolist()):
@@ -133,6 +179,7 @@ def test_epoch_e_uses_mask_variant_e_mod_k(tiny_fasta, teacher_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def filled_cache(teacher_dir, tiny_fasta, tmp_path_factory):
@@ -159,15 +206,19 @@ def test_cache_teacher_fills_every_variant(filled_cache, teacher_dir, tiny_fasta
     assert "not loaded" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda a: a.__setitem__(a.index("--teacher_model") + 1, "elsewhere/other_teacher"), "teacher (cached"),
-    (lambda a: a.__setitem__(a.index("--seed") + 1, "4"), "data_hash"),  # another split: other sequences
-    (lambda a: a.extend(["--mask_prob", "0.2"]), "mask_prob (cached 0.15, now 0.2)"),
-    (lambda a: a.__setitem__(a.index("--mask_variants") + 1, "3"), "mask_variants (cached 2, now 3)"),
-    (lambda a: a.extend(["--distill_positions", "all"]), "distill_positions"),
-])
-def test_a_cache_made_otherwise_is_refused_naming_the_field(filled_cache, teacher_dir, tiny_fasta, tmp_path,
-                                                            change, field):
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda a: a.__setitem__(a.index("--teacher_model") + 1, "elsewhere/other_teacher"), "teacher (cached"),
+        (lambda a: a.__setitem__(a.index("--seed") + 1, "4"), "data_hash"),  # another split: other sequences
+        (lambda a: a.extend(["--mask_prob", "0.2"]), "mask_prob (cached 0.15, now 0.2)"),
+        (lambda a: a.__setitem__(a.index("--mask_variants") + 1, "3"), "mask_variants (cached 2, now 3)"),
+        (lambda a: a.extend(["--distill_positions", "all"]), "distill_positions"),
+    ],
+)
+def test_a_cache_made_otherwise_is_refused_naming_the_field(
+    filled_cache, teacher_dir, tiny_fasta, tmp_path, change, field
+):
     argv = flags(teacher_dir, tiny_fasta, filled_cache)
     change(argv)
     with pytest.raises(UserError, match="other settings") as err:
@@ -198,10 +249,14 @@ def test_a_teacher_with_another_vocabulary_is_refused(teacher_dir, esm_teacher_d
 
 def test_what_the_cache_cannot_serve_is_refused(teacher_dir, tiny_fasta, tmp_path):
     with pytest.raises(UserError, match="stores logits only; drop --hidden_weight"):
-        distill.main(flags(teacher_dir, tiny_fasta, tmp_path / "cache")
-                     + student_flags(tmp_path / "run", "--hidden_weight", "0.1"))
-    big = SimpleNamespace(name="big-vocab LM", tokenizer=ResidueTokenizer.from_vocab(
-        PROTBERT_VOCAB + [f"<extra_{i}>" for i in range(1000)]))
+        distill.main(
+            flags(teacher_dir, tiny_fasta, tmp_path / "cache")
+            + student_flags(tmp_path / "run", "--hidden_weight", "0.1")
+        )
+    big = SimpleNamespace(
+        name="big-vocab LM",
+        tokenizer=ResidueTokenizer.from_vocab(PROTBERT_VOCAB + [f"<extra_{i}>" for i in range(1000)]),
+    )
     with pytest.raises(UserError, match="only small vocabularies .* are cached"):
         TeacherCache(tmp_path / "cache").start_filling(big, {}, [], [])
     (tmp_path / "not_a_cache").mkdir()
@@ -221,6 +276,7 @@ def test_one_filler_at_a_time(teacher_dir, tiny_fasta, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Killed fills continue
 # --------------------------------------------------------------------------------------------
+
 
 def test_a_killed_fill_is_completed_to_the_same_bytes(filled_cache, teacher_dir, tiny_fasta, tmp_path):
     cache_dir = tmp_path / "cache"
@@ -276,8 +332,10 @@ def test_a_second_student_trains_from_the_cache_without_the_teacher(first_run, t
     hidden = tmp_path / "teacher_elsewhere"
     shutil.move(teacher_dir, hidden)  # the teacher path no longer exists: it must not be needed
     try:
-        distill.main(flags(teacher_dir, tiny_fasta, first_run / "cache")
-                     + student_flags(tmp_path / "run", "--d_model", "48", "--learning_rate", "1e-3"))
+        distill.main(
+            flags(teacher_dir, tiny_fasta, first_run / "cache")
+            + student_flags(tmp_path / "run", "--d_model", "48", "--learning_rate", "1e-3")
+        )
     finally:
         shutil.move(hidden, teacher_dir)
     summary, first = summary_of(tmp_path / "run"), summary_of(first_run / "run")
@@ -315,13 +373,21 @@ def test_resume_mid_fill_reaches_the_same_weights(first_run, teacher_dir, tiny_f
 
 def test_evaluate_sees_the_validation_masks_of_distill(first_run, teacher_dir, tiny_fasta, tmp_path):
     import evaluate
+
     val_fasta = tmp_path / "val.fasta"
     data.write_fasta(val_fasta, data.load_splits(tiny_fasta, seed=3)["val"])
     last = val_records(first_run / "run")[-1]
     for batch_size in (1, 3):  # distill evaluated its 4 validation sequences in one batch of 8
-        report = evaluate.evaluate_checkpoint(first_run / "run" / "checkpoint-12", val_fasta, tmp_path / "eval",
-                                              teacher_model=str(teacher_dir), batch_size=batch_size, seed=3,
-                                              speed_batches=0, device="cpu")
+        report = evaluate.evaluate_checkpoint(
+            first_run / "run" / "checkpoint-12",
+            val_fasta,
+            tmp_path / "eval",
+            teacher_model=str(teacher_dir),
+            batch_size=batch_size,
+            seed=3,
+            speed_batches=0,
+            device="cpu",
+        )
         assert report["counts"]["masked_tokens"] == last["masked_tokens"]
         assert report["metrics"]["teacher"]["masked_acc"] == pytest.approx(last["teacher_masked_acc"])
         assert report["metrics"]["student"]["masked_acc"] == pytest.approx(last["masked_acc"])
@@ -335,8 +401,10 @@ def test_masked_lm_training_needs_only_the_validation_part_of_a_cache(teacher_di
     hidden = tmp_path / "teacher_elsewhere"
     shutil.move(teacher_dir, hidden)  # plain masked LM over 3 epochs (more than K) must not need the teacher
     try:
-        distill.main(flags(teacher_dir, tiny_fasta, cache, "--distill_weight", "0", "--task_weight", "1")
-                     + student_flags(tmp_path / "mlm"))
+        distill.main(
+            flags(teacher_dir, tiny_fasta, cache, "--distill_weight", "0", "--task_weight", "1")
+            + student_flags(tmp_path / "mlm")
+        )
     finally:
         shutil.move(hidden, teacher_dir)
     summary = summary_of(tmp_path / "mlm")

@@ -1,6 +1,7 @@
 """Embeddings in the teacher's space: distill.py --embedding_weight trains a map saved with the
 student, from a live teacher or a cache that never loads it; embed.py --space teacher and
 evaluate.py use it."""
+
 import json
 from pathlib import Path
 
@@ -29,9 +30,19 @@ def test_the_embedding_term_is_one_minus_r2_by_hand():
     logits, labels = torch.randn(2, 5, 30), torch.full((2, 5), -100)
     labels[:, 2] = 7
     student, teacher = torch.randn(2, 6), torch.randn(2, 6)
-    terms = distillation_loss(logits, None, labels, torch.ones(2, 5), temperature=1.0, distill_weight=0.0,
-                              task_weight=1.0, student_embedding=student, teacher_embedding=teacher,
-                              embedding_weight=0.5, embedding_scale=2.0)
+    terms = distillation_loss(
+        logits,
+        None,
+        labels,
+        torch.ones(2, 5),
+        temperature=1.0,
+        distill_weight=0.0,
+        task_weight=1.0,
+        student_embedding=student,
+        teacher_embedding=teacher,
+        embedding_weight=0.5,
+        embedding_scale=2.0,
+    )
     expected = ((student - teacher) ** 2).mean() / 2.0
     assert terms["emb"].item() == pytest.approx(expected.item())
     assert terms["loss"].item() == pytest.approx(terms["ce"].item() + 0.5 * expected.item())
@@ -40,8 +51,9 @@ def test_the_embedding_term_is_one_minus_r2_by_hand():
 def test_the_student_embedding_is_the_mean_over_residues_and_the_map_its_image():
     tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
     torch.manual_seed(0)
-    student = Student(StudentConfig.from_tokenizer(tokenizer, d_model=16, num_heads=2, num_layers=1,
-                                                   teacher_hidden_size=6)).eval()
+    student = Student(
+        StudentConfig.from_tokenizer(tokenizer, d_model=16, num_heads=2, num_layers=1, teacher_hidden_size=6)
+    ).eval()
     ids, mask = tokenizer.batch_encode(["MKTAYIAK", "GSH"])
     with torch.no_grad():
         out = student(ids, mask, output_hidden_states=True, output_embedding=True)
@@ -68,13 +80,33 @@ def runs(protbert_teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_space")
     fasta = write_short_uniprot(root / "prot.fasta", 64, 38)
     flags = ["--data_path", str(fasta), "--teacher_model", str(protbert_teacher_dir), *SHARED]
-    student = ["--d_model", "32", "--num_heads", "2", "--num_layers", "1", "--learning_rate", "3e-3",
-               "--warmup_steps", "2", "--num_epochs", "6", "--eval_every", "1000", "--log_every", "2",
-               "--embedding_weight", "1.0"]
+    student = [
+        "--d_model",
+        "32",
+        "--num_heads",
+        "2",
+        "--num_layers",
+        "1",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--num_epochs",
+        "6",
+        "--eval_every",
+        "1000",
+        "--log_every",
+        "2",
+        "--embedding_weight",
+        "1.0",
+    ]
     live = distill.train(distill.build_parser().parse_args([*flags, *student, "--output_dir", str(root / "live")]))
     cache_teacher.main([*flags, "--teacher_cache", str(root / "cache"), "--embeddings"])
-    cached = distill.train(distill.build_parser().parse_args(
-        [*flags, *student, "--teacher_cache", str(root / "cache"), "--output_dir", str(root / "cached")]))
+    cached = distill.train(
+        distill.build_parser().parse_args(
+            [*flags, *student, "--teacher_cache", str(root / "cache"), "--output_dir", str(root / "cached")]
+        )
+    )
     return root, fasta, live, cached
 
 
@@ -118,8 +150,9 @@ def test_embed_refuses_teacher_space_without_a_map(tmp_path, protbert_teacher_di
 @pytest.mark.slow
 def test_evaluate_reports_the_teacher_space(runs, tmp_path):
     root, fasta, _, _ = runs
-    report = evaluate.evaluate_checkpoint(root / "live" / "best_model", fasta, tmp_path, speed_batches=0,
-                                          device="cpu", mutation_proteins=0)
+    report = evaluate.evaluate_checkpoint(
+        root / "live" / "best_model", fasta, tmp_path, speed_batches=0, device="cpu", mutation_proteins=0
+    )
     space = report["fidelity"]["teacher_space"]
     assert space["proteins"] == 64 and -1 <= space["centred_cosine"] <= 1 and space["r2"] < 1
     assert "teacher space: cosine with the teacher's embedding, both centred" in (tmp_path / "report.md").read_text()
@@ -131,15 +164,16 @@ def test_teacher_space_measures_by_hand():
     perfect = evaluation.teacher_space_measures(torch.from_numpy(truth), torch.from_numpy(truth))
     assert perfect["centred_cosine"] == pytest.approx(1.0) and perfect["r2"] == pytest.approx(1.0)
     assert perfect["knn_overlap"] == 1.0
-    mean_only = evaluation.teacher_space_measures(torch.from_numpy(np.tile(truth.mean(0), (30, 1))),
-                                                  torch.from_numpy(truth))
+    mean_only = evaluation.teacher_space_measures(
+        torch.from_numpy(np.tile(truth.mean(0), (30, 1))), torch.from_numpy(truth)
+    )
     assert mean_only["raw_cosine"] > 0.99 and mean_only["r2"] == pytest.approx(0.0, abs=1e-9)
     noisy = truth + rng.normal(size=truth.shape)
     measured = evaluation.teacher_space_measures(torch.from_numpy(noisy), torch.from_numpy(truth))
     centred_truth, centred = truth - truth.mean(0), noisy - truth.mean(0)
     cosines = (centred * centred_truth).sum(1) / np.linalg.norm(centred, axis=1) / np.linalg.norm(centred_truth, axis=1)
     assert measured["centred_cosine"] == pytest.approx(cosines.mean())
-    assert measured["r2"] == pytest.approx(1 - ((noisy - truth) ** 2).sum() / (centred_truth ** 2).sum())
+    assert measured["r2"] == pytest.approx(1 - ((noisy - truth) ** 2).sum() / (centred_truth**2).sum())
 
 
 def assert_exit(code, argv):
@@ -157,6 +191,7 @@ def test_data_batches_carry_the_sequence_index():
 def test_least_squares_map_recovers_a_planted_affine_map():
     import importlib
     import sys
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     teacher_space = importlib.import_module("teacher_space")
     rng = np.random.default_rng(0)
@@ -171,6 +206,7 @@ def test_least_squares_map_recovers_a_planted_affine_map():
 def test_the_teacher_space_benchmark_scores_three_students(tmp_path):
     import importlib
     import sys
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     teacher_space = importlib.import_module("teacher_space")
     results = teacher_space.main(["--quick", "--steps", "4", "--output_dir", str(tmp_path / "out")])

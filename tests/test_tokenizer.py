@@ -1,4 +1,5 @@
 """ResidueTokenizer gives exactly the teacher tokenizers' ids, on real sequences."""
+
 import pytest
 import torch
 from transformers import AutoTokenizer, BertTokenizer
@@ -12,8 +13,12 @@ def sequences(antibody_proteins, uniprot_proteins):
     """100 antibodies, the first 200 UniProt proteins, every one with X, and the rare letters
     (data.read_fasta turns B, Z, U, O into X, but the tokenizer must match on them too)."""
     unusual = [p.sequence for p in uniprot_proteins if set(p.sequence) - set(STANDARD_RESIDUES)]
-    chosen = ([p.sequence for p in antibody_proteins[:100]]
-              + [p.sequence for p in uniprot_proteins[:200]] + unusual + ["MKBZUOXAC", "UUOOBZ"])
+    chosen = (
+        [p.sequence for p in antibody_proteins[:100]]
+        + [p.sequence for p in uniprot_proteins[:200]]
+        + unusual
+        + ["MKBZUOXAC", "UUOOBZ"]
+    )
     assert {"X", "B", "Z", "U", "O"} <= set("".join(chosen))
     return chosen
 
@@ -66,8 +71,7 @@ def test_batch_padding_matches_hf(kind, protbert_teacher_dir, esm_teacher_dir, a
     hf_tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer = ResidueTokenizer.from_hf(hf_tokenizer)
     batch = [p.sequence for p in antibody_proteins[:8]] + ["MKV", "ACDX"]
-    expected = hf_tokenizer([" ".join(s) if spaced else s for s in batch], padding=True,
-                            return_tensors="pt")
+    expected = hf_tokenizer([" ".join(s) if spaced else s for s in batch], padding=True, return_tensors="pt")
     input_ids, attention_mask = tokenizer.batch_encode(batch)
     assert torch.equal(input_ids, expected["input_ids"])
     assert torch.equal(attention_mask, expected["attention_mask"])

@@ -1,4 +1,5 @@
 """visualization.py: head statistics, Integrated Gradients, figures, tables and user errors."""
+
 import csv
 import json
 import math
@@ -48,6 +49,7 @@ def read_csv(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------------------------
+
 
 def test_head_statistics_of_hand_made_maps():
     n = 4
@@ -119,8 +121,7 @@ def test_integrated_gradients_completeness(student):
         assert saliency.attributions[row, position - 1] == 0  # the masked residue equals its baseline
 
     # Several targets per pass or one target over several passes: the same attributions.
-    split = vis.integrated_gradients(student, SEQUENCE, targets, n_steps=64, internal_batch_size=16,
-                                     progress=False)
+    split = vis.integrated_gradients(student, SEQUENCE, targets, n_steps=64, internal_batch_size=16, progress=False)
     np.testing.assert_allclose(split.attributions, saliency.attributions, atol=1e-5)
 
 
@@ -128,16 +129,43 @@ def test_integrated_gradients_completeness(student):
 # The command line
 # --------------------------------------------------------------------------------------------
 
+
 def test_student_and_teacher_figures(student_dir, protbert_teacher_dir, tmp_path):
     out = tmp_path / "vis"
-    vis.main(["--model_path", str(student_dir / "model.pt"), "--sequence", SEQUENCE.lower(),
-              "--output_dir", str(out), "--teacher_model", str(protbert_teacher_dir),
-              "--layer", "2", "--head", "1", "--positions", "2-7,12", "--n_steps", "16",
-              "--top_k", "5", "--device", "cpu"])
+    vis.main(
+        [
+            "--model_path",
+            str(student_dir / "model.pt"),
+            "--sequence",
+            SEQUENCE.lower(),
+            "--output_dir",
+            str(out),
+            "--teacher_model",
+            str(protbert_teacher_dir),
+            "--layer",
+            "2",
+            "--head",
+            "1",
+            "--positions",
+            "2-7,12",
+            "--n_steps",
+            "16",
+            "--top_k",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
 
-    figures = ["attention_layer01.png", "attention_layer02.png", "attention_layer_means.png",
-               "attention_layer02_head01.png", "attention_head_stats.png", "saliency.png",
-               "saliency_matrix.png"]
+    figures = [
+        "attention_layer01.png",
+        "attention_layer02.png",
+        "attention_layer_means.png",
+        "attention_layer02_head01.png",
+        "attention_head_stats.png",
+        "saliency.png",
+        "saliency_matrix.png",
+    ]
     for name in figures:
         assert_png(out / name)
         assert_png(out / f"teacher_{name}")
@@ -160,16 +188,31 @@ def test_student_and_teacher_figures(student_dir, protbert_teacher_dir, tmp_path
         scores = [float(r["score"]) for r in rows]
         assert scores == sorted(scores, reverse=True) and min(scores) >= 0  # mean |attribution|
         assert all(SEQUENCE[int(r["position"]) - 1] == r["residue"] for r in rows)
-        assert [r["position"] for r in result["models"][model]["top_residues"]] == \
-            [int(r["position"]) for r in rows]
+        assert [r["position"] for r in result["models"][model]["top_residues"]] == [int(r["position"]) for r in rows]
 
 
 def test_fasta_single_target(student_dir, tmp_path):
     fasta = tmp_path / "two.fasta"
     fasta.write_text(">sp|P1|ONE first\nMKTVRQERLKSIV\n>sp|P2|TWO\nGAQLAEELSVSRQVIV\n")
     out = tmp_path / "vis"
-    vis.main(["--model_path", str(student_dir), "--fasta", str(fasta), "--output_dir", str(out),
-              "--target_position", "3", "--n_steps", "8", "--top_k", "20", "--device", "cpu"])
+    vis.main(
+        [
+            "--model_path",
+            str(student_dir),
+            "--fasta",
+            str(fasta),
+            "--output_dir",
+            str(out),
+            "--target_position",
+            "3",
+            "--n_steps",
+            "8",
+            "--top_k",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert [s["id"] for s in summary["sequences"]] == ["sp|P1|ONE", "sp|P2|TWO"]
     for folder, length in (("sp_P1_ONE", 13), ("sp_P2_TWO", 16)):
@@ -178,8 +221,7 @@ def test_fasta_single_target(student_dir, tmp_path):
         rows = read_csv(out / folder / "important_residues.csv")
         assert len(rows) == length - 1  # every residue but the masked target
         assert "3" not in [r["position"] for r in rows]
-        assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows),
-                                                            reverse=True)
+        assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
 
 
 @pytest.fixture(scope="module")
@@ -222,18 +264,43 @@ def test_user_errors_write_nothing(case, student_dir, foreign_checkpoint, tmp_pa
 def test_teacher_with_another_vocabulary_is_refused(student_dir, esm_teacher_dir, tmp_path):
     out = tmp_path / "vis"
     with pytest.raises(cli.UserError, match="do not share a vocabulary"):
-        vis.main(["--model_path", str(student_dir), "--sequence", "MKTV", "--output_dir", str(out),
-                  "--teacher_model", str(esm_teacher_dir), "--device", "cpu"])
+        vis.main(
+            [
+                "--model_path",
+                str(student_dir),
+                "--sequence",
+                "MKTV",
+                "--output_dir",
+                str(out),
+                "--teacher_model",
+                str(esm_teacher_dir),
+                "--device",
+                "cpu",
+            ]
+        )
     assert not out.exists()
 
 
 def test_script_exits_2_with_one_line(student_dir, tmp_path):
     out = tmp_path / "vis"
-    result = subprocess.run([sys.executable, str(REPO / "visualization.py"), "--model_path",
-                             str(student_dir), "--sequence", "MKT-VR", "--output_dir", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "visualization.py"),
+            "--model_path",
+            str(student_dir),
+            "--sequence",
+            "MKT-VR",
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --sequence: '-' at position 4 is not an amino-acid letter of the model's "
-        "vocabulary (ABCDEFGHIKLMNOPQRSTUVWXYZ)"]
+        "vocabulary (ABCDEFGHIKLMNOPQRSTUVWXYZ)"
+    ]
     assert not out.exists()
