@@ -48,6 +48,18 @@ class Embedder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """{"logits": [B, L, V]}: the forward that measures.site_log_probs and scoring.py call."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.inference_mode():
+            if self.is_student:
+                return {"logits": self.model(input_ids, attention_mask)["logits"]}
+            return {"logits": self.model(input_ids=input_ids, attention_mask=attention_mask).logits}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, autocast_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,7 @@ Everything here is a small pure function of arrays (numpy or torch in, numpy or 
   - representation similarity: linear_cka (Kornblith et al. 2019),
   - embedding neighbourhoods: knn_overlap, knn_overlap_chance,
   - zero-shot mutation effects (ESM-1v masked marginals): sample_mutation_sites, wild_type_columns,
-    masked_marginals, mutation_effect_agreement, frequency_baseline_scores.
+    site_log_probs, masked_marginals, mutation_effect_agreement, frequency_baseline_scores.
 
 Mutation scores are [n_sites, 20] arrays whose columns are architecture.STANDARD_RESIDUES in that
 order; a site is a (protein index, 0-based residue position) pair.
@@ -183,6 +183,68 @@ def site_window(length: int, position: int, max_residues: int | None) -> tuple[i
     return start, start + max_residues
 
 
+def site_log_probs(
+    forward: Callable[[torch.Tensor, torch.Tensor], dict],
+    tokenizer: ResidueTokenizer,
+    sequences: Sequence[str],
+    sites: Sequence[Site],
+    max_tokens: int = 8192,
+    max_len: int | None = None,
+    device: torch.device | str | None = None,
+    masked: bool = True,
+) -> np.ndarray:
+    """log p(aa) at each site for aa in STANDARD_RESIDUES order: float64 [n_sites, 20].
+
+    masked: each site is one copy of its sequence with that residue replaced by the mask token
+    (ESM-1v's masked marginal); otherwise the sequence is read unmasked, one copy serving every
+    site in it (the wild-type marginal). Inputs are packed into forward passes of at most
+    `max_tokens` tokens (rows x padded length). `forward(input_ids, attention_mask)` returns a
+    dict with "logits" [B, L, V] (a Student, a Teacher); inputs go to `device` when given. It runs
+    under inference mode; putting the model in eval mode is the caller's job. With `max_len`
+    (tokens, start/end included) a sequence longer than max_len - 2 residues is cut to the window
+    of max_len - 2 residues centred on the site (site_window).
+    """
+    if max_len is not None and max_len < 3:
+        raise ValueError(f"max_len must leave room for a residue and the start/end tokens, got {max_len}")
+    residue_ids = _residue_token_ids(tokenizer)
+    inputs, where = {}, []  # (protein, start, end, masked token or None) -> input number; per site (input, token)
+    for protein, position in sites:
+        sequence = sequences[protein]
+        if not 0 <= position < len(sequence):
+            raise ValueError(f"site {position} is outside protein {protein} ({len(sequence)} residues)")
+        start, end = site_window(len(sequence), position, None if max_len is None else max_len - 2)
+        token = position - start + 1  # +1: the start token precedes the residues
+        key = (protein, start, end, token if masked else None)
+        where.append((inputs.setdefault(key, len(inputs)), token))
+    keys = list(inputs)
+    texts = [sequences[protein][start:end] for protein, start, end, _ in keys]
+    by_input = {}
+    for n, (input_number, token) in enumerate(where):
+        by_input.setdefault(input_number, []).append((n, token))
+
+    scores = np.zeros((len(sites), len(STANDARD_RESIDUES)), dtype=np.float64)
+    for batch in data.batch_indices([len(t) + 2 for t in texts], max_tokens=max_tokens, shuffle=False):
+        input_ids, attention_mask = tokenizer.batch_encode(texts[i] for i in batch)
+        for row, i in enumerate(batch):
+            if keys[i][3] is not None:
+                input_ids[row, keys[i][3]] = tokenizer.mask_id
+        rows, columns, site_numbers = [], [], []
+        for row, i in enumerate(batch):
+            for n, token in by_input[i]:
+                rows.append(row)
+                columns.append(token)
+                site_numbers.append(n)
+        if device is not None:
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        with torch.inference_mode():
+            logits = forward(input_ids, attention_mask)["logits"]
+            # float64 for the site rows only: small differences of large log-probabilities
+            picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(columns, device=logits.device)]
+            log_probs = torch.log_softmax(picked.double(), -1)
+        scores[site_numbers] = log_probs[:, residue_ids].cpu().numpy()
+    return scores
+
+
 def masked_marginals(
     forward: Callable[[torch.Tensor, torch.Tensor], dict],
     tokenizer: ResidueTokenizer,
@@ -194,39 +256,9 @@ def masked_marginals(
 ) -> np.ndarray:
     """Masked-marginal mutation scores: float64 [n_sites, 20], log p(aa) - log p(wild type) at
     the site with the site masked, for aa in STANDARD_RESIDUES order (the wild-type column is 0).
-
-    Each site is one copy of its sequence with that residue replaced by the mask token; copies
-    are packed into forward passes of at most `max_tokens` tokens (rows x padded length).
-    `forward(input_ids, attention_mask)` returns a dict with "logits" [B, L, V] (a Student, a
-    Teacher); inputs go to `device` when given. It runs under inference mode; putting the model
-    in eval mode is the caller's job. With `max_len` (tokens, start/end included) a sequence
-    longer than max_len - 2 residues is cut to the window of max_len - 2 residues centred on the
-    site (site_window).
-    """
-    if max_len is not None and max_len < 3:
-        raise ValueError(f"max_len must leave room for a residue and the start/end tokens, got {max_len}")
+    See site_log_probs for the batching and the windows of long sequences."""
     wild_types = wild_type_columns(sequences, sites)
-    residue_ids = _residue_token_ids(tokenizer)
-    texts, token_positions = [], []
-    for protein, position in sites:
-        sequence = sequences[protein]
-        start, end = site_window(len(sequence), position, None if max_len is None else max_len - 2)
-        texts.append(sequence[start:end])
-        token_positions.append(position - start + 1)  # +1: the start token precedes the residues
-
-    scores = np.zeros((len(sites), len(STANDARD_RESIDUES)), dtype=np.float64)
-    for batch in data.batch_indices([len(t) + 2 for t in texts], max_tokens=max_tokens, shuffle=False):
-        input_ids, attention_mask = tokenizer.batch_encode(texts[i] for i in batch)
-        rows = torch.arange(len(batch))
-        columns = torch.tensor([token_positions[i] for i in batch])
-        input_ids[rows, columns] = tokenizer.mask_id
-        if device is not None:
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        with torch.inference_mode():
-            logits = forward(input_ids, attention_mask)["logits"]
-            # float64 for the site rows only: small differences of large log-probabilities
-            log_probs = torch.log_softmax(logits[rows.to(logits.device), columns.to(logits.device)].double(), -1)
-        scores[batch] = log_probs[:, residue_ids].cpu().numpy()
+    scores = site_log_probs(forward, tokenizer, sequences, sites, max_tokens, max_len, device)
     return scores - scores[np.arange(len(sites)), wild_types][:, None]
 
 
