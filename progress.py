@@ -92,7 +92,7 @@ class PlainProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n > self.initial or self.total:
+            if self.n > self.initial:  # a loop that did nothing (failed at once) says nothing
                 self.write_line(final=True)
 
     def write_line(self, final: bool = False) -> None:
