@@ -141,7 +141,7 @@ def integrated_gradients(
     steps = np.zeros(count, dtype=np.int64)
     todo, current = list(range(count)), n_steps or FIRST_STEPS
     with progress_bar(
-        desc=f"Integrated Gradients, {explainer.name}", unit="target", disable=not progress, leave=False
+        desc=f"Integrated Gradients, {explainer.name}", unit="target-pass", disable=not progress, leave=False
     ) as bar:
         while todo:
             attribution, delta = _attribute(
