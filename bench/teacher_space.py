@@ -260,13 +260,13 @@ def main(argv=None):
     args = resolve_args(build_parser().parse_args(argv))
     data_dir = prepare_data(args)
     cache = args.output_dir / "cache"
-    if not (cache / "manifest.json").is_file() or not TeacherCache(cache).has_embeddings:
-        print(f"filling the teacher cache {cache} (logits and per-protein embeddings)", flush=True)
-        seconds = run(
-            [sys.executable, "cache_teacher.py", *shared_flags(args, data_dir), "--embeddings"],
-            args.output_dir / "cache_fill.log",
-        )
-        print(f"  filled in {seconds / 60:.1f} min", flush=True)
+    # cache_teacher.py skips what the cache holds already: a killed fill continues
+    print(f"filling the teacher cache {cache} (logits and per-protein embeddings)", flush=True)
+    seconds = run(
+        [sys.executable, "cache_teacher.py", *shared_flags(args, data_dir), "--embeddings"],
+        args.output_dir / "cache_fill.log",
+    )
+    print(f"  filled in {seconds / 60:.1f} min", flush=True)
     runs = train_students(args, data_dir)
     results = {**score(runs, data_dir), "args": {k: str(v) for k, v in vars(args).items()}}
     with atomic_open(args.output_dir / "teacher_space.json", "w") as f:
