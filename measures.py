@@ -287,6 +287,15 @@ def mutation_effect_agreement(
     is), and the counts "pairs", "sites", "proteins".
     """
     student, teacher = np.asarray(student_scores, np.float64), np.asarray(teacher_scores, np.float64)
+    if not len(sites):  # proteins without one standard residue (all X): nothing to rank
+        return {
+            "spearman": None,
+            "spearman_per_protein_mean": None,
+            "spearman_within_position_mean": None,
+            "pairs": 0,
+            "sites": 0,
+            "proteins": 0,
+        }
     shape = (len(sites), len(STANDARD_RESIDUES))
     if student.shape != shape or teacher.shape != shape:
         raise ValueError(f"need two {shape} score arrays, got {student.shape} and {teacher.shape}")

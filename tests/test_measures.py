@@ -287,3 +287,9 @@ def test_spearman_with_ties_matches_hand_computation():
     assert measures.spearman(np.arange(6), -np.arange(6.0)) == pytest.approx(-1.0)
     assert measures.spearman(np.arange(3), np.ones(3)) is None
     assert measures.spearman(np.array([1.0]), np.array([2.0])) is None
+
+
+def test_agreement_without_sites_is_undefined_not_an_error():
+    empty = np.zeros((0, 20))
+    result = measures.mutation_effect_agreement(empty, empty, [], np.zeros(0, dtype=np.int64))
+    assert result["spearman"] is None and result["pairs"] == 0
