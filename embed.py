@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import shlex
 import shutil
 import sys
@@ -60,7 +59,7 @@ from architecture import StudentCheckpoint
 from cli import UserError
 from embedding import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
 from export import export_native, read_eval_report
-from files import atomic_open
+from files import atomic_open, file_names
 from progress import progress
 
 MANIFEST_FORMAT = "pepemb-embeddings"
@@ -224,28 +223,6 @@ def window_sizes(args, embedder: Embedder) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 # Output files
 # --------------------------------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def file_names(ids: Sequence[str], max_chars: int = 80) -> list[str]:
-    """A distinct, filesystem-safe name per id (distinct even on case-insensitive filesystems).
-
-    Unsafe characters become '_'; an id that had to change, or whose name is taken (a duplicate
-    id, or one differing only in case), gets '-' and 8 hex digits of a hash of (id, occurrence).
-    """
-    names, taken, seen = [], set(), Counter()
-    for id_ in ids:
-        occurrence = seen[id_]
-        seen[id_] += 1
-        base = _UNSAFE.sub("_", id_)[:max_chars].lstrip(".") or "_"
-        name, attempt = base, 0
-        while name == base and base != id_ or name.lower() in taken:
-            digest = hashlib.sha1(f"{id_}\0{occurrence}\0{attempt}".encode()).hexdigest()[:8]
-            name, attempt = f"{base}-{digest}", attempt + 1
-        taken.add(name.lower())
-        names.append(name)
-    return names
 
 
 def _write(path: Path, payload: bytes) -> None:

@@ -39,7 +39,7 @@ import measures
 from architecture import STANDARD_RESIDUES
 from cli import UserError
 from embedding import DEFAULT_MAX_LENGTH, load_embedder
-from files import atomic_open
+from files import atomic_open, file_names
 from scoring import STRATEGIES, read_mutations, scan, score
 
 
@@ -243,9 +243,10 @@ def write_heatmaps(output_dir: Path, proteins, mutations, scores, strategy: str,
             _, position, mutant = m.substitutions[0]
             singles.setdefault(m.protein, []).append((position, mutant, float(value)))
     written = []
+    names = file_names([p.id for p in proteins])  # distinct even where ids differ only in unsafe letters
     for i, rows in singles.items():
         protein = proteins[i]
-        path = output_dir / f"heatmap_{safe_name(protein.id)}.png"
+        path = output_dir / f"heatmap_{names[i]}.png"
         plot_heatmap(
             protein,
             rows,
@@ -254,11 +255,6 @@ def write_heatmaps(output_dir: Path, proteins, mutations, scores, strategy: str,
         )
         written.append(str(path))
     return written
-
-
-def safe_name(identifier: str) -> str:
-    """The id with characters other than letters, digits, '.', '_' and '-' replaced by '_'."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in identifier)[:80] or "_"
 
 
 if __name__ == "__main__":
