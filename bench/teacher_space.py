@@ -49,6 +49,7 @@ from files import atomic_open  # noqa: E402
 from teacher_cache import TeacherCache  # noqa: E402
 
 TEACHER, SEED, MAX_SEQ_LEN, BATCH = "antiberty", 42, 160, 32
+MUTATION_PROTEINS, MUTATION_POSITIONS = 150, 8  # evaluate.py's defaults
 KD = ["--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2"]  # distill.py's defaults
 QUICK = {"steps": 40, "d_model": 64, "num_layers": 2, "train_size": 200, "output_dir": "outputs/teacher_space_quick"}
 FULL = {"steps": 600, "d_model": 256, "num_layers": 4, "train_size": None, "output_dir": "outputs/teacher_space"}
@@ -210,17 +211,33 @@ def score(runs: dict, data_dir: Path) -> dict:
     teacher_test = pooled_embeddings(teacher, test, teacher.tokenizer)
     masking = argparse.Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None, batch_size=BATCH)
     masked = data.MaskedBatches(test, teacher.tokenizer, masking, epoch=0, train=False)
+    # evaluate.py's zero-shot mutation effects at its defaults, the teacher's side once
+    probe = evaluation.MutationProbe(
+        test,
+        teacher.tokenizer,
+        proteins=MUTATION_PROTEINS,
+        positions=MUTATION_POSITIONS,
+        seed=SEED,
+        max_seq_len=MAX_SEQ_LEN,
+    )
+    teacher_mutations = probe.scores(teacher, "cpu")
     results = {}
     for name, folder in runs.items():
         student, tokenizer, _ = load_student(folder / "best_model")
         stats = evaluation.masked_statistics(student, None, masked, "cpu")
         own = pooled_embeddings(student, test, tokenizer)
         fitted = least_squares_map(pooled_embeddings(student, train, tokenizer), targets)
+        mutations = probe.agreement(probe.scores(student, "cpu"), teacher_mutations)
+        summary = json.loads((folder / "summary.json").read_text())
         record = {
             "masked_acc": sum(stats["per_id"]["student"].tolist()) / stats["n"],
+            "mutation_spearman": mutations["spearman"],
+            "mutation_spearman_within_position": mutations["spearman_within_position_mean"],
+            "parameters": student.num_parameters(),
             "own_space_knn_overlap": measures.knn_overlap(teacher_test, own, k=10),
             "least_squares_map": evaluation.teacher_space_measures(torch.from_numpy(fitted(own)), teacher_test),
-            "steps": json.loads((folder / "summary.json").read_text())["steps"],
+            "steps": summary["steps"],
+            "training_s": summary["elapsed_s"],  # wall time, one CPU thread (OMP_NUM_THREADS=1 with --jobs 2)
         }
         if student.teacher_map is not None:
             with torch.no_grad():
@@ -240,9 +257,9 @@ def table(results: dict, args) -> str:
         f"d_model {args.d_model} x {args.num_layers} layers, {args.steps} steps of {BATCH}; teacher {TEACHER} "
         f"(int8). 10-NN chance level {results['knn_chance']:.3f}.",
         "",
-        "| student | map into the teacher's space | masked acc | 10-NN overlap, own space "
-        "| 10-NN overlap, teacher space | centred cosine | R² | raw cosine |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| student | map into the teacher's space | masked acc | mutation ρ (within position) | training min "
+        "| 10-NN overlap, own space | 10-NN overlap, teacher space | centred cosine | R² | raw cosine |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["students"].items():
         for kind in ("distilled_map", "least_squares_map"):
@@ -250,7 +267,8 @@ def table(results: dict, args) -> str:
                 m = r[kind]
                 lines.append(
                     f"| {name} | {kind.replace('_', ' ')} | {r['masked_acc']:.3f} "
-                    f"| {r['own_space_knn_overlap']:.3f} | {m['knn_overlap']:.3f} | {m['centred_cosine']:.3f} "
+                    f"| {r['mutation_spearman']:.3f} ({r['mutation_spearman_within_position']:.3f}) "
+                    f"| {r['training_s'] / 60:.1f} | {r['own_space_knn_overlap']:.3f} | {m['knn_overlap']:.3f} | {m['centred_cosine']:.3f} "
                     f"| {m['r2']:.3f} | {m['raw_cosine']:.3f} |"
                 )
     return "\n".join(lines)

@@ -215,4 +215,5 @@ def test_the_teacher_space_benchmark_scores_three_students(tmp_path):
     assert "distilled_map" in students["kd-emb"] and "distilled_map" not in students["mlm"]
     for s in students.values():
         assert 0 <= s["least_squares_map"]["knn_overlap"] <= 1 and s["least_squares_map"]["proteins"] == 100
+        assert -1 <= s["mutation_spearman"] <= 1 and s["training_s"] > 0
     assert "| kd-emb | distilled map |" in (tmp_path / "out" / "teacher_space.md").read_text()
