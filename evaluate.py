@@ -186,13 +186,11 @@ def evaluate_checkpoint(
             teacher,
             sequences,
             tokenizer,
-            device,
-            max_seq_len,
-            seed,
-            mutation_proteins,
-            mutation_positions,
-            embedding_proteins,
             batching,
+            device,
+            mutation_proteins=mutation_proteins,
+            mutation_positions=mutation_positions,
+            embedding_proteins=embedding_proteins,
         )
     student_params = student.num_parameters()
     report = {
@@ -227,15 +225,16 @@ def fidelity_measures(
     teacher,
     sequences,
     tokenizer,
+    batching,
     device,
-    max_seq_len,
-    seed,
+    *,
     mutation_proteins,
     mutation_positions,
     embedding_proteins,
-    batching,
 ) -> dict:
-    """Mutation-effect agreement, CKA and 10-NN overlap with the teacher (evaluation.py), timed."""
+    """Mutation-effect agreement, CKA and 10-NN overlap with the teacher (evaluation.py), timed.
+    `batching` is evaluate's masking namespace: its max_seq_len, seed and batch sizes apply."""
+    max_seq_len, seed = batching.max_seq_len, batching.seed
     start = time.perf_counter()
     fidelity = {}
     if mutation_proteins and mutation_positions:
