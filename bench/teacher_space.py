@@ -1,7 +1,7 @@
 """Teacher-space embeddings: is distilling the map (--embedding_weight) better than fitting one afterwards?
 
     python bench/teacher_space.py --quick        # shipped antibodies, d_model 64, 40 steps: ~3 min
-    python bench/teacher_space.py --data_dir outputs/fidelity_regimes/data-n2000 --steps 600 --d_model 256
+    python bench/teacher_space.py --data_dir outputs/fidelity_regimes/data-n2000 --steps 600 --d_model 256 --jobs 3
 
 Three students of the same size, data, seed and step count, each one distill.py subprocess (run
 side by side with --jobs, one CPU thread each), all from one teacher cache that cache_teacher.py
