@@ -966,10 +966,14 @@ def plot_results(results: dict, png_path: Path) -> None:
     plt.close(fig)
 
 
+MIN_Y_SPAN = 0.1  # of a measure's axis in the regime plot: differences under ~0.02 are run-to-run noise
+
+
 def plot_regimes(results: dict, png_path: Path) -> None:
     """Every measure against the training-set size (one line per variant and budget) and against
     the wall-clock budget (one line per variant and size): where a teacher pays, and where not."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1015,7 +1019,14 @@ def plot_regimes(results: dict, png_path: Path) -> None:
             if key == "mutation_spearman" and base.get("spearman") is not None:
                 ax.axhline(base["spearman"], color="grey", ls=":", label="residue-frequency baseline")
             if xlabel == "training chains":
+                sizes = sorted({x for points in series.values() for x in points})
                 ax.set_xscale("log")
+                ax.set_xticks(sizes, [f"{x:,}" for x in sizes])  # plain numbers, not 2x10^3 (mathtext)
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            low_y, high_y = ax.get_ylim()
+            if high_y - low_y < MIN_Y_SPAN:  # a 0.005 wiggle should not fill the panel
+                middle = (low_y + high_y) / 2
+                ax.set_ylim(middle - MIN_Y_SPAN / 2, middle + MIN_Y_SPAN / 2)
             ax.set(xlabel=xlabel, title=label)
             ax.grid(alpha=0.3)
     legend = {}
