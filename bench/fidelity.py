@@ -845,10 +845,13 @@ def results_table(results: dict) -> str:
         fill = f"{r['cache_fill_s'] / 60:.1f}" if r["cache_fill_s"] else "—"
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
         cpu = f"{r['process_cpu_s'] / 60:.1f}" if r.get("process_cpu_s") is not None else "—"
+        variant = VARIANTS.get(r["variant"])
+        replays_masks = variant is not None and variant.cache is not None and variant.teacher_in_loss
+        masks = r.get("mask_variants", "—") if replays_masks else "fresh"  # masked LM draws new masks every epoch
         if r.get("threads"):  # runs that shared the machine: their times say little
             rate += f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, shared)"
         lines.append(
-            f"| {r['variant']} | {size} | {budget} | {r['steps']} | {r.get('mask_variants', '—')} "
+            f"| {r['variant']} | {size} | {budget} | {r['steps']} | {masks} "
             f"| {r['training_s'] / 60:.1f} | {cpu} | {rate} | {live['live']} / {live['cached']} | {fill} "
             f"| {t['masked_acc']:.3f} | {t['agreement']:.3f} | {t['kl']:.3f} | {t['perplexity']:.2f} "
             f"| {_value(r, 'mutation_spearman')} | {_value(r, 'mutation_spearman_within_position')} "
