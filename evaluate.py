@@ -29,6 +29,9 @@ from cli import UserError
 from data import MaskedBatches
 from devices import resolve_device
 from evaluation import (
+    EMBEDDING_PROTEINS,
+    MUTATION_POSITIONS,
+    MUTATION_PROTEINS,
     MutationProbe,
     build_report,
     last_hidden_states,
@@ -85,19 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mutation_proteins",
         type=int,
-        default=150,
+        default=MUTATION_PROTEINS,
         help="proteins drawn (by --seed) for zero-shot mutation effects; 0 skips them",
     )
     g.add_argument(
         "--mutation_positions",
         type=int,
-        default=8,
+        default=MUTATION_POSITIONS,
         help="random sites per protein, each scored for its 19 substitutions by masked marginals",
     )
     g.add_argument(
         "--embedding_proteins",
         type=int,
-        default=1000,
+        default=EMBEDDING_PROTEINS,
         help="proteins drawn (by --seed) for CKA and 10-NN overlap of the last hidden states; 0 skips them",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
@@ -127,9 +130,9 @@ def evaluate_checkpoint(
     device="auto",
     use_8bit=False,
     trust_remote_code=False,
-    mutation_proteins=150,
-    mutation_positions=8,
-    embedding_proteins=1000,
+    mutation_proteins=MUTATION_PROTEINS,
+    mutation_positions=MUTATION_POSITIONS,
+    embedding_proteins=EMBEDDING_PROTEINS,
 ) -> dict:
     """Evaluate the checkpoint (and teacher) and write report.json, report.md and
     per_residue_accuracy.png into output_dir; returns the report (report.json's content)."""

@@ -118,6 +118,11 @@ def sample_proteins(count: int, limit: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(count, size=limit, replace=False).tolist())
 
 
+# evaluate.py's defaults for the fidelity measures (the benchmarks score with the same ones): 150
+# proteins x 8 sites keep mutation effects to a minute or two on CPU; 1,000 proteins for embeddings.
+MUTATION_PROTEINS, MUTATION_POSITIONS, EMBEDDING_PROTEINS = 150, 8, 1000
+
+
 class MutationProbe:
     """Zero-shot mutation effects (ESM-1v masked marginals) on `positions` random sites of
     `proteins` random sequences, every 19 substitutions each: score any model with `scores`, then

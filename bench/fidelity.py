@@ -89,7 +89,7 @@ TEACHER = "antiberty"
 TEST_SEQUENCES, VAL_SEQUENCES = 1000, 500  # held out of the full antibody set
 MAX_SEQ_LEN = 160  # antibody V domains are 101-136 residues: nothing is cropped
 SEED = 42
-MUTATION_POSITIONS = 8  # sites per chain for mutation effects: evaluate.py's default
+MUTATION_POSITIONS = evaluation.MUTATION_POSITIONS  # sites per chain for mutation effects: evaluate.py's default
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,8 @@ FULL = {
     "num_layers": 4,
     "eval_every": 50,
     "output_dir": "outputs/fidelity",
-    "mutation_proteins": 150,
-    "embedding_proteins": 1000,
+    "mutation_proteins": evaluation.MUTATION_PROTEINS,
+    "embedding_proteins": evaluation.EMBEDDING_PROTEINS,
 }
 
 

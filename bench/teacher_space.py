@@ -49,7 +49,6 @@ from files import atomic_open  # noqa: E402
 from teacher_cache import TeacherCache  # noqa: E402
 
 TEACHER, SEED, MAX_SEQ_LEN, BATCH = "antiberty", 42, 160, 32
-MUTATION_PROTEINS, MUTATION_POSITIONS = 150, 8  # evaluate.py's defaults
 KD = ["--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2"]  # distill.py's defaults
 QUICK = {"steps": 40, "d_model": 64, "num_layers": 2, "train_size": 200, "output_dir": "outputs/teacher_space_quick"}
 FULL = {"steps": 600, "d_model": 256, "num_layers": 4, "train_size": None, "output_dir": "outputs/teacher_space"}
@@ -215,8 +214,8 @@ def score(runs: dict, data_dir: Path) -> dict:
     probe = evaluation.MutationProbe(
         test,
         teacher.tokenizer,
-        proteins=MUTATION_PROTEINS,
-        positions=MUTATION_POSITIONS,
+        proteins=evaluation.MUTATION_PROTEINS,
+        positions=evaluation.MUTATION_POSITIONS,
         seed=SEED,
         max_seq_len=MAX_SEQ_LEN,
     )
@@ -237,7 +236,9 @@ def score(runs: dict, data_dir: Path) -> dict:
             "own_space_knn_overlap": measures.knn_overlap(teacher_test, own, k=10),
             "least_squares_map": evaluation.teacher_space_measures(torch.from_numpy(fitted(own)), teacher_test),
             "steps": summary["steps"],
-            "training_s": summary["elapsed_s"],  # wall time, one CPU thread (OMP_NUM_THREADS=1 with --jobs 2)
+            "training_s": summary[
+                "elapsed_s"
+            ],  # wall time; --jobs runs shared the CPUs, cpu_count // jobs threads each
         }
         if student.teacher_map is not None:
             with torch.no_grad():
