@@ -23,15 +23,14 @@ import argparse
 import math
 import time
 
-import cli
-import data
-from cli import UserError
-from data import MaskedBatches, batch_loader, load_sequences
-from devices import resolve_device
-from distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
-from options import add_data_arguments, add_device_arguments, add_teacher_arguments, validate_shared_args
-from progress import progress
-from teacher_targets import load_teacher_targets
+from pepemb import cli, data
+from pepemb.cli import UserError
+from pepemb.data import MaskedBatches, batch_loader, load_sequences
+from pepemb.devices import resolve_device
+from pepemb.distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
+from pepemb.options import add_data_arguments, add_device_arguments, add_teacher_arguments, validate_shared_args
+from pepemb.progress import progress
+from pepemb.teacher_targets import load_teacher_targets
 
 FLUSH_EVERY_S = 60.0  # how much teacher work a killed fill can lose
 

@@ -20,7 +20,7 @@ uses variant e (fresh masks every epoch), validation a fixed one.
 With --teacher_cache DIR the teacher runs once per (mask variant, sequence): epoch e uses
 variant e mod --mask_variants, the first K epochs store the teacher's logits in DIR as they are
 computed and later epochs, and later runs with the same data and masking, read them instead
-(see teacher_cache.py; cache_teacher.py fills DIR ahead of training).
+(see pepemb/teacher_cache.py; cache_teacher.py fills DIR ahead of training).
 
 Several GPUs or machines: `torchrun --nproc_per_node N distill.py ...` (DistributedDataParallel;
 nccl on CUDA, gloo on CPU). Every rank builds the same epoch of batches and takes every N-th
@@ -48,10 +48,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
-import data
 from architecture import Student, StudentConfig, save_student
-from checkpoints import (
+from pepemb import cli, data
+from pepemb.checkpoints import (
     check_output_dir,
     list_checkpoints,
     read_checkpoint,
@@ -60,10 +59,10 @@ from checkpoints import (
     save_checkpoint,
     start_output_dir,
 )
-from cli import UserError
-from data import MaskedBatches, batch_loader, load_sequences
-from devices import autocast, resolve_device, resolve_precision
-from distributed import (
+from pepemb.cli import UserError
+from pepemb.data import MaskedBatches, batch_loader, load_sequences
+from pepemb.devices import autocast, resolve_device, resolve_precision
+from pepemb.distributed import (
     World,
     all_reduce,
     average_gradients,
@@ -74,15 +73,15 @@ from distributed import (
     run_as_rank,
     seed_dropout,
 )
-from losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
-from monitoring import RunLog, plot_training_curves, start_wandb
-from options import add_distill_arguments, validate_shared_args, validate_training_args
-from progress import format_seconds, is_terminal, progress
-from schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
-from signals import StopRequest
-from teacher_cache import TeacherTargets
-from teacher_targets import load_teacher_targets
-from validation import ValidationTeacher, validate
+from pepemb.losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
+from pepemb.monitoring import RunLog, plot_training_curves, start_wandb
+from pepemb.options import add_distill_arguments, validate_shared_args, validate_training_args
+from pepemb.progress import format_seconds, is_terminal, progress
+from pepemb.schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
+from pepemb.signals import StopRequest
+from pepemb.teacher_cache import TeacherTargets
+from pepemb.teacher_targets import load_teacher_targets
+from pepemb.validation import ValidationTeacher, validate
 
 # --------------------------------------------------------------------------------------------
 # Command line

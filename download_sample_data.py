@@ -28,10 +28,10 @@ from pathlib import Path
 
 import requests
 
-import cli
-from data import SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta, split_proteins, write_fasta
-from files import atomic_open
-from progress import progress
+from pepemb import cli
+from pepemb.data import SHIPPED_ANTIBODIES, SHIPPED_UNIPROT, SPLIT_NAMES, read_fasta, split_proteins, write_fasta
+from pepemb.files import atomic_open
+from pepemb.progress import progress
 
 DEFAULT_BASE_URL = "https://rest.uniprot.org"
 PRESETS = {"uniprot": SHIPPED_UNIPROT, "antibody": SHIPPED_ANTIBODIES}

@@ -52,15 +52,13 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-import cli
-import data
-import devices
 from architecture import StudentCheckpoint
-from cli import UserError
-from embedding import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
-from export import export_native, read_eval_report
-from files import atomic_open, file_names
-from progress import progress
+from pepemb import cli, data, devices
+from pepemb.cli import UserError
+from pepemb.files import atomic_open, file_names
+from pepemb.hf_export import export_native, read_eval_report
+from pepemb.inference import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
+from pepemb.progress import progress
 
 MANIFEST_FORMAT = "pepemb-embeddings"
 MANIFEST_FORMAT_VERSION = 1

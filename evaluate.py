@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-import cli
-import data
 from architecture import load_student
-from cli import UserError
-from data import MaskedBatches
-from devices import resolve_device
-from evaluation import (
+from pepemb import cli, data
+from pepemb.cli import UserError
+from pepemb.data import MaskedBatches
+from pepemb.devices import resolve_device
+from pepemb.files import atomic_open
+from pepemb.heldout import (
     EMBEDDING_PROTEINS,
     MUTATION_POSITIONS,
     MUTATION_PROTEINS,
@@ -41,7 +41,6 @@ from evaluation import (
     sample_proteins,
     teacher_space_measures,
 )
-from files import atomic_open
 
 DEFAULT_MAX_SEQ_LEN = 512
 NO_TEACHER = "none"
@@ -306,7 +305,7 @@ def load_matching_teacher(name, metadata, tokenizer, device, use_8bit, trust_rem
         )
     if name.lower() == NO_TEACHER:
         return None
-    from teacher import load_teacher  # transformers is heavy: import it only when needed
+    from pepemb.teacher import load_teacher  # transformers is heavy: import it only when needed
 
     teacher = load_teacher(name, device=device, use_8bit=use_8bit, trust_remote_code=trust_remote_code)
     if teacher.tokenizer.vocab_hash != tokenizer.vocab_hash:

@@ -47,11 +47,11 @@ START=$SECONDS
 banner() { printf '\n==== %s\n' "$*"; }
 
 if [[ "$DEVICE" == auto ]]; then
-  DEVICE="$("$PYTHON" -c 'import devices; print(devices.resolve_device("auto").type)')"
+  DEVICE="$("$PYTHON" -c 'from pepemb import devices; print(devices.resolve_device("auto").type)')"
 fi
 
 banner "Teacher: checking that $TEACHER can be loaded"
-if reason="$("$PYTHON" teacher.py --check "$TEACHER")"; then
+if reason="$("$PYTHON" -m pepemb.teacher --check "$TEACHER")"; then
   PRESET=online
 else
   banner "OFFLINE PRESET: $reason. Running the AntiBERTy teacher (bundled in the antiberty wheel) on the shipped antibody sample instead."

@@ -32,15 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
-import data
-import devices
-import measures
 from architecture import STANDARD_RESIDUES
-from cli import UserError
-from embedding import DEFAULT_MAX_LENGTH, load_embedder
-from files import atomic_open, file_names
-from scoring import STRATEGIES, read_mutations, scan, score
+from pepemb import cli, data, devices, fidelity
+from pepemb.cli import UserError
+from pepemb.files import atomic_open, file_names
+from pepemb.inference import DEFAULT_MAX_LENGTH, load_embedder
+from pepemb.variant_scores import STRATEGIES, read_mutations, scan, score
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,10 +117,10 @@ def run_model(name: str, proteins, mutations, args, device) -> tuple[np.ndarray,
 def agreement(mutations, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
     """Spearman of two models' scores over all variants and, averaged, within each protein."""
     proteins = np.array([m.protein for m in mutations])
-    per_protein = [measures.spearman(scores[proteins == p], teacher_scores[proteins == p]) for p in np.unique(proteins)]
+    per_protein = [fidelity.spearman(scores[proteins == p], teacher_scores[proteins == p]) for p in np.unique(proteins)]
     defined = [r for r in per_protein if r is not None]
     return {
-        "spearman": measures.spearman(scores, teacher_scores),
+        "spearman": fidelity.spearman(scores, teacher_scores),
         "spearman_per_protein_mean": float(np.mean(defined)) if defined else None,
     }
 

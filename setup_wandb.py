@@ -19,8 +19,8 @@ import sys
 import requests
 import wandb
 
-import cli
-from cli import UserError
+from pepemb import cli
+from pepemb.cli import UserError
 
 TEST_PROJECT = "pepemb-setup-test"
 NEXT_STEP = (

@@ -42,14 +42,23 @@ import torch  # noqa: E402
 from matplotlib.colors import PowerNorm, TwoSlopeNorm  # noqa: E402
 from torch import nn  # noqa: E402
 
-import cli  # noqa: E402
-import data  # noqa: E402
 from architecture import ResidueTokenizer, load_student  # noqa: E402
-from cli import UserError  # noqa: E402
-from devices import resolve_device  # noqa: E402
-from files import atomic_open  # noqa: E402
-from measures import spearman  # noqa: E402
-from saliency import Saliency, describe_steps, faithfulness, integrated_gradients, sanity_check, unconverged_targets  # noqa: E402
+from pepemb import (
+    cli,  # noqa: E402
+    data,  # noqa: E402
+)
+from pepemb.cli import UserError  # noqa: E402
+from pepemb.devices import resolve_device  # noqa: E402
+from pepemb.fidelity import spearman  # noqa: E402
+from pepemb.files import atomic_open  # noqa: E402
+from pepemb.saliency import (  # noqa: E402
+    Saliency,
+    describe_steps,
+    faithfulness,
+    integrated_gradients,
+    sanity_check,
+    unconverged_targets,
+)
 
 DPI = 130
 MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable
@@ -112,7 +121,7 @@ def load_student_explainer(model_path: str, device: torch.device) -> Explainer:
 
 
 def load_teacher_explainer(name_or_path: str, device: torch.device) -> Explainer:
-    from teacher import load_teacher  # transformers is heavy: import it only when asked for
+    from pepemb.teacher import load_teacher  # transformers is heavy: import it only when asked for
 
     teacher = load_teacher(name_or_path, device=device)
     try:

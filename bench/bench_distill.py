@@ -57,15 +57,17 @@ import torch  # noqa: E402
 from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import data  # noqa: E402
-import options  # noqa: E402
-import teacher as teacher_module  # noqa: E402
 from architecture import Student, StudentConfig  # noqa: E402
-from data import MaskedBatches, batch_loader, load_sequences  # noqa: E402
-from devices import autocast  # noqa: E402
-from losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
-from schedule import adamw_param_groups  # noqa: E402
-from teacher_targets import load_teacher_targets  # noqa: E402
+from pepemb import (
+    data,  # noqa: E402
+    options,  # noqa: E402
+)
+from pepemb import teacher as teacher_module  # noqa: E402
+from pepemb.data import MaskedBatches, batch_loader, load_sequences  # noqa: E402
+from pepemb.devices import autocast  # noqa: E402
+from pepemb.losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
+from pepemb.schedule import adamw_param_groups  # noqa: E402
+from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
 # Per teacher: its data, and per mode (quick / full) the crop, the batching and the number of
 # batches (the first one a warm-up). UniProt proteins are taken at least as long as the crop, so

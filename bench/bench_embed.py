@@ -30,11 +30,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, EsmConfig, EsmForMaskedLM  # noqa: E402
 
-import data  # noqa: E402
-import devices  # noqa: E402
 from architecture import ResidueTokenizer, Student, StudentConfig  # noqa: E402
-from embedding import Embedder, embed_sequences  # noqa: E402
-from teacher import ESM2_8M_SHAPE, ESM2_VOCAB, PROTBERT_SHAPE, PROTBERT_VOCAB  # noqa: E402
+from pepemb import (
+    data,  # noqa: E402
+    devices,  # noqa: E402
+)
+from pepemb.inference import Embedder, embed_sequences  # noqa: E402
+from pepemb.teacher import ESM2_8M_SHAPE, ESM2_VOCAB, PROTBERT_SHAPE, PROTBERT_VOCAB  # noqa: E402
 
 CROP = 1022  # residues: ESM's truncation length, 1024 tokens with start/end
 QUICK_RESIDUES = 5000  # the ProtBert shape embeds ~100 residues/s on 2 busy cores
@@ -42,7 +44,7 @@ SHARED_UNIPROT = REPO.parent / "shared" / "data" / "uniprot_sample.fasta"
 
 
 def hf_shape(shape: dict) -> dict:
-    """teacher.py's shape names -> the keyword arguments of BertConfig / EsmConfig."""
+    """pepemb.teacher's shape names -> the keyword arguments of BertConfig / EsmConfig."""
     return dict(
         num_hidden_layers=shape["num_layers"],
         hidden_size=shape["hidden_size"],

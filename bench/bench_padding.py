@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
+from pepemb import data  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 MAX_TOKENS = (2048, 4096, 8192, 16384, 32768)

@@ -27,10 +27,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
-import data  # noqa: E402
-import scoring  # noqa: E402
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student  # noqa: E402
-from teacher import PROTBERT_SHAPE, PROTBERT_VOCAB, load_teacher  # noqa: E402
+from pepemb import (
+    data,  # noqa: E402
+    variant_scores,  # noqa: E402
+)
+from pepemb.teacher import PROTBERT_SHAPE, PROTBERT_VOCAB, load_teacher  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def timed_scan(forward, tokenizer, proteins, mutations, max_tokens: int) -> tuple[float, int]:
     start = time.perf_counter()
-    scoring.score(forward, tokenizer, proteins, mutations, "masked-marginal", max_tokens=max_tokens)
+    variant_scores.score(forward, tokenizer, proteins, mutations, "masked-marginal", max_tokens=max_tokens)
     return time.perf_counter() - start, len({(m.protein, m.substitutions[0][1]) for m in mutations})
 
 
@@ -90,9 +92,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     proteins = data.read_fasta(data.SHIPPED_ANTIBODIES)[: args.chains]
-    full = scoring.scan(proteins, None)
+    full = variant_scores.scan(proteins, None)
     first_sites = f"1-{args.protbert_sites}"
-    few = scoring.scan(proteins[:1], first_sites)
+    few = variant_scores.scan(proteins[:1], first_sites)
     results = {
         "chains": len(proteins),
         "residues": sum(len(p.sequence) for p in proteins),
@@ -104,7 +106,7 @@ def main(argv=None):
     }
     with torch.inference_mode():
         for name, forward, tokenizer, parameters in models(args):
-            scoring.score(forward, tokenizer, proteins[:1], few[:19], "masked-marginal")  # warm-up
+            variant_scores.score(forward, tokenizer, proteins[:1], few[:19], "masked-marginal")  # warm-up
             if name == "ProtBert shape":
                 seconds, sites = timed_scan(forward, tokenizer, proteins, few, args.max_tokens)
                 per_site = seconds / sites

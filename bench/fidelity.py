@@ -76,20 +76,22 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cli  # noqa: E402
-import data  # noqa: E402
-import evaluation  # noqa: E402
 from architecture import load_student  # noqa: E402
-from cli import UserError  # noqa: E402
-from data import MaskedBatches  # noqa: E402
-from files import atomic_open  # noqa: E402
+from pepemb import (
+    cli,  # noqa: E402
+    data,  # noqa: E402
+    heldout,  # noqa: E402
+)
+from pepemb.cli import UserError  # noqa: E402
+from pepemb.data import MaskedBatches  # noqa: E402
+from pepemb.files import atomic_open  # noqa: E402
 
 SHARED_ANTIBODIES = REPO.parent / "shared" / "data" / "antibody_sample.fasta"
 TEACHER = "antiberty"
 TEST_SEQUENCES, VAL_SEQUENCES = 1000, 500  # held out of the full antibody set
 MAX_SEQ_LEN = 160  # antibody V domains are 101-136 residues: nothing is cropped
 SEED = 42
-MUTATION_POSITIONS = evaluation.MUTATION_POSITIONS  # sites per chain for mutation effects: evaluate.py's default
+MUTATION_POSITIONS = heldout.MUTATION_POSITIONS  # sites per chain for mutation effects: evaluate.py's default
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,8 @@ FULL = {
     "num_layers": 4,
     "eval_every": 50,
     "output_dir": "outputs/fidelity",
-    "mutation_proteins": evaluation.MUTATION_PROTEINS,
-    "embedding_proteins": evaluation.EMBEDDING_PROTEINS,
+    "mutation_proteins": heldout.MUTATION_PROTEINS,
+    "embedding_proteins": heldout.EMBEDDING_PROTEINS,
 }
 
 
@@ -678,7 +680,7 @@ class TestSet:
     evaluation.masked_statistics on the same positions against the same teacher outputs."""
 
     def __init__(self, fasta: Path, args):
-        from teacher import load_teacher  # transformers is heavy: only once there is data to score
+        from pepemb.teacher import load_teacher  # transformers is heavy: only once there is data to score
 
         self.device = torch.device(args.device)
         teacher = load_teacher(TEACHER, device=self.device, use_8bit=True)
@@ -688,7 +690,7 @@ class TestSet:
             max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None, batch_size=args.batch_size
         )
         self.batches = MaskedBatches(sequences, self.tokenizer, masking, epoch=0, train=False)
-        self.residues = evaluation.residue_counts(
+        self.residues = heldout.residue_counts(
             [
                 data.collate(
                     [sequences[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False
@@ -703,7 +705,7 @@ class TestSet:
             self._logits[self._key(batch["input_ids"])] = teacher(batch["input_ids"], batch["attention_mask"])["logits"]
         self.sequences = len(sequences)
         # evaluate.py's fidelity measures at its defaults, the teacher's side computed once
-        self.probe = evaluation.MutationProbe(
+        self.probe = heldout.MutationProbe(
             sequences,
             self.tokenizer,
             proteins=args.mutation_proteins,
@@ -712,12 +714,12 @@ class TestSet:
             max_seq_len=MAX_SEQ_LEN,
         )
         self.teacher_mutation_scores = self.probe.scores(teacher, self.device)
-        chosen = [sequences[i] for i in evaluation.sample_proteins(len(sequences), args.embedding_proteins, SEED)]
+        chosen = [sequences[i] for i in heldout.sample_proteins(len(sequences), args.embedding_proteins, SEED)]
         self.unmasked = [
             data.collate([chosen[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
             for batch in MaskedBatches(chosen, self.tokenizer, masking, epoch=0, train=False).batches
         ]
-        self.teacher_states = evaluation.last_hidden_states(teacher, self.unmasked, self.device)
+        self.teacher_states = heldout.last_hidden_states(teacher, self.unmasked, self.device)
         self.baseline_mutations = self.probe.agreement(self.probe.baseline, self.teacher_mutation_scores)
 
     @staticmethod
@@ -732,11 +734,11 @@ class TestSet:
         student, tokenizer, _ = load_student(model_path, map_location=self.device)
         if tokenizer.vocab_hash != self.tokenizer.vocab_hash:
             raise UserError(f"{model_path}: the student's vocabulary is not the teacher's")
-        stats = evaluation.masked_statistics(student, self, self.batches, self.device)
-        m = evaluation.build_report(stats, self.residues, tokenizer, None)["metrics"]
+        stats = heldout.masked_statistics(student, self, self.batches, self.device)
+        m = heldout.build_report(stats, self.residues, tokenizer, None)["metrics"]
         mutations = self.probe.agreement(self.probe.scores(student, self.device), self.teacher_mutation_scores)
-        reps = evaluation.representation_measures(
-            evaluation.last_hidden_states(student, self.unmasked, self.device), self.teacher_states, seed=SEED
+        reps = heldout.representation_measures(
+            heldout.last_hidden_states(student, self.unmasked, self.device), self.teacher_states, seed=SEED
         )
         return {
             "mutation_spearman": mutations["spearman"],

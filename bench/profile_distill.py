@@ -41,10 +41,10 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import data  # noqa: E402
 from bench_distill import Trainer, distill_args, fill_cache, run_interleaved, write_data  # noqa: E402
-from data import batch_loader, load_sequences  # noqa: E402
-from teacher_targets import load_teacher_targets  # noqa: E402
+from pepemb import data  # noqa: E402
+from pepemb.data import batch_loader, load_sequences  # noqa: E402
+from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
 SETTINGS = {"max_seq_len": 160, "batch_size": 32}
 STUDENT = {"d_model": 128, "num_heads": 4, "num_layers": 4}

@@ -39,14 +39,16 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cli  # noqa: E402
-import data  # noqa: E402
-import evaluation  # noqa: E402
-import measures  # noqa: E402
 from architecture import load_student  # noqa: E402
-from cli import UserError  # noqa: E402
-from files import atomic_open  # noqa: E402
-from teacher_cache import TeacherCache  # noqa: E402
+from pepemb import (
+    cli,  # noqa: E402
+    data,  # noqa: E402
+    fidelity,  # noqa: E402
+    heldout,  # noqa: E402
+)
+from pepemb.cli import UserError  # noqa: E402
+from pepemb.files import atomic_open  # noqa: E402
+from pepemb.teacher_cache import TeacherCache  # noqa: E402
 
 TEACHER, SEED, MAX_SEQ_LEN, BATCH = "antiberty", 42, 160, 32
 KD = ["--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2"]  # distill.py's defaults
@@ -189,19 +191,19 @@ def pooled_embeddings(model, sequences: list[str], tokenizer) -> torch.Tensor:
         data.collate(sequences[i : i + BATCH], tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
         for i in range(0, len(sequences), BATCH)
     ]
-    return evaluation.last_hidden_states(model, batches, "cpu")["pooled"]
+    return heldout.last_hidden_states(model, batches, "cpu")["pooled"]
 
 
 def least_squares_map(x: torch.Tensor, y: np.ndarray):
     """The affine map x -> y fitted by least squares, as a function of new x."""
-    design = np.hstack([measures.as_float64(x), np.ones((len(x), 1))])
+    design = np.hstack([fidelity.as_float64(x), np.ones((len(x), 1))])
     weights = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)[0]
-    return lambda new: np.hstack([measures.as_float64(new), np.ones((len(new), 1))]) @ weights
+    return lambda new: np.hstack([fidelity.as_float64(new), np.ones((len(new), 1))]) @ weights
 
 
 def score(runs: dict, data_dir: Path) -> dict:
     """Masked accuracy and teacher-space measures of each student on the test chains."""
-    from teacher import load_teacher
+    from pepemb.teacher import load_teacher
 
     teacher = load_teacher(TEACHER, use_8bit=True)
     train = [p.sequence for p in data.read_fasta(data_dir / "train.fasta")]
@@ -211,11 +213,11 @@ def score(runs: dict, data_dir: Path) -> dict:
     masking = argparse.Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None, batch_size=BATCH)
     masked = data.MaskedBatches(test, teacher.tokenizer, masking, epoch=0, train=False)
     # evaluate.py's zero-shot mutation effects at its defaults, the teacher's side once
-    probe = evaluation.MutationProbe(
+    probe = heldout.MutationProbe(
         test,
         teacher.tokenizer,
-        proteins=evaluation.MUTATION_PROTEINS,
-        positions=evaluation.MUTATION_POSITIONS,
+        proteins=heldout.MUTATION_PROTEINS,
+        positions=heldout.MUTATION_POSITIONS,
         seed=SEED,
         max_seq_len=MAX_SEQ_LEN,
     )
@@ -223,7 +225,7 @@ def score(runs: dict, data_dir: Path) -> dict:
     results = {}
     for name, folder in runs.items():
         student, tokenizer, _ = load_student(folder / "best_model")
-        stats = evaluation.masked_statistics(student, None, masked, "cpu")
+        stats = heldout.masked_statistics(student, None, masked, "cpu")
         own = pooled_embeddings(student, test, tokenizer)
         fitted = least_squares_map(pooled_embeddings(student, train, tokenizer), targets)
         mutations = probe.agreement(probe.scores(student, "cpu"), teacher_mutations)
@@ -233,8 +235,8 @@ def score(runs: dict, data_dir: Path) -> dict:
             "mutation_spearman": mutations["spearman"],
             "mutation_spearman_within_position": mutations["spearman_within_position_mean"],
             "parameters": student.num_parameters(),
-            "own_space_knn_overlap": measures.knn_overlap(teacher_test, own, k=10),
-            "least_squares_map": evaluation.teacher_space_measures(torch.from_numpy(fitted(own)), teacher_test),
+            "own_space_knn_overlap": fidelity.knn_overlap(teacher_test, own, k=10),
+            "least_squares_map": heldout.teacher_space_measures(torch.from_numpy(fitted(own)), teacher_test),
             "steps": summary["steps"],
             "training_s": summary[
                 "elapsed_s"
@@ -242,13 +244,13 @@ def score(runs: dict, data_dir: Path) -> dict:
         }
         if student.teacher_map is not None:
             with torch.no_grad():
-                record["distilled_map"] = evaluation.teacher_space_measures(student.teacher_map(own), teacher_test)
+                record["distilled_map"] = heldout.teacher_space_measures(student.teacher_map(own), teacher_test)
         results[name] = record
     return {
         "students": results,
         "test_chains": len(test),
         "train_chains": len(train),
-        "knn_chance": measures.knn_overlap_chance(len(test), 10),
+        "knn_chance": fidelity.knn_overlap_chance(len(test), 10),
     }
 
 

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # library bars stay 
 
 import pytest  # noqa: E402
 
-import data  # noqa: E402
-from teacher import save_random_teacher  # noqa: E402
+from pepemb import data  # noqa: E402
+from pepemb.teacher import save_random_teacher  # noqa: E402
 
 
 @pytest.fixture(scope="session")

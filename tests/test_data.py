@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 from architecture import ResidueTokenizer
-from cli import UserError
-from data import Protein
+from pepemb import data
+from pepemb.cli import UserError
+from pepemb.data import Protein
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,11 +10,11 @@ import torch
 
 import distill
 from architecture import load_student
-from checkpoints import list_checkpoints
-from cli import UserError
 from conftest import write_short_uniprot
-from devices import resolve_precision
-from schedule import budget_schedule
+from pepemb.checkpoints import list_checkpoints
+from pepemb.cli import UserError
+from pepemb.devices import resolve_precision
+from pepemb.schedule import budget_schedule
 
 
 @pytest.fixture(scope="module")

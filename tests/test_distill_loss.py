@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import distillation_loss, masked_metrics
+from pepemb.losses import distillation_loss, masked_metrics
 
 
 def one_masked_position(student_row, teacher_row, label):

@@ -25,14 +25,13 @@ import pytest
 import torch
 
 import cache_teacher
-import cli
-import data
 import distill
 from architecture import load_student
-from checkpoints import TRAINING_STATE, list_checkpoints
-from distributed import optimizer_steps
-from options import validate_shared_args
-from schedule import planned_steps
+from pepemb import cli, data
+from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
+from pepemb.distributed import optimizer_steps
+from pepemb.options import validate_shared_args
+from pepemb.schedule import planned_steps
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

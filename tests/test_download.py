@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-import data
 import download_sample_data as dl
-from cli import UserError
+from pepemb import data
+from pepemb.cli import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE, PAGES = 10, 4

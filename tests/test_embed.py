@@ -9,12 +9,10 @@ import pytest
 import safetensors.numpy
 import torch
 
-import cli
-import data
 import embed
-import embedding
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student, save_student
-from teacher import PROTBERT_VOCAB
+from pepemb import cli, data, inference
+from pepemb.teacher import PROTBERT_VOCAB
 
 SEQUENCES = [
     "MKTAYIAKQR",
@@ -88,10 +86,10 @@ def test_a_sequence_that_fits_one_window_is_embedded_exactly_as_the_model_gives_
 
 
 def test_window_starts_cover_the_sequence_with_the_requested_overlap():
-    assert embedding.window_starts(25, 10, 4) == [0, 6, 12, 15]
-    assert embedding.window_starts(11, 10, 4) == [0, 1]
-    assert embedding.window_starts(10, 10, 4) == [0]
-    assert embedding.window_starts(21, 10, 0) == [0, 10, 11]
+    assert inference.window_starts(25, 10, 4) == [0, 6, 12, 15]
+    assert inference.window_starts(11, 10, 4) == [0, 1]
+    assert inference.window_starts(10, 10, 4) == [0]
+    assert inference.window_starts(21, 10, 0) == [0, 10, 11]
 
 
 def test_long_sequences_are_stitched_by_averaging_the_windows_that_cover_each_residue(student):

@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import evaluate
-import measures
 from architecture import STANDARD_RESIDUES, Student, StudentConfig, load_student, save_student
-from cli import UserError
-from data import MaskedBatches
-from teacher import load_teacher
+from pepemb import data, fidelity
+from pepemb.cli import UserError
+from pepemb.data import MaskedBatches
+from pepemb.teacher import load_teacher
 
 # Three short sequences; with max_seq_len 24 the second is cropped to its first 22 residues.
 SEQUENCES = ["MSSGSTVKSLLE", "QVQLVESGGGLVQPGGSLRLSCAASGFTFS", "DIQMTQSPSSLSASVGDR"]
@@ -232,14 +231,14 @@ def residue_states(model, sequences, tokenizer, teacher_model: bool):
 
 def test_fidelity_measures_match_a_hand_computation(report, student_dir, teacher):
     _, report = report
-    fidelity = report["fidelity"]
+    measured = report["fidelity"]
     checkpoint = load_student(student_dir)
     student, tokenizer = checkpoint.model, checkpoint.tokenizer
 
     # mutation effects: 8 sites of each of the 3 proteins (fewer than --mutation_proteins), scored
     # by hand: mask the site, log-softmax, log p(mutant) - log p(wild type), Spearman with the teacher
-    sites = measures.sample_mutation_sites(SEQUENCES, 8, SEED)
-    wild = measures.wild_type_columns(SEQUENCES, sites)
+    sites = fidelity.sample_mutation_sites(SEQUENCES, 8, SEED)
+    wild = fidelity.wild_type_columns(SEQUENCES, sites)
     residue_ids = [tokenizer.vocab.index(a) for a in STANDARD_RESIDUES]
 
     def scores(model):
@@ -257,10 +256,10 @@ def test_fidelity_measures_match_a_hand_computation(report, student_dir, teacher
     s, t = scores(student), scores(teacher)
     keep = np.ones_like(s, dtype=bool)
     keep[np.arange(len(sites)), wild] = False
-    m = fidelity["mutation_effects"]
+    m = measured["mutation_effects"]
     assert (m["proteins"], m["student"]["sites"], m["student"]["pairs"]) == (3, 24, 24 * 19)
-    assert m["student"]["spearman"] == pytest.approx(measures.spearman(s[keep], t[keep]), abs=1e-6)
-    within = np.mean([measures.spearman(a[k], b[k]) for a, b, k in zip(s, t, keep)])
+    assert m["student"]["spearman"] == pytest.approx(fidelity.spearman(s[keep], t[keep]), abs=1e-6)
+    within = np.mean([fidelity.spearman(a[k], b[k]) for a, b, k in zip(s, t, keep)])
     assert m["student"]["spearman_within_position_mean"] == pytest.approx(within, abs=1e-6)
 
     # linear CKA over every residue token (fewer than the 20,000 sampled), by the HSIC formula
@@ -271,7 +270,7 @@ def test_fidelity_measures_match_a_hand_computation(report, student_dir, teacher
     def hsic(a, b):
         return torch.trace(a @ a.T @ h @ b @ b.T @ h)
 
-    reps = fidelity["representations"]
+    reps = measured["representations"]
     assert reps["cka_tokens"] == n
     assert reps["cka"] == pytest.approx((hsic(x, y) / torch.sqrt(hsic(x, x) * hsic(y, y))).item(), rel=1e-6)
     # 3 proteins: each one's 2 other proteins are its neighbours in any space

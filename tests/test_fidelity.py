@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import fidelity  # noqa: E402
-from cli import UserError  # noqa: E402
+from pepemb import data  # noqa: E402
+from pepemb.cli import UserError  # noqa: E402
 
 STEPS = 4
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import progress
 from conftest import write_short_uniprot
+from pepemb import progress
 
 REPO = Path(__file__).resolve().parent.parent
 LOOP = (
-    "import sys; sys.path.insert(0, {repo!r}); from progress import progress\n"
+    "import sys; sys.path.insert(0, {repo!r}); from pepemb.progress import progress\n"
     "for _ in progress(range({n}), desc='work', unit='item'): pass\n"
 )
 

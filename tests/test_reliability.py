@@ -26,15 +26,13 @@ import numpy as np
 import pytest
 import torch
 
-import cli
-import data
 import distill
 import evaluate
-import teacher_cache
 from architecture import Student, StudentConfig, load_student, save_student
-from checkpoints import TRAINING_STATE, list_checkpoints
 from conftest import write_short_uniprot
-from teacher import load_teacher
+from pepemb import cli, data, teacher_cache
+from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
+from pepemb.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 100_000  # residues of the longest protein fed to every script
@@ -924,7 +922,7 @@ def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_pat
 
 
 def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkeypatch, capsys):
-    import teacher as teacher_module
+    from pepemb import teacher as teacher_module
 
     calls = []
     for cls in (teacher_module.AutoTokenizer, teacher_module.AutoModelForMaskedLM):

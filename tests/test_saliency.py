@@ -8,11 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import cli
-import saliency
 import visualization as vis
 from architecture import ResidueTokenizer, Student, StudentConfig, save_student
-from teacher import PROTBERT_VOCAB
+from pepemb import cli, saliency
+from pepemb.teacher import PROTBERT_VOCAB
 
 SEQUENCE = "EVQLVESGGGLVQPGGSLRLSCAASGFTFS"
 

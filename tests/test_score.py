@@ -9,12 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
-import data
 import score
-import scoring
 from architecture import STANDARD_RESIDUES, ResidueTokenizer, Student, StudentConfig, save_student
-from teacher import PROTBERT_VOCAB
+from pepemb import cli, data, variant_scores
+from pepemb.teacher import PROTBERT_VOCAB
 
 PROTEINS = [data.Protein("ab1", "", "EVQLVESGGGLVQPGGSLRL"), data.Protein("ab2", "", "DIQMTQSPSSLSASVGDRVTITC")]
 
@@ -46,11 +44,11 @@ def log_probs_by_hand(model, tokenizer, sequence: str, position: int, masked: bo
 def test_masked_marginals_equal_a_hand_computation(student):
     model, tokenizer = student
     mutations = [
-        scoring.parse_mutation("E1K", PROTEINS[0].sequence, "test", 0),
-        scoring.parse_mutation("S7A:L11W", PROTEINS[0].sequence, "test", 0),
-        scoring.parse_mutation("Q3R", PROTEINS[1].sequence, "test", 1),
+        variant_scores.parse_mutation("E1K", PROTEINS[0].sequence, "test", 0),
+        variant_scores.parse_mutation("S7A:L11W", PROTEINS[0].sequence, "test", 0),
+        variant_scores.parse_mutation("Q3R", PROTEINS[1].sequence, "test", 1),
     ]
-    scores = scoring.score(forward(model), tokenizer, PROTEINS, mutations, "masked-marginal")
+    scores = variant_scores.score(forward(model), tokenizer, PROTEINS, mutations, "masked-marginal")
     by_hand = []
     for m in mutations:
         total = 0.0
@@ -64,8 +62,8 @@ def test_masked_marginals_equal_a_hand_computation(student):
 def test_wt_marginals_and_pll_equal_hand_computations(student):
     model, tokenizer = student
     sequence = PROTEINS[0].sequence
-    mutation = scoring.parse_mutation("G8A", sequence, "test", 0)
-    wt = scoring.score(forward(model), tokenizer, PROTEINS, [mutation], "wt-marginal")[0]
+    mutation = variant_scores.parse_mutation("G8A", sequence, "test", 0)
+    wt = variant_scores.score(forward(model), tokenizer, PROTEINS, [mutation], "wt-marginal")[0]
     log_p = log_probs_by_hand(model, tokenizer, sequence, 8, masked=False)
     assert wt == pytest.approx((log_p[tokenizer.vocab.index("A")] - log_p[tokenizer.vocab.index("G")]).item(), abs=1e-5)
 
@@ -75,16 +73,16 @@ def test_wt_marginals_and_pll_equal_hand_computations(student):
             for i, a in enumerate(text, start=1)
         )
 
-    pll_score = scoring.score(forward(model), tokenizer, PROTEINS, [mutation], "pll")[0]
+    pll_score = variant_scores.score(forward(model), tokenizer, PROTEINS, [mutation], "pll")[0]
     assert pll_score == pytest.approx(pll(sequence[:7] + "A" + sequence[8:]) - pll(sequence), abs=1e-4)
 
 
 def test_batching_changes_no_score(student):
     model, tokenizer = student
-    mutations = scoring.scan(PROTEINS, None)
-    one_pass = scoring.score(forward(model), tokenizer, PROTEINS, mutations, "masked-marginal", max_tokens=10**6)
-    small = scoring.score(forward(model), tokenizer, PROTEINS, mutations, "masked-marginal", max_tokens=30)
-    windowed = scoring.score(
+    mutations = variant_scores.scan(PROTEINS, None)
+    one_pass = variant_scores.score(forward(model), tokenizer, PROTEINS, mutations, "masked-marginal", max_tokens=10**6)
+    small = variant_scores.score(forward(model), tokenizer, PROTEINS, mutations, "masked-marginal", max_tokens=30)
+    windowed = variant_scores.score(
         forward(model), tokenizer, PROTEINS, mutations, "masked-marginal", max_tokens=30, max_len=12
     )  # long proteins: a window centred on each site
     np.testing.assert_allclose(small, one_pass, atol=1e-5)
@@ -92,13 +90,13 @@ def test_batching_changes_no_score(student):
 
 
 def test_a_scan_has_19_substitutions_per_residue_and_never_the_wild_type():
-    mutations = scoring.scan(PROTEINS, None)
+    mutations = variant_scores.scan(PROTEINS, None)
     assert len(mutations) == 19 * sum(len(p.sequence) for p in PROTEINS)
     assert all(m.substitutions[0][0] != m.substitutions[0][2] for m in mutations)
     assert {m.text for m in mutations if m.protein == 0 and m.substitutions[0][1] == 1} == {
         f"E1{aa}" for aa in STANDARD_RESIDUES if aa != "E"
     }
-    assert len(scoring.scan(PROTEINS[:1], "2-4,9")) == 4 * 19
+    assert len(variant_scores.scan(PROTEINS[:1], "2-4,9")) == 4 * 19
 
 
 @pytest.mark.parametrize(
@@ -151,7 +149,7 @@ def test_the_command_line_scans_and_compares(student, tmp_path, protbert_teacher
     compare = summary["compare_with"]
     student_scores = [float(r["score"]) for r in rows]
     teacher_scores = [float(r["teacher_score"]) for r in rows]
-    from measures import spearman
+    from pepemb.fidelity import spearman
 
     assert compare["spearman"] == pytest.approx(spearman(np.array(student_scores), np.array(teacher_scores)), abs=1e-3)
     assert compare["speedup"] > 0 and len(summary["heatmaps"]) == 2

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import BertForMaskedLM, BertTokenizer
 
-from cli import UserError
-from teacher import (
+from pepemb.cli import UserError
+from pepemb.teacher import (
     _ANTIBERTY_EXTRA_KEYS,
     PROTBERT_VOCAB,
     _antiberty_package,

@@ -1,4 +1,4 @@
-"""teacher_cache.py, cache_teacher.py and distill.py --teacher_cache: teacher once, students many."""
+"""pepemb/teacher_cache.py, cache_teacher.py and distill.py --teacher_cache: teacher once, students many."""
 
 import json
 import shutil
@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import cache_teacher
-import data
 import distill
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student
-from cli import UserError
 from conftest import write_short_uniprot
-from data import MaskedBatches, load_sequences
-from losses import distillation_loss
-from teacher import PROTBERT_VOCAB, load_teacher
-from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
-from teacher_targets import load_teacher_targets
+from pepemb import data
+from pepemb.cli import UserError
+from pepemb.data import MaskedBatches, load_sequences
+from pepemb.losses import distillation_loss
+from pepemb.teacher import PROTBERT_VOCAB, load_teacher
+from pepemb.teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
+from pepemb.teacher_targets import load_teacher_targets
 
 VAL = data.VALIDATION_VARIANT
 K = 2

@@ -10,17 +10,15 @@ import pytest
 import torch
 
 import cache_teacher
-import cli
-import data
 import distill
 import embed
 import evaluate
-import evaluation
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student, mean_pooled
 from conftest import write_short_uniprot
-from losses import distillation_loss
-from teacher import PROTBERT_VOCAB, load_teacher
-from teacher_targets import teacher_embeddings
+from pepemb import cli, data, heldout
+from pepemb.losses import distillation_loss
+from pepemb.teacher import PROTBERT_VOCAB, load_teacher
+from pepemb.teacher_targets import teacher_embeddings
 
 SHARED = ["--max_seq_len", "40", "--batch_size", "8", "--mask_variants", "2", "--seed", "3", "--device", "cpu"]
 
@@ -161,15 +159,15 @@ def test_evaluate_reports_the_teacher_space(runs, tmp_path):
 def test_teacher_space_measures_by_hand():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(30, 5)) + 10.0  # a large shared mean: raw cosines near 1
-    perfect = evaluation.teacher_space_measures(torch.from_numpy(truth), torch.from_numpy(truth))
+    perfect = heldout.teacher_space_measures(torch.from_numpy(truth), torch.from_numpy(truth))
     assert perfect["centred_cosine"] == pytest.approx(1.0) and perfect["r2"] == pytest.approx(1.0)
     assert perfect["knn_overlap"] == 1.0
-    mean_only = evaluation.teacher_space_measures(
+    mean_only = heldout.teacher_space_measures(
         torch.from_numpy(np.tile(truth.mean(0), (30, 1))), torch.from_numpy(truth)
     )
     assert mean_only["raw_cosine"] > 0.99 and mean_only["r2"] == pytest.approx(0.0, abs=1e-9)
     noisy = truth + rng.normal(size=truth.shape)
-    measured = evaluation.teacher_space_measures(torch.from_numpy(noisy), torch.from_numpy(truth))
+    measured = heldout.teacher_space_measures(torch.from_numpy(noisy), torch.from_numpy(truth))
     centred_truth, centred = truth - truth.mean(0), noisy - truth.mean(0)
     cosines = (centred * centred_truth).sum(1) / np.linalg.norm(centred, axis=1) / np.linalg.norm(centred_truth, axis=1)
     assert measured["centred_cosine"] == pytest.approx(cosines.mean())

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer, BertTokenizer
 
 from architecture import STANDARD_RESIDUES, ResidueTokenizer
-from teacher import PROTBERT_VOCAB, antiberty_folder
+from pepemb.teacher import PROTBERT_VOCAB, antiberty_folder
 
 
 @pytest.fixture(scope="module")

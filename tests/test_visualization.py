@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import cli
 import visualization as vis
 from architecture import ResidueTokenizer, Student, StudentConfig, save_student
-from teacher import PROTBERT_VOCAB
+from pepemb import cli
+from pepemb.teacher import PROTBERT_VOCAB
 
 REPO = Path(__file__).resolve().parent.parent
 SEQUENCE = "MKTVRQERLKSIVRILERSKEPVS"  # the README example's first 24 residues

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from distributed import optimizer_steps
+from pepemb.distributed import optimizer_steps
 
 
 def adamw_param_groups(modules, weight_decay: float):

@@ -9,11 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-import measures
 from architecture import STANDARD_RESIDUES, mean_pooled
-from data import MaskedBatches
-from losses import distillation_loss
+from pepemb import data, fidelity
+from pepemb.data import MaskedBatches
+from pepemb.losses import distillation_loss
 
 
 @torch.inference_mode()
@@ -141,16 +140,16 @@ class MutationProbe:
         max_tokens: int = 8192,
     ):
         self.sequences = [sequences[i] for i in sample_proteins(len(sequences), proteins, seed)]
-        self.sites = measures.sample_mutation_sites(self.sequences, positions, seed)
-        self.wild_types = measures.wild_type_columns(self.sequences, self.sites)
+        self.sites = fidelity.sample_mutation_sites(self.sequences, positions, seed)
+        self.wild_types = fidelity.wild_type_columns(self.sequences, self.sites)
         self.tokenizer, self.max_seq_len, self.max_tokens = tokenizer, max_seq_len, max_tokens
         self.about = {"proteins": len(self.sequences), "positions_per_protein": positions, "seed": seed}
         frequencies = [sum(s.upper().count(a) for s in sequences) for a in STANDARD_RESIDUES]
-        self.baseline = measures.frequency_baseline_scores(np.maximum(frequencies, 1), self.sites, self.wild_types)
+        self.baseline = fidelity.frequency_baseline_scores(np.maximum(frequencies, 1), self.sites, self.wild_types)
 
     def scores(self, model, device) -> np.ndarray:
         """[sites, 20] masked-marginal scores of a student or teacher (anything returning logits)."""
-        return measures.masked_marginals(
+        return fidelity.masked_marginals(
             model,
             self.tokenizer,
             self.sequences,
@@ -161,7 +160,7 @@ class MutationProbe:
         )
 
     def agreement(self, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
-        return measures.mutation_effect_agreement(scores, teacher_scores, self.sites, self.wild_types)
+        return fidelity.mutation_effect_agreement(scores, teacher_scores, self.sites, self.wild_types)
 
     def report(self, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
         return {
@@ -196,14 +195,14 @@ def representation_measures(
     rows = sample_proteins(len(student_states["tokens"]), max_tokens, seed)
     n = len(student_states["pooled"])
     return {
-        "cka": measures.linear_cka(student_states["tokens"][rows], teacher_states["tokens"][rows]),
+        "cka": fidelity.linear_cka(student_states["tokens"][rows], teacher_states["tokens"][rows]),
         "cka_tokens": len(rows),
         "knn_k": min(knn_k, max(n - 1, 1)),
         "knn_proteins": n,
-        "knn_overlap": measures.knn_overlap(teacher_states["pooled"], student_states["pooled"], k=knn_k)
+        "knn_overlap": fidelity.knn_overlap(teacher_states["pooled"], student_states["pooled"], k=knn_k)
         if n > 1
         else None,
-        "knn_chance": measures.knn_overlap_chance(n, knn_k) if n > 1 else None,
+        "knn_chance": fidelity.knn_overlap_chance(n, knn_k) if n > 1 else None,
     }
 
 
@@ -212,11 +211,11 @@ def teacher_space_measures(mapped: torch.Tensor, teacher_pooled: torch.Tensor, *
     for the teacher's own: k-NN overlap, the cosine of each protein's mapped and true embedding
     after subtracting the teacher's mean embedding (raw cosines of mean-pooled embeddings are all
     near 1 and say little; the raw one is reported beside it), and R^2."""
-    mapped, truth = measures.as_float64(mapped), measures.as_float64(teacher_pooled)
+    mapped, truth = fidelity.as_float64(mapped), fidelity.as_float64(teacher_pooled)
     mean = truth.mean(0)
     residual = ((mapped - truth) ** 2).sum()
     return {
-        "knn_overlap": measures.knn_overlap(truth, mapped, k=knn_k) if len(truth) > 1 else None,
+        "knn_overlap": fidelity.knn_overlap(truth, mapped, k=knn_k) if len(truth) > 1 else None,
         "centred_cosine": mean_cosine(mapped - mean, truth - mean),
         "raw_cosine": mean_cosine(mapped, truth),
         "r2": float(1 - residual / ((truth - mean) ** 2).sum()) if len(truth) > 1 else None,

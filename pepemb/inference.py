@@ -13,9 +13,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-import data
-import devices
 from architecture import CHECKPOINT_FORMAT, EXPORTED_WEIGHTS, ResidueTokenizer, Student, load_student
+from pepemb import data, devices
 
 DEFAULT_MAX_LENGTH = 1022  # residues: ESM's truncation_seq_length, 1024 tokens with start/end
 
@@ -83,7 +82,7 @@ def load_embedder(name: str, device: torch.device, half: bool = False, trust_rem
     ):
         checkpoint = load_student(path, map_location=device)
     else:
-        from teacher import load_teacher  # transformers is heavy: import it only when needed
+        from pepemb.teacher import load_teacher  # transformers is heavy: import it only when needed
 
         teacher = load_teacher(name, device=device, half=half, trust_remote_code=trust_remote_code)
         label = str(path.resolve()) if path.is_dir() else name  # one name per model, for --resume

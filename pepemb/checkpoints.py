@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-import cli
 from architecture import CheckpointError, StudentConfig, load_student, save_student
-from cli import UserError
-from files import atomic_open
+from pepemb import cli
+from pepemb.cli import UserError
+from pepemb.files import atomic_open
 
 TRAINING_STATE = "training_state.pt"
 

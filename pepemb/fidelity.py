@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-import data
 from architecture import STANDARD_RESIDUES, ResidueTokenizer
+from pepemb import data
 
 Site = tuple[int, int]  # (protein index, 0-based position in its residue string)
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
-from cli import UserError
+from pepemb import cli
+from pepemb.cli import UserError
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import torch
 from captum.attr import LayerIntegratedGradients
 from torch import nn
 
-from measures import spearman
-from progress import progress as progress_bar
+from pepemb.fidelity import spearman
+from pepemb.progress import progress as progress_bar
 
 # Default memory bound of one Integrated Gradients pass, in layers x width x tokens: autograd
 # keeps roughly 16 floats per such unit, so about 1 GB (16 ProtBert samples of 67 tokens).

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from architecture import CheckpointError
-from progress import quiet_libraries
+from pepemb.progress import quiet_libraries
 
 
 class UserError(Exception):

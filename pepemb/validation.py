@@ -7,12 +7,12 @@ import math
 
 import torch
 
-import data
-from data import MaskedBatches
-from devices import autocast
-from distributed import SINGLE_PROCESS, World, all_reduce
-from losses import TERMS, loss_terms, masked_metrics
-from teacher_cache import TeacherTargets
+from pepemb import data
+from pepemb.data import MaskedBatches
+from pepemb.devices import autocast
+from pepemb.distributed import SINGLE_PROCESS, World, all_reduce
+from pepemb.losses import TERMS, loss_terms, masked_metrics
+from pepemb.teacher_cache import TeacherTargets
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli import UserError
+from pepemb.cli import UserError
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:

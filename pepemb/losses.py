@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import data
+from pepemb import data
 
 # What the training log sums between two records (over all ranks when there are several).
 WINDOW_SUMS = ("tokens", "seqs", "masked", "loss", "kl", "ce", "cos", "emb", "correct", "agree")

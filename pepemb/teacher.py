@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from architecture import STANDARD_RESIDUES, ResidueTokenizer
-from cli import UserError
+from pepemb.cli import UserError
 
 ANTIBERTY = "antiberty"
 ANTIBERTY_VERSION = "0.1.3"
@@ -447,7 +447,7 @@ def save_random_teacher(
 
 
 def main(argv=None):
-    """`python teacher.py --check NAME`: exit 0 if the teacher can be loaded here, else say why (exit 1)."""
+    """`python -m pepemb.teacher --check NAME`: exit 0 if the teacher can be loaded here, else say why (exit 1)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Check that a teacher can be loaded on this machine.")

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from cli import UserError
+from pepemb.cli import UserError
 
 
 def resolve_device(name: str) -> torch.device:

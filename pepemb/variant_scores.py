@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-import data
-import measures
 from architecture import STANDARD_RESIDUES
-from cli import UserError
+from pepemb import data, fidelity
+from pepemb.cli import UserError
 
 STRATEGIES = ("masked-marginal", "wt-marginal", "pll")
 _MUTATION = re.compile(r"^([A-Za-z])(\d+)([A-Za-z])$")
@@ -133,7 +132,7 @@ def marginal_scores(
     sequences = [p.sequence for p in proteins]
     sites = sorted({(m.protein, position - 1) for m in mutations for _, position, _ in m.substitutions})
     row = {site: i for i, site in enumerate(sites)}
-    log_probs = measures.site_log_probs(forward, tokenizer, sequences, sites, max_tokens, max_len, device, masked)
+    log_probs = fidelity.site_log_probs(forward, tokenizer, sequences, sites, max_tokens, max_len, device, masked)
     column = {aa: i for i, aa in enumerate(STANDARD_RESIDUES)}
     return np.array(
         [
@@ -159,8 +158,8 @@ def pseudo_log_likelihoods(
     """Per sequence, the sum over its standard residues of log p(residue | the rest), each masked in
     turn (len(sequence) forward rows per sequence)."""
     sites = [(i, p) for i, s in enumerate(sequences) for p, aa in enumerate(s.upper()) if aa in STANDARD_RESIDUES]
-    log_probs = measures.site_log_probs(forward, tokenizer, sequences, sites, max_tokens, max_len, device)
-    wild = measures.wild_type_columns(sequences, sites)
+    log_probs = fidelity.site_log_probs(forward, tokenizer, sequences, sites, max_tokens, max_len, device)
+    wild = fidelity.wild_type_columns(sequences, sites)
     totals = np.zeros(len(sequences))
     np.add.at(totals, [i for i, _ in sites], log_probs[np.arange(len(sites)), wild])
     return totals

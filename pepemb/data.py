@@ -25,10 +25,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cli import UserError
-from files import atomic_open
+from pepemb.cli import UserError
+from pepemb.files import atomic_open
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's data/ folder
 SHIPPED_UNIPROT = DATA_DIR / "uniprot_sample.fasta"
 SHIPPED_ANTIBODIES = DATA_DIR / "antibody_sample.fasta"
 SPLIT_NAMES = ("train", "val", "test")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import data
 from architecture import mean_pooled
-from cli import UserError
-from progress import progress
-from teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
+from pepemb import data
+from pepemb.cli import UserError
+from pepemb.progress import progress
+from pepemb.teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 
 
 def fit_max_seq_len(args, max_positions: int) -> None:
@@ -71,7 +71,7 @@ def load_teacher_targets(
                 "--teacher_cache"
             )
 
-    from teacher import load_teacher  # transformers' models are heavy: import them only when needed
+    from pepemb.teacher import load_teacher  # transformers' models are heavy: import them only when needed
 
     teacher = load_teacher(
         args.teacher_model, device=device, use_8bit=args.use_8bit, half=half, trust_remote_code=args.trust_remote_code

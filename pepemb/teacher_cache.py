@@ -42,10 +42,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-import data
 from architecture import ResidueTokenizer
-from cli import UserError
-from files import atomic_open
+from pepemb import data
+from pepemb.cli import UserError
+from pepemb.files import atomic_open
 
 FORMAT = "pepemb-teacher-cache"
 FORMAT_VERSION = 1
