@@ -25,10 +25,17 @@ import time
 
 from pepemb import cli, data
 from pepemb.cli import UserError
-from pepemb.data import MaskedBatches, batch_loader, load_sequences
+from pepemb.data import MaskedBatches, batch_loader
 from pepemb.devices import resolve_device
 from pepemb.distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
-from pepemb.options import add_data_arguments, add_device_arguments, add_teacher_arguments, validate_shared_args
+from pepemb.options import (
+    add_data_arguments,
+    add_device_arguments,
+    add_teacher_arguments,
+    masking,
+    training_sequences,
+    validate_shared_args,
+)
 from pepemb.progress import progress
 from pepemb.teacher_targets import load_teacher_targets
 
@@ -64,7 +71,7 @@ def fill_cache(args) -> dict | None:
 def fill(args, world: World, device) -> dict | None:
     """fill_cache's work on this rank. Each rank runs its own teacher on every world.size-th of
     the batches still missing; rank 0 alone holds the cache: it gathers the logits and writes."""
-    train_seqs, val_seqs = load_sequences(args)
+    train_seqs, val_seqs = training_sequences(args)
     variants = [data.VALIDATION_VARIANT, *range(args.mask_variants)]
     half = (args.fp16 or args.bf16) and device.type == "cuda"
     todo = []  # (variant, the numbers of its batches still to compute)
@@ -135,7 +142,7 @@ def mask_batches(args, variant: int, train_seqs, val_seqs, tokenizer) -> MaskedB
     return MaskedBatches(
         val_seqs if validation else train_seqs,
         tokenizer,
-        args,
+        masking(args),
         epoch=max(variant, 0),
         train=not validation,
         mask_variant=variant,

@@ -60,7 +60,7 @@ from pepemb.checkpoints import (
     start_output_dir,
 )
 from pepemb.cli import UserError
-from pepemb.data import MaskedBatches, batch_loader, load_sequences
+from pepemb.data import MaskedBatches, batch_loader
 from pepemb.devices import autocast, resolve_device, resolve_precision
 from pepemb.distributed import (
     World,
@@ -75,7 +75,13 @@ from pepemb.distributed import (
 )
 from pepemb.losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_metrics
 from pepemb.monitoring import RunLog, plot_training_curves, start_wandb
-from pepemb.options import add_distill_arguments, validate_shared_args, validate_training_args
+from pepemb.options import (
+    add_distill_arguments,
+    masking,
+    training_sequences,
+    validate_shared_args,
+    validate_training_args,
+)
 from pepemb.progress import format_seconds, is_terminal, progress
 from pepemb.schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
 from pepemb.signals import StopRequest
@@ -183,7 +189,7 @@ class Run:
         return MaskedBatches(
             self.train_seqs,
             self.targets.tokenizer,
-            self.args,
+            masking(self.args),
             epoch,
             train=True,
             mask_variant=mask_variant(epoch, self.args),
@@ -240,9 +246,9 @@ def set_up(args, world: World, device: torch.device) -> Run:
     """Data, teacher, student, optimizer and output folder, resumed from a checkpoint if asked."""
     output_dir = check_output_dir(args)
     resume_from = resolve_resume(args.resume, output_dir)
-    autocast_dtype = resolve_precision(args, device)
+    autocast_dtype = resolve_precision(args.fp16, args.bf16, device)
 
-    train_seqs, val_seqs = load_sequences(args)
+    train_seqs, val_seqs = training_sequences(args)
     variants = {data.VALIDATION_VARIANT} | (
         {mask_variant(e, args) for e in range(args.num_epochs)} if teacher_in_loss(args) else set()
     )
@@ -278,8 +284,8 @@ def set_up(args, world: World, device: torch.device) -> Run:
     hidden_proj = torch.nn.Linear(args.d_model, about["hidden_size"]).to(device) if args.hidden_weight > 0 else None
     print(f"student: {student.summary()}; compression {about['num_parameters'] / student.num_parameters():.1f}x")
 
-    first_epoch = MaskedBatches(train_seqs, tokenizer, args, 0, train=True, mask_variant=mask_variant(0, args))
-    val_set = MaskedBatches(val_seqs, tokenizer, args, epoch=0, train=False)
+    first_epoch = MaskedBatches(train_seqs, tokenizer, masking(args), 0, train=True, mask_variant=mask_variant(0, args))
+    val_set = MaskedBatches(val_seqs, tokenizer, masking(args), epoch=0, train=False)
     if len(first_epoch) < world.size:
         raise UserError(
             f"the training split makes {len(first_epoch)} batches, too few for {world.size} processes: "

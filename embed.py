@@ -58,6 +58,7 @@ from pepemb.cli import UserError
 from pepemb.files import atomic_open, file_names
 from pepemb.hf_export import export_native, read_eval_report
 from pepemb.inference import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
+from pepemb.options import add_device_arguments
 from pepemb.progress import progress
 
 MANIFEST_FORMAT = "pepemb-embeddings"
@@ -128,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="residues shared by consecutive windows with --long chunk (default min(64, max_length // 4))",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
-    p.add_argument("--fp16", action="store_true", help="fp16 autocast (GPU only; fp32 on CPU)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only; fp32 on CPU)")
+    add_device_arguments(p, training=False)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -183,7 +182,7 @@ def resolve_precision(args, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and (args.fp16 or args.bf16):
         warnings.warn(f"--{'fp16' if args.fp16 else 'bf16'} needs a GPU; embedding in fp32 on CPU", stacklevel=2)
         return None
-    return devices.resolve_precision(args, device)
+    return devices.resolve_precision(args.fp16, args.bf16, device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from architecture import load_student
 from pepemb import cli, data
 from pepemb.cli import UserError
-from pepemb.data import MaskedBatches
+from pepemb.data import MaskedBatches, Masking
 from pepemb.devices import resolve_device
 from pepemb.files import atomic_open
 from pepemb.heldout import (
@@ -41,6 +41,7 @@ from pepemb.heldout import (
     sample_proteins,
     teacher_space_measures,
 )
+from pepemb.options import add_device_arguments
 
 DEFAULT_MAX_SEQ_LEN = 512
 NO_TEACHER = "none"
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=EMBEDDING_PROTEINS,
         help="proteins drawn (by --seed) for CKA and 10-NN overlap of the last hidden states; 0 skips them",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    add_device_arguments(p, training=False, precision=False)
     return p
 
 
@@ -158,15 +159,11 @@ def evaluate_checkpoint(
     if max_tokens is not None and max_tokens < max_seq_len:
         raise UserError(f"--max_tokens {max_tokens} is smaller than --max_seq_len {max_seq_len}")
 
-    batching = argparse.Namespace(
+    batching = Masking(
         max_seq_len=max_seq_len, mask_prob=mask_prob, seed=seed, max_tokens=max_tokens, batch_size=batch_size
     )
     masked_batches = MaskedBatches(sequences, tokenizer, batching, epoch=0, train=False)
-    # The same batches unmasked: what the models see when they embed proteins.
-    unmasked = [
-        data.collate([sequences[j] for j in batch], tokenizer, max_seq_len, mask_prob=0.0, random_crop=False)
-        for batch in masked_batches.batches
-    ]
+    unmasked = masked_batches.unmasked()
 
     speed = None
     if speed_batches:
@@ -251,10 +248,7 @@ def fidelity_measures(
         fidelity["mutation_effects"] = probe.report(probe.scores(student, device), probe.scores(teacher, device))
     if embedding_proteins:
         chosen = [sequences[i] for i in sample_proteins(len(sequences), embedding_proteins, seed)]
-        batches = [
-            data.collate([chosen[j] for j in batch], tokenizer, max_seq_len, mask_prob=0.0, random_crop=False)
-            for batch in MaskedBatches(chosen, tokenizer, batching, epoch=0, train=False).batches
-        ]
+        batches = MaskedBatches(chosen, tokenizer, batching, epoch=0, train=False).unmasked()
         student_states, teacher_states = (
             last_hidden_states(student, batches, device),
             last_hidden_states(teacher, batches, device),

@@ -37,6 +37,7 @@ from pepemb import cli, data, devices, fidelity
 from pepemb.cli import UserError
 from pepemb.files import atomic_open, file_names
 from pepemb.inference import DEFAULT_MAX_LENGTH, load_embedder
+from pepemb.options import add_device_arguments
 from pepemb.variant_scores import STRATEGIES, read_mutations, scan, score
 
 
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_LENGTH,
         help="residues per forward pass; longer proteins are read through a window centred on each site",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    add_device_arguments(p, training=False, precision=False)
     p.add_argument("--overwrite", action="store_true", help="replace the scores in OUTPUT_DIR")
     return p
 

@@ -47,10 +47,11 @@ from pepemb import (
     cli,  # noqa: E402
     data,  # noqa: E402
 )
-from pepemb.cli import UserError  # noqa: E402
+from pepemb.cli import UserError
 from pepemb.devices import resolve_device  # noqa: E402
 from pepemb.fidelity import spearman  # noqa: E402
 from pepemb.files import atomic_open  # noqa: E402
+from pepemb.options import add_device_arguments  # noqa: E402
 from pepemb.saliency import (  # noqa: E402
     Saliency,
     describe_steps,
@@ -836,9 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_LENGTH,
         help=f"refuse longer sequences: memory grows with the square of the length (default: {DEFAULT_MAX_LENGTH})",
     )
-    p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available (default: auto)"
-    )
+    add_device_arguments(p, training=False, precision=False)
     return p
 
 

@@ -63,9 +63,10 @@ from pepemb import (
     options,  # noqa: E402
 )
 from pepemb import teacher as teacher_module  # noqa: E402
-from pepemb.data import MaskedBatches, batch_loader, load_sequences  # noqa: E402
+from pepemb.data import MaskedBatches, batch_loader  # noqa: E402
 from pepemb.devices import autocast  # noqa: E402
 from pepemb.losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
+from pepemb.options import masking, training_sequences
 from pepemb.schedule import adamw_param_groups  # noqa: E402
 from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
@@ -270,7 +271,7 @@ def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, MaskedBatches]
     """Fill the cache's mask variant 0 with the fp32 teacher, as epoch 0 of a cached run would;
     returns its cost and the epoch's batches (the batches every mode trains on)."""
     filler = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
-    epoch = MaskedBatches(train_seqs, filler.tokenizer, args, epoch=0, train=True, mask_variant=0)
+    epoch = MaskedBatches(train_seqs, filler.tokenizer, masking(args), epoch=0, train=True, mask_variant=0)
     tokens, start = 0, time.perf_counter()
     for i in range(len(epoch)):
         batch = epoch[i]
@@ -420,7 +421,7 @@ def bench_teacher(name: str, quick: bool, student: dict, device: torch.device, w
         teacher = teacher_module.ANTIBERTY
     cache_dir = workdir / f"cache-{name}"
     cache_args = distill_args(data_dir, teacher, settings, student, cache_dir)
-    train_seqs, val_seqs = load_sequences(cache_args)
+    train_seqs, val_seqs = training_sequences(cache_args)
     fill, epoch = fill_cache(cache_args, train_seqs, val_seqs, device)
     gc.collect()
     modes = load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_seqs, device)

@@ -686,19 +686,9 @@ class TestSet:
         teacher = load_teacher(TEACHER, device=self.device, use_8bit=True)
         self.tokenizer, self.teacher_backend = teacher.tokenizer, teacher.backend
         sequences = [p.sequence for p in data.read_fasta(fasta)]
-        masking = argparse.Namespace(
-            max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None, batch_size=args.batch_size
-        )
+        masking = data.Masking(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, batch_size=args.batch_size)
         self.batches = MaskedBatches(sequences, self.tokenizer, masking, epoch=0, train=False)
-        self.residues = heldout.residue_counts(
-            [
-                data.collate(
-                    [sequences[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False
-                )
-                for batch in self.batches.batches
-            ],
-            self.tokenizer,
-        )
+        self.residues = heldout.residue_counts(self.batches.unmasked(), self.tokenizer)
         self._logits = {}
         for i in range(len(self.batches)):
             batch = {k: v.to(self.device) for k, v in self.batches[i].items()}
@@ -715,10 +705,7 @@ class TestSet:
         )
         self.teacher_mutation_scores = self.probe.scores(teacher, self.device)
         chosen = [sequences[i] for i in heldout.sample_proteins(len(sequences), args.embedding_proteins, SEED)]
-        self.unmasked = [
-            data.collate([chosen[j] for j in batch], self.tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
-            for batch in MaskedBatches(chosen, self.tokenizer, masking, epoch=0, train=False).batches
-        ]
+        self.unmasked = MaskedBatches(chosen, self.tokenizer, masking, epoch=0, train=False).unmasked()
         self.teacher_states = heldout.last_hidden_states(teacher, self.unmasked, self.device)
         self.baseline_mutations = self.probe.agreement(self.probe.baseline, self.teacher_mutation_scores)
 

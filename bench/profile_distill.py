@@ -43,7 +43,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bench_distill import Trainer, distill_args, fill_cache, run_interleaved, write_data  # noqa: E402
 from pepemb import data  # noqa: E402
-from pepemb.data import batch_loader, load_sequences  # noqa: E402
+from pepemb.data import batch_loader  # noqa: E402
+from pepemb.options import training_sequences
 from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
 SETTINGS = {"max_seq_len": 160, "batch_size": 32}
@@ -123,7 +124,7 @@ def main(argv=None):
         settings = {**SETTINGS, "batch_size": args_cli.batch_size, "batches": batches}
         data_dir = write_data(workdir / "data", data.SHIPPED_ANTIBODIES, settings, fill_crop=False)
         args = distill_args(data_dir, "antiberty", settings, student, workdir / "cache")
-        train_seqs, val_seqs = load_sequences(args)
+        train_seqs, val_seqs = training_sequences(args)
         fill, epoch = fill_cache(args, train_seqs, val_seqs, device)
         targets = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
         n = len(epoch)

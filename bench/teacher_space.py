@@ -188,8 +188,7 @@ def train_students(args, data_dir: Path) -> dict:
 def pooled_embeddings(model, sequences: list[str], tokenizer) -> torch.Tensor:
     """Per-protein embeddings (mean last hidden state over residues), unmasked, evaluation's crop."""
     batches = [
-        data.collate(sequences[i : i + BATCH], tokenizer, MAX_SEQ_LEN, mask_prob=0.0, random_crop=False)
-        for i in range(0, len(sequences), BATCH)
+        data.unmasked_batch(sequences[i : i + BATCH], tokenizer, MAX_SEQ_LEN) for i in range(0, len(sequences), BATCH)
     ]
     return heldout.last_hidden_states(model, batches, "cpu")["pooled"]
 
@@ -210,7 +209,7 @@ def score(runs: dict, data_dir: Path) -> dict:
     test = [p.sequence for p in data.read_fasta(data_dir / "test.fasta")]
     targets = np.array(TeacherCache(runs["kd"].parent.parent / "cache").read_embeddings()[: len(train)])
     teacher_test = pooled_embeddings(teacher, test, teacher.tokenizer)
-    masking = argparse.Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, max_tokens=None, batch_size=BATCH)
+    masking = data.Masking(max_seq_len=MAX_SEQ_LEN, mask_prob=0.15, seed=SEED, batch_size=BATCH)
     masked = data.MaskedBatches(test, teacher.tokenizer, masking, epoch=0, train=False)
     # evaluate.py's zero-shot mutation effects at its defaults, the teacher's side once
     probe = heldout.MutationProbe(

@@ -7,7 +7,8 @@ with one line naming the file and line. The training-side helpers are vectorised
   - `collate`: crop, encode, pad to the batch's longest, mask; each sequence with its own seed,
   - `masked_batch`: sequences by index, masked as mask variant v prescribes (`mask_seeds`), so
     sequence j of variant v looks the same in any batch, epoch or run,
-  - `MaskedBatches` / `batch_loader`: an epoch of such batches, built by DataLoader workers.
+  - `Masking`: the settings of all of that; `MaskedBatches` / `batch_loader`: an epoch of such
+    batches, built by DataLoader workers; `unmasked_batch`: sequences as models see them to embed.
 """
 
 from __future__ import annotations
@@ -403,18 +404,36 @@ def kl_positions(labels: torch.Tensor, attention_mask: torch.Tensor, distill_pos
     raise ValueError(f"distill_positions must be 'masked' or 'all', not {distill_positions!r}")
 
 
-def load_sequences(args) -> tuple[list[str], list[str]]:
-    """The training and validation sequences of --data_path."""
-    splits = load_splits(
-        args.data_path, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed
-    )
+def load_sequences(
+    data_path: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """The training and validation sequences of a split folder or FASTA file (`load_splits`)."""
+    splits = load_splits(data_path, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     train_seqs = [p.sequence for p in splits["train"]]
     val_seqs = [p.sequence for p in splits["val"]]
     if not train_seqs or not val_seqs:
         raise UserError(
-            f"{args.data_path}: need training and validation sequences (got {len(train_seqs)} and {len(val_seqs)})"
+            f"{data_path}: need training and validation sequences (got {len(train_seqs)} and {len(val_seqs)})"
         )
     return train_seqs, val_seqs
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How sequences become batches: crop length (tokens, start and end included), masked
+    fraction, the seed of batch order and masks, and batches of `batch_size` sequences or, with
+    `max_tokens`, under a token budget."""
+
+    max_seq_len: int
+    mask_prob: float = 0.15
+    seed: int = 0
+    max_tokens: int | None = None
+    batch_size: int = 32
+
+
+def unmasked_batch(sequences: Sequence[str], tokenizer, max_seq_len: int) -> dict:
+    """The sequences as a model sees them to embed or score them: the N-terminal crop, no mask."""
+    return collate(sequences, tokenizer, max_seq_len, mask_prob=0.0, random_crop=False)
 
 
 class MaskedBatches(Dataset):
@@ -423,20 +442,29 @@ class MaskedBatches(Dataset):
     index), so it looks the same in any batch, on any worker, after a resume. The mask variant
     is `mask_variant` (default: the epoch) in training, VALIDATION_VARIANT otherwise."""
 
-    def __init__(self, sequences, tokenizer, args, epoch: int, train: bool, mask_variant: int | None = None):
+    def __init__(
+        self, sequences, tokenizer, masking: Masking, epoch: int, train: bool, mask_variant: int | None = None
+    ):
         self.sequences, self.tokenizer, self.epoch, self.train = sequences, tokenizer, epoch, train
-        self.max_seq_len, self.mask_prob, self.seed = args.max_seq_len, args.mask_prob, args.seed
+        self.max_seq_len, self.mask_prob, self.seed = masking.max_seq_len, masking.mask_prob, masking.seed
         self.mask_variant = (epoch if mask_variant is None else mask_variant) if train else VALIDATION_VARIANT
         lengths = token_lengths(sequences, self.max_seq_len)
         self.batches = batch_indices(
             lengths,
-            max_tokens=args.max_tokens,
-            batch_size=None if args.max_tokens else args.batch_size,
+            max_tokens=masking.max_tokens,
+            batch_size=None if masking.max_tokens else masking.batch_size,
             shuffle=train,
-            seed=args.seed,
+            seed=masking.seed,
             epoch=epoch,
         )
         self.padding_efficiency = padding_efficiency(self.batches, lengths)
+
+    def unmasked(self) -> list[dict]:
+        """The same batches, unmasked (`unmasked_batch`): what the models see when they embed proteins."""
+        return [
+            unmasked_batch([self.sequences[j] for j in batch], self.tokenizer, self.max_seq_len)
+            for batch in self.batches
+        ]
 
     def __len__(self):
         return len(self.batches)

@@ -24,14 +24,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(args, device: torch.device) -> torch.dtype | None:
+def resolve_precision(fp16: bool, bf16: bool, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the student, or None for fp32. fp16 needs CUDA: elsewhere fp32."""
-    if args.fp16:
+    if fp16:
         if device.type == "cuda":
             return torch.float16
         warnings.warn(f"--fp16 needs a CUDA GPU; training in fp32 on {device.type}", stacklevel=2)
         return None
-    if args.bf16:
+    if bf16:
         if device.type == "cpu":
             print(
                 "note: bf16 on CPU runs through autocast; on CPUs without AMX/AVX512-BF16 it is "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pepemb.cli import UserError
+from pepemb.data import Masking, load_sequences
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,15 +87,30 @@ def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_device_arguments(p: argparse.ArgumentParser) -> None:
+def add_device_arguments(p: argparse.ArgumentParser, *, training: bool = True, precision: bool = True):
+    """--device, and --fp16 / --bf16 with `precision`: every script's one declaration of them.
+    `training` adds the GradScaler to the help and --dist_timeout (torchrun)."""
     g = p.add_argument_group("precision and device")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
     g.add_argument(
-        "--fp16", action="store_true", help="fp16 autocast + GradScaler, fp16 teacher (CUDA; falls back to fp32 on CPU)"
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="where to run (auto: CUDA, else MPS, else CPU)",
     )
-    g.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast, fp16 teacher (CUDA; allowed but slow on most CPUs)"
-    )
+    if precision and training:
+        g.add_argument(
+            "--fp16",
+            action="store_true",
+            help="fp16 autocast + GradScaler, fp16 teacher (CUDA; falls back to fp32 on CPU)",
+        )
+        g.add_argument(
+            "--bf16", action="store_true", help="bf16 autocast, fp16 teacher (CUDA; allowed but slow on most CPUs)"
+        )
+    elif precision:
+        g.add_argument("--fp16", action="store_true", help="fp16 autocast (GPU only; fp32 on CPU)")
+        g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only; fp32 on CPU)")
+    if not training:
+        return g
     g.add_argument(
         "--dist_timeout",
         type=float,
@@ -102,6 +118,7 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MINUTES",
         help="under torchrun: how long a process waits for the others at a synchronisation point before the job fails",
     )
+    return g
 
 
 def add_student_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,3 +263,19 @@ def validate_shared_args(args) -> None:
         raise UserError("choose one of --fp16 and --bf16")
     if args.dist_timeout <= 0:
         raise UserError(f"--dist_timeout must be positive (got {args.dist_timeout})")
+
+
+def masking(args) -> Masking:
+    """The data arguments that decide batches and masks."""
+    return Masking(
+        max_seq_len=args.max_seq_len,
+        mask_prob=args.mask_prob,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
+
+
+def training_sequences(args) -> tuple[list[str], list[str]]:
+    """The training and validation sequences of --data_path."""
+    return load_sequences(args.data_path, args.val_fraction, args.test_fraction, args.seed)

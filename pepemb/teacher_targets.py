@@ -103,9 +103,7 @@ def teacher_embeddings(teacher, sequences: list[str], max_seq_len: int, batch_si
     (the first max_seq_len - 2 residues). float32 [sequences, hidden]."""
     rows = []
     for start in progress(range(0, len(sequences), batch_size), desc="teacher embeddings", unit="batch"):
-        batch = data.collate(
-            sequences[start : start + batch_size], teacher.tokenizer, max_seq_len, mask_prob=0.0, random_crop=False
-        )
+        batch = data.unmasked_batch(sequences[start : start + batch_size], teacher.tokenizer, max_seq_len)
         hidden = teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)["hidden_states"]
         rows.append(mean_pooled(hidden, batch["attention_mask"].to(hidden.device)).cpu())
     return torch.cat(rows).numpy().astype(np.float32)

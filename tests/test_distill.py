@@ -3,7 +3,6 @@
 import json
 import shutil
 import warnings
-from argparse import Namespace
 
 import pytest
 import torch
@@ -166,10 +165,9 @@ def test_bad_flag_combinations_fail_before_any_model_loads(tmp_path, flags, mess
 
 
 def test_fp16_on_cpu_warns_and_runs_fp32():
-    args = Namespace(fp16=True, bf16=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert resolve_precision(args, torch.device("cpu")) is None
+        assert resolve_precision(True, False, torch.device("cpu")) is None
     assert any("fp32" in str(w.message) for w in caught)
 
 

@@ -2,7 +2,6 @@
 
 import json
 import math
-from argparse import Namespace
 from collections import Counter
 
 import numpy as np
@@ -14,7 +13,7 @@ import evaluate
 from architecture import STANDARD_RESIDUES, Student, StudentConfig, load_student, save_student
 from pepemb import data, fidelity
 from pepemb.cli import UserError
-from pepemb.data import MaskedBatches
+from pepemb.data import MaskedBatches, Masking
 from pepemb.teacher import load_teacher
 
 # Three short sequences; with max_seq_len 24 the second is cropped to its first 22 residues.
@@ -64,7 +63,7 @@ def masked_logits(student, teacher, tokenizer):
     batches = MaskedBatches(
         SEQUENCES,
         tokenizer,
-        Namespace(max_seq_len=MAX_SEQ_LEN, mask_prob=MASK_PROB, seed=SEED, max_tokens=None, batch_size=BATCH_SIZE),
+        Masking(max_seq_len=MAX_SEQ_LEN, mask_prob=MASK_PROB, seed=SEED, batch_size=BATCH_SIZE),
         epoch=0,
         train=False,
     )

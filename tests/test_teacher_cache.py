@@ -14,8 +14,9 @@ from architecture import ResidueTokenizer, Student, StudentConfig, load_student
 from conftest import write_short_uniprot
 from pepemb import data
 from pepemb.cli import UserError
-from pepemb.data import MaskedBatches, load_sequences
+from pepemb.data import MaskedBatches
 from pepemb.losses import distillation_loss
+from pepemb.options import masking, training_sequences
 from pepemb.teacher import PROTBERT_VOCAB, load_teacher
 from pepemb.teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
 from pepemb.teacher_targets import load_teacher_targets
@@ -95,7 +96,7 @@ def parsed(argv):
 
 def open_targets(args, variants):
     """distill.py's teacher set-up on CPU: the teacher is loaded unless the cache serves `variants`."""
-    train_seqs, val_seqs = load_sequences(args)
+    train_seqs, val_seqs = training_sequences(args)
     return load_teacher_targets(args, train_seqs, val_seqs, torch.device("cpu"), half=False, variants=variants)
 
 
@@ -107,9 +108,9 @@ def open_targets(args, variants):
 @pytest.mark.parametrize("positions", ["masked", "all"])
 def test_a_step_from_the_cache_has_the_live_teacher_loss(teacher_dir, tiny_fasta, tmp_path, positions):
     args = parsed(flags(teacher_dir, tiny_fasta, tmp_path / "cache", "--distill_positions", positions))
-    train_seqs, _ = load_sequences(args)
+    train_seqs, _ = training_sequences(args)
     targets = open_targets(args, [VAL, 0, 1])
-    filling = MaskedBatches(train_seqs, targets.tokenizer, args, epoch=0, train=True, mask_variant=0)
+    filling = MaskedBatches(train_seqs, targets.tokenizer, masking(args), epoch=0, train=True, mask_variant=0)
     for batch in filling:
         targets(batch, 0)
     assert targets.cache.is_complete(0) and not targets.cache.is_complete(1)
@@ -118,7 +119,7 @@ def test_a_step_from_the_cache_has_the_live_teacher_loss(teacher_dir, tiny_fasta
     torch.manual_seed(0)
     student = Student(StudentConfig.from_tokenizer(targets.tokenizer, d_model=32, num_heads=2, num_layers=1)).eval()
     # epoch 2 reads variant 0 again, in other batches: each sequence's rows must still line up
-    replay = MaskedBatches(train_seqs, targets.tokenizer, args, epoch=2, train=True, mask_variant=0)
+    replay = MaskedBatches(train_seqs, targets.tokenizer, masking(args), epoch=2, train=True, mask_variant=0)
     assert replay.batches != filling.batches
     for batch in replay:
         cached = targets(batch, 0)["logits"]
@@ -154,7 +155,12 @@ def test_epoch_e_uses_mask_variant_e_mod_k(tiny_fasta, teacher_dir, tmp_path):
 
     def masks_by_sequence(args, epoch):
         batches = MaskedBatches(
-            load_sequences(args)[0], tokenizer, args, epoch, train=True, mask_variant=distill.mask_variant(epoch, args)
+            training_sequences(args)[0],
+            tokenizer,
+            masking(args),
+            epoch,
+            train=True,
+            mask_variant=distill.mask_variant(epoch, args),
         )
         masks = {}
         for batch in batches:
@@ -281,12 +287,12 @@ def test_one_filler_at_a_time(teacher_dir, tiny_fasta, tmp_path):
 def test_a_killed_fill_is_completed_to_the_same_bytes(filled_cache, teacher_dir, tiny_fasta, tmp_path):
     cache_dir = tmp_path / "cache"
     args = parsed(flags(teacher_dir, tiny_fasta, cache_dir))
-    train_seqs, val_seqs = load_sequences(args)
+    train_seqs, val_seqs = training_sequences(args)
     teacher = load_teacher(str(teacher_dir))
     cache = TeacherCache(cache_dir)
     cache.start_filling(teacher, run_settings(args, data_hash(train_seqs, val_seqs)), train_seqs, val_seqs)
     targets = TeacherTargets(teacher, cache, teacher.tokenizer, describe_teacher(teacher))
-    batches = MaskedBatches(train_seqs, teacher.tokenizer, args, epoch=0, train=True, mask_variant=0)
+    batches = MaskedBatches(train_seqs, teacher.tokenizer, masking(args), epoch=0, train=True, mask_variant=0)
     targets(batches[0], 0)
     targets(batches[1], 0)
     cache.flush()
