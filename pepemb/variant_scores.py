@@ -188,3 +188,14 @@ def score(
     return pseudo_log_likelihoods(forward, tokenizer, variants, **options) - np.array(
         [wild[m.protein] for m in mutations]
     )
+
+
+def agreement(mutations, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
+    """Spearman of two models' scores over all variants and, averaged, within each protein."""
+    proteins = np.array([m.protein for m in mutations])
+    per_protein = [fidelity.spearman(scores[proteins == p], teacher_scores[proteins == p]) for p in np.unique(proteins)]
+    defined = [r for r in per_protein if r is not None]
+    return {
+        "spearman": fidelity.spearman(scores, teacher_scores),
+        "spearman_per_protein_mean": float(np.mean(defined)) if defined else None,
+    }
