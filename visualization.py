@@ -60,6 +60,7 @@ from pepemb.saliency import (  # noqa: E402
     sanity_check,
     unconverged_targets,
 )
+from pepemb.variant_scores import parse_positions  # noqa: E402
 
 DPI = 130
 MAX_GRID_WIDTH = 24.0  # inches: a grid of attention maps (ProtBert: 30 layers, 16 heads) stays printable
@@ -167,31 +168,17 @@ def check_sequence(sequence: str, tokenizer: ResidueTokenizer, where: str) -> st
     return sequence
 
 
-def parse_positions(text: str, length: int) -> list[int]:
-    """'5,10,20-30' -> sorted unique 1-based positions, each within 1..length."""
-    positions = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise UserError(f"--positions {text!r}: {part!r} is not a position or a range like 20-30")
-        start, end = int(match[1]), int(match[2] or match[1])
-        if start > end:
-            raise UserError(f"--positions {text!r}: range {start}-{end} runs backwards")
-        if start < 1 or end > length:
-            raise UserError(f"--positions {text!r}: {part.strip()} is outside the sequence (positions 1..{length})")
-        positions.update(range(start, end + 1))
-    return sorted(positions)
-
-
 def choose_targets(
-    length: int, target_position: int | None, positions: str | None, max_positions: int
+    length: int, target_position: int | None, positions: str | None, max_positions: int, protein_id: str | None = None
 ) -> tuple[list[int], str | None]:
-    """(1-based target positions, a note when they were subsampled evenly to max_positions)."""
+    """(1-based target positions, a note when they were subsampled to max_positions). The
+    subsample keeps the first and the last position (so not data.evenly_spaced, which ends short
+    of the last); protein_id names the protein in a --positions error."""
     if target_position is not None:
         if not 1 <= target_position <= length:
             raise UserError(f"--target_position {target_position} is outside the sequence (positions 1..{length})")
         return [target_position], None
-    targets = parse_positions(positions, length) if positions else list(range(1, length + 1))
+    targets = parse_positions(positions or None, length, protein_id)
     if len(targets) <= max_positions:
         return targets, None
     keep = np.unique(np.linspace(0, len(targets) - 1, max_positions).round().astype(int))
@@ -904,7 +891,12 @@ def main(argv=None):
         explainers.append(teacher)
     check_layer_head(args, explainers)
     plans = [
-        (p, *choose_targets(len(p.sequence), args.target_position, args.positions, args.max_positions))
+        (
+            p,
+            *choose_targets(
+                len(p.sequence), args.target_position, args.positions, args.max_positions, p.id if args.fasta else None
+            ),
+        )
         for p in proteins
     ]
 

@@ -13,7 +13,7 @@ import torch
 
 import visualization as vis
 from architecture import ResidueTokenizer, Student, StudentConfig, save_student
-from pepemb import cli
+from pepemb import cli, variant_scores
 from pepemb.teacher import PROTBERT_VOCAB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,10 +72,10 @@ def test_head_statistics_of_hand_made_maps():
 
 
 def test_target_positions():
-    assert vis.parse_positions("5,10,20-22, 10", 30) == [5, 10, 20, 21, 22]
+    assert variant_scores.parse_positions("5,10,20-22, 10", 30) == [5, 10, 20, 21, 22]
     for bad in ("0", "3-1", "a", "4-31", "5,,6"):
         with pytest.raises(cli.UserError, match="--positions"):
-            vis.parse_positions(bad, 30)
+            variant_scores.parse_positions(bad, 30)
     targets, note = vis.choose_targets(300, None, None, max_positions=100)
     assert len(targets) == 100 and targets[0] == 1 and targets[-1] == 300
     assert np.ptp(np.diff(targets)) <= 1  # evenly spaced
