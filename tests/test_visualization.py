@@ -13,7 +13,7 @@ import torch
 
 import visualization as vis
 from architecture import ResidueTokenizer, Student, StudentConfig, save_student
-from pepemb import cli, variant_scores
+from pepemb import attention, cli, variant_scores
 from pepemb.teacher import PROTBERT_VOCAB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,14 +61,14 @@ def test_head_statistics_of_hand_made_maps():
     maps = torch.stack([torch.stack([identity, uniform]), torch.stack([previous, previous])])
     every_row = torch.ones(n, dtype=torch.bool)
 
-    stats = vis.head_statistics(maps, every_row)
+    stats = attention.head_statistics(maps, every_row)
     assert stats["entropy"].shape == stats["distance"].shape == (2, 2)
     torch.testing.assert_close(stats["entropy"], torch.tensor([[0.0, math.log(n)], [0.0, 0.0]]))
     # uniform: row i averages |i - j| over j: rows 1.5, 1, 1, 1.5 -> 1.25; previous: 0, 1, 1, 1
     torch.testing.assert_close(stats["distance"], torch.tensor([[0.0, 1.25], [0.75, 0.75]]))
 
     middle_rows = torch.tensor([False, True, True, False])  # as for [cls] r r [eos]
-    torch.testing.assert_close(vis.head_statistics(uniform, middle_rows)["distance"], torch.tensor(1.0))
+    torch.testing.assert_close(attention.head_statistics(uniform, middle_rows)["distance"], torch.tensor(1.0))
 
 
 def test_target_positions():
