@@ -28,7 +28,7 @@ by '_', plus '-' and a short hash when the id was changed or the name is taken (
 Every file is written to a temporary name and renamed, so none is ever half-written.
 
     python embed.py checkpoints/best_model --export_hf pepemb-hf/ [--eval_report outputs/evaluation]
-writes a native transformers ESM-2 model (export.py): config.json, model.safetensors, the tokenizer
+writes a native transformers ESM-2 model (pepemb/hf_export.py): config.json, model.safetensors, the tokenizer
 files and a model card; AutoModelForMaskedLM.from_pretrained and `architecture.load_student` read it.
 """
 

@@ -49,7 +49,7 @@ class Embedder:
         return next(self.model.parameters()).device
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """{"logits": [B, L, V]}: the forward that measures.site_log_probs and scoring.py call."""
+        """{"logits": [B, L, V]}: the forward that fidelity.site_log_probs and variant_scores call."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with torch.inference_mode():
             if self.is_student:
@@ -92,7 +92,7 @@ def load_embedder(name: str, device: torch.device, half: bool = False, trust_rem
 
 
 def _is_student_config(path: Path) -> bool:
-    """A config.json of a student: the old export layout, or a native export's (export.py)."""
+    """A config.json of a student: the old export layout, or a native export's (hf_export.py)."""
     try:
         config = json.loads(path.read_text())
         return config.get("format") == CHECKPOINT_FORMAT or "pepemb" in config
