@@ -28,17 +28,14 @@ by '_', plus '-' and a short hash when the id was changed or the name is taken (
 Every file is written to a temporary name and renamed, so none is ever half-written.
 
     python embed.py checkpoints/best_model --export_hf pepemb-hf/ [--eval_report outputs/evaluation]
-writes a native transformers ESM-2 model (export.py): config.json, model.safetensors, the tokenizer
+writes a native transformers ESM-2 model (pepemb/hf_export.py): config.json, model.safetensors, the tokenizer
 files and a model card; AutoModelForMaskedLM.from_pretrained and `architecture.load_student` read it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import shlex
-import shutil
 import sys
 import time
 import warnings
@@ -46,23 +43,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import safetensors.numpy
-import safetensors.torch
 import torch
-from safetensors import safe_open
 
 from architecture import StudentCheckpoint
 from pepemb import cli, data, devices
 from pepemb.cli import UserError
-from pepemb.files import atomic_open, file_names
+from pepemb.embedding_files import (
+    MANIFEST_FORMAT,
+    MANIFEST_FORMAT_VERSION,
+    check_output_dir,
+    check_same_settings,
+    clear_outputs,
+    embed_to_files,
+    is_done,
+    write_embeddings_npz,
+    write_manifest,
+)
+from pepemb.files import file_names
 from pepemb.hf_export import export_native, read_eval_report
-from pepemb.inference import DEFAULT_MAX_LENGTH, Embedded, Embedder, embed_sequences, load_embedder
+from pepemb.inference import DEFAULT_MAX_LENGTH, Embedder, absolute_layers, load_embedder, window_sizes
 from pepemb.options import add_device_arguments
-from pepemb.progress import progress
 
-MANIFEST_FORMAT = "pepemb-embeddings"
-MANIFEST_FORMAT_VERSION = 1
 KINDS = ("mean", "per_tok", "cls")
 
 
@@ -103,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher: also write mean_teacher, each protein's embedding mapped into the teacher's "
         "embedding space by the map a student distilled with --embedding_weight carries",
     )
+    add_window_arguments(p)
+    add_device_arguments(p, training=False)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue in an OUTPUT_DIR from an earlier run, skipping sequences already done",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the embeddings in OUTPUT_DIR")
+    add_export_arguments(p)
+    p.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow a Hub model to run its own code (off unless you trust it)",
+    )
+    return p
+
+
+def add_window_arguments(p: argparse.ArgumentParser) -> None:
+    """The token budget, and how much of a long sequence each forward pass reads."""
     p.add_argument(
         "--max_tokens",
         type=int,
@@ -129,13 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="residues shared by consecutive windows with --long chunk (default min(64, max_length // 4))",
     )
-    add_device_arguments(p, training=False)
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue in an OUTPUT_DIR from an earlier run, skipping sequences already done",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the embeddings in OUTPUT_DIR")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """--export_hf and what goes into its model card."""
     p.add_argument(
         "--export_hf",
         metavar="DIR",
@@ -151,12 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --export_hf: evaluate.py's report.json (or its folder), whose held-out metrics go "
         "into the model card",
     )
-    p.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="allow a Hub model to run its own code (off unless you trust it)",
-    )
-    return p
 
 
 def validate_args(args) -> None:
@@ -186,169 +197,6 @@ def resolve_precision(args, device: torch.device) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Layers and windows
-# --------------------------------------------------------------------------------------------
-
-
-def absolute_layers(repr_layers: Sequence[int], num_layers: int) -> list[int]:
-    """Layer numbers in 0..num_layers (negative ones count from the end), duplicates dropped."""
-    bad = [i for i in repr_layers if not -(num_layers + 1) <= i <= num_layers]
-    if bad:
-        raise UserError(
-            f"--repr_layers {' '.join(map(str, bad))} out of range: the model has "
-            f"{num_layers} layers, so use 0..{num_layers} (0 = embeddings) or "
-            f"-{num_layers + 1}..-1 (-1 = last)"
-        )
-    return list(dict.fromkeys(i % (num_layers + 1) for i in repr_layers))
-
-
-def window_sizes(args, embedder: Embedder) -> tuple[int, int]:
-    """(residues per window, overlap between windows), checked against the model's limit."""
-    limit = embedder.max_positions - 2
-    max_length = args.max_length or min(DEFAULT_MAX_LENGTH, limit)
-    if max_length > limit:
-        raise UserError(
-            f"--max_length {max_length} exceeds what {embedder.name} takes "
-            f"({limit} residues plus start/end tokens); pass --max_length {limit} or less"
-        )
-    overlap = min(64, max_length // 4) if args.overlap is None else args.overlap
-    if args.long == "chunk" and overlap >= max_length:
-        raise UserError(f"--overlap {overlap} must be smaller than the window (--max_length {max_length})")
-    return max_length, overlap
-
-
-# --------------------------------------------------------------------------------------------
-# Output files
-# --------------------------------------------------------------------------------------------
-
-
-def _write(path: Path, payload: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
-        handle.write(payload)
-
-
-def _sequence_hash(sequence: str) -> str:
-    return hashlib.sha1(sequence.encode()).hexdigest()
-
-
-def save_embedded(
-    output_dir: Path, name: str, protein: data.Protein, result: Embedded, include: Sequence[str], teacher_map=None
-) -> None:
-    """per_tok/NAME (if asked), then partial/NAME: a sequence with a partial file is done. With
-    a teacher map, also the last layer's mean mapped into the teacher's space (mean_teacher)."""
-    if "per_tok" in include:
-        arrays = {f"layer_{k}": v.numpy() for k, v in result.per_residue.items()}
-        _write(
-            output_dir / "per_tok" / f"{name}.safetensors", safetensors.numpy.save(arrays, metadata={"id": protein.id})
-        )
-    row = {}
-    if "mean" in include:
-        row.update({f"mean_layer_{k}": v.mean(0).numpy() for k, v in result.per_residue.items()})
-    if "cls" in include:
-        row.update({f"cls_layer_{k}": v.numpy() for k, v in result.cls.items()})
-    if teacher_map is not None:
-        last = result.per_residue[max(result.per_residue)].mean(0)
-        with torch.no_grad():
-            row["mean_teacher"] = teacher_map(last.to(next(teacher_map.parameters()).device)).float().cpu().numpy()
-    residues = next(iter(result.per_residue.values())).shape[0]
-    metadata = {
-        "id": protein.id,
-        "sequence_sha1": _sequence_hash(protein.sequence),
-        "residues": str(residues),
-        "windows": str(result.windows),
-    }
-    _write(output_dir / "partial" / f"{name}.safetensors", safetensors.numpy.save(row, metadata=metadata))
-
-
-def partial_metadata(output_dir: Path, name: str) -> dict | None:
-    """The metadata of partial/NAME, or None when there is no complete one."""
-    path = output_dir / "partial" / f"{name}.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(path, "np") as f:
-            return f.metadata()
-    except Exception:  # safetensors raises its own error types; an unreadable file is not done
-        return None
-
-
-def is_done(output_dir: Path, name: str, protein: data.Protein, include: Sequence[str]) -> bool:
-    """Whether an earlier run embedded this very sequence under this name (for --resume)."""
-    metadata = partial_metadata(output_dir, name)
-    return (
-        metadata is not None
-        and metadata.get("id") == protein.id
-        and metadata.get("sequence_sha1") == _sequence_hash(protein.sequence)
-        and ("per_tok" not in include or (output_dir / "per_tok" / f"{name}.safetensors").is_file())
-    )
-
-
-def write_embeddings_npz(
-    output_dir: Path,
-    proteins: Sequence[data.Protein],
-    names: Sequence[str],
-    layers: Sequence[int],
-    include: Sequence[str],
-) -> dict[str, tuple]:
-    """embeddings.npz from the partial files, rows in input order; returns {array: shape}."""
-    rows, residues = [], []
-    for name in names:
-        path = output_dir / "partial" / f"{name}.safetensors"
-        rows.append(safetensors.numpy.load_file(path))
-        residues.append(int(partial_metadata(output_dir, name)["residues"]))
-    arrays = {"ids": np.array([p.id for p in proteins]), "lengths": np.array(residues, dtype=np.int64)}
-    if "per_tok" in include:
-        arrays["per_tok_files"] = np.array([f"per_tok/{name}.safetensors" for name in names])
-    for kind in ("mean", "cls"):
-        if kind in include:
-            for layer in layers:
-                key = f"{kind}_layer_{layer}"
-                arrays[key] = np.stack([row[key] for row in rows]).astype(np.float32)
-    if rows and "mean_teacher" in rows[0]:
-        arrays["mean_teacher"] = np.stack([row["mean_teacher"] for row in rows]).astype(np.float32)
-    with atomic_open(output_dir / "embeddings.npz", "wb") as handle:
-        np.savez(handle, **arrays)
-    return {k: list(v.shape) for k, v in arrays.items()}
-
-
-OUTPUTS = ("manifest.json", "embeddings.npz", "partial", "per_tok")
-
-
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> dict | None:
-    """The earlier run's manifest (to resume), None for a fresh start; refuses to mix runs."""
-    manifest_path = output_dir / "manifest.json"
-    if not manifest_path.is_file():
-        if resume:
-            print(f"--resume: no earlier run in {output_dir}; starting fresh")
-        return None
-    if not (resume or overwrite):
-        raise UserError(
-            f"{output_dir} already holds embeddings ({manifest_path}); pass --resume "
-            "to continue that run, --overwrite to replace it, or another OUTPUT_DIR"
-        )
-    if overwrite:
-        return None
-    try:
-        return json.loads(manifest_path.read_text())
-    except ValueError as err:
-        raise UserError(f"{manifest_path} is not valid JSON ({err}); use --overwrite") from None
-
-
-def clear_outputs(output_dir: Path) -> None:
-    """Remove this script's outputs (and nothing else) from output_dir."""
-    for name in OUTPUTS:
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def write_manifest(output_dir: Path, manifest: dict) -> None:
-    _write(output_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 
@@ -368,22 +216,36 @@ def main(argv=None):
         args.model, device, half=autocast_dtype == torch.float16, trust_remote_code=args.trust_remote_code
     )
     if args.export_hf:
-        if not embedder.is_student:
-            raise UserError(f"--export_hf needs a student checkpoint; {args.model} is a HuggingFace model")
-        command = shlex.join(["python", "embed.py", *(sys.argv[1:] if argv is None else map(str, argv))])
-        export_native(
-            StudentCheckpoint(embedder.model, embedder.tokenizer, embedder.metadata),
-            args.export_hf,
-            read_eval_report(args.eval_report),
-            command,
-        )
-        print(
-            f"exported {embedder.model.summary()} to {args.export_hf} as a transformers ESM model "
-            "(AutoModelForMaskedLM.from_pretrained loads it)"
-        )
+        export_student(embedder, args, argv)
     if output_dir is None:
         return None
+    settings = embedding_settings(embedder, args, autocast_dtype)
+    if previous is not None:
+        check_same_settings(previous, settings, output_dir)
+    else:
+        clear_outputs(output_dir)
+    return embed_fasta(embedder, proteins, output_dir, settings, args, autocast_dtype)
 
+
+def export_student(embedder: Embedder, args, argv) -> None:
+    """--export_hf: the student as a native transformers ESM-2 model, its command in the model card."""
+    if not embedder.is_student:
+        raise UserError(f"--export_hf needs a student checkpoint; {args.model} is a HuggingFace model")
+    command = shlex.join(["python", "embed.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+    export_native(
+        StudentCheckpoint(embedder.model, embedder.tokenizer, embedder.metadata),
+        args.export_hf,
+        read_eval_report(args.eval_report),
+        command,
+    )
+    print(
+        f"exported {embedder.model.summary()} to {args.export_hf} as a transformers ESM model "
+        "(AutoModelForMaskedLM.from_pretrained loads it)"
+    )
+
+
+def embedding_settings(embedder: Embedder, args, autocast_dtype: torch.dtype | None) -> dict:
+    """What the embeddings depend on (the manifest's settings, which --resume must match)."""
     layers = absolute_layers(args.repr_layers, embedder.num_layers)
     if args.space == "teacher":
         if not embedder.is_student or embedder.model.teacher_map is None:
@@ -392,29 +254,17 @@ def main(argv=None):
                 "no map into its teacher's embedding space"
             )
         layers = list(dict.fromkeys([*layers, embedder.num_layers]))  # the map reads the last layer's mean
-    max_length, overlap = window_sizes(args, embedder)
-    include = [kind for kind in KINDS if kind in args.include]
-    precision = str(autocast_dtype or torch.float32).replace("torch.", "")
-    settings = {
+    max_length, overlap = window_sizes(embedder, args.max_length, args.overlap, args.long)
+    return {
         "model": embedder.name,
         "layers": layers,
-        "include": include,
+        "include": [kind for kind in KINDS if kind in args.include],
         "max_length": max_length,
         "long": args.long,
         "overlap": overlap if args.long == "chunk" else None,
-        "precision": precision,
+        "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
         **({"space": "teacher"} if args.space == "teacher" else {}),
     }
-    if previous is not None and previous.get("settings") != settings:
-        changed = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
-        raise UserError(
-            f"{output_dir} holds embeddings made with other settings "
-            f"({', '.join(changed) or 'format'} differ); rerun with the same options, "
-            f"--overwrite, or another OUTPUT_DIR"
-        )
-    if previous is None:
-        clear_outputs(output_dir)
-    return embed_fasta(embedder, proteins, output_dir, settings, args, autocast_dtype)
 
 
 def embed_fasta(
@@ -427,13 +277,7 @@ def embed_fasta(
 ) -> dict:
     """Embed the proteins not done yet, then write embeddings.npz and the final manifest."""
     names = file_names([p.id for p in proteins])
-    duplicates = {id_: n for id_, n in Counter(p.id for p in proteins).items() if n > 1}
-    if duplicates:
-        shown = ", ".join(f"{id_} ({n}x)" for id_, n in list(duplicates.items())[:5])
-        print(
-            f"note: {len(duplicates)} ids occur more than once: {shown}"
-            f"{', ...' if len(duplicates) > 5 else ''}; all records are kept, with distinct file names"
-        )
+    duplicates = duplicate_ids(proteins)
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_FORMAT_VERSION,
@@ -451,63 +295,24 @@ def embed_fasta(
     ]
     if len(todo) < len(proteins):
         print(f"resume: {len(proteins) - len(todo)} of {len(proteins)} sequences already embedded")
-    max_length = settings["max_length"]
     start = time.perf_counter()
-    residues_done = 0
-    bar = progress(total=len(todo), desc="embed", unit="seq")
-    for result in embed_sequences(
+    residues_done = embed_to_files(
         embedder,
-        [proteins[i].sequence for i in todo],
-        settings["layers"],
+        [proteins[i] for i in todo],
+        [names[i] for i in todo],
+        output_dir,
+        settings,
         max_tokens=args.max_tokens,
-        max_length=max_length,
-        long=args.long,
-        overlap=settings["overlap"] or 0,
         autocast_dtype=autocast_dtype,
-    ):
-        i = todo[result.index]
-        save_embedded(
-            output_dir,
-            names[i],
-            proteins[i],
-            result,
-            settings["include"],
-            embedder.model.teacher_map if settings.get("space") == "teacher" else None,
-        )
-        residues_done += next(iter(result.per_residue.values())).shape[0]
-        bar.update(1)
-        bar.set_postfix(res_s=f"{residues_done / max(time.perf_counter() - start, 1e-9):.0f}")
-    bar.close()
+    )
     elapsed = time.perf_counter() - start
 
     arrays = write_embeddings_npz(output_dir, proteins, names, settings["layers"], settings["include"])
-    too_long = sum(len(p.sequence) > max_length for p in proteins)
     manifest.update(
         {
             "complete": True,
-            "model": {
-                "name": embedder.name,
-                "kind": "student" if embedder.is_student else "huggingface",
-                "num_layers": embedder.num_layers,
-                "num_parameters": sum(p.numel() for p in embedder.model.parameters()),
-                "vocab_hash": embedder.tokenizer.vocab_hash,
-            },
-            "device": str(embedder.device),
-            "embedding_dim": embedder.hidden_size,
-            "dtype": "float32",
-            **(
-                {"teacher_embedding_dim": embedder.model.config.teacher_hidden_size}
-                if settings.get("space") == "teacher"
-                else {}
-            ),
-            "counts": {
-                "sequences": len(proteins),
-                "residues": int(sum(len(p.sequence) for p in proteins)),
-                "embedded_this_run": len(todo),
-                "already_done": len(proteins) - len(todo),
-                "truncated": too_long if args.long == "truncate" else 0,
-                "chunked": too_long if args.long == "chunk" else 0,
-            },
+            **model_description(embedder, settings),
+            "counts": run_counts(proteins, len(todo), settings),
             "duplicate_ids": duplicates,
             "arrays": arrays,
             "elapsed_s": elapsed,
@@ -521,6 +326,51 @@ def embed_fasta(
         f"{len(proteins)} rows in {output_dir / 'embeddings.npz'}"
     )
     return manifest
+
+
+def duplicate_ids(proteins: Sequence[data.Protein]) -> dict[str, int]:
+    """{id: records} of the ids that occur more than once, with a note: all records are kept."""
+    duplicates = {id_: n for id_, n in Counter(p.id for p in proteins).items() if n > 1}
+    if duplicates:
+        shown = ", ".join(f"{id_} ({n}x)" for id_, n in list(duplicates.items())[:5])
+        print(
+            f"note: {len(duplicates)} ids occur more than once: {shown}"
+            f"{', ...' if len(duplicates) > 5 else ''}; all records are kept, with distinct file names"
+        )
+    return duplicates
+
+
+def model_description(embedder: Embedder, settings: dict) -> dict:
+    """The manifest's model, device, embedding_dim, dtype (and teacher_embedding_dim) entries."""
+    return {
+        "model": {
+            "name": embedder.name,
+            "kind": "student" if embedder.is_student else "huggingface",
+            "num_layers": embedder.num_layers,
+            "num_parameters": embedder.num_parameters,
+            "vocab_hash": embedder.tokenizer.vocab_hash,
+        },
+        "device": str(embedder.device),
+        "embedding_dim": embedder.hidden_size,
+        "dtype": "float32",
+        **(
+            {"teacher_embedding_dim": embedder.model.config.teacher_hidden_size}
+            if settings.get("space") == "teacher"
+            else {}
+        ),
+    }
+
+
+def run_counts(proteins: Sequence[data.Protein], embedded: int, settings: dict) -> dict:
+    too_long = sum(len(p.sequence) > settings["max_length"] for p in proteins)
+    return {
+        "sequences": len(proteins),
+        "residues": int(sum(len(p.sequence) for p in proteins)),
+        "embedded_this_run": embedded,
+        "already_done": len(proteins) - embedded,
+        "truncated": too_long if settings["long"] == "truncate" else 0,
+        "chunked": too_long if settings["long"] == "chunk" else 0,
+    }
 
 
 if __name__ == "__main__":

@@ -14,38 +14,28 @@ to --output_dir.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import sys
-import time
 from pathlib import Path
-
-import torch
 
 from architecture import load_student
 from pepemb import cli, data
 from pepemb.cli import UserError
 from pepemb.data import MaskedBatches, Masking
 from pepemb.devices import resolve_device
-from pepemb.files import atomic_open
+from pepemb.evaluation_report import summary_table, write_outputs
 from pepemb.heldout import (
     EMBEDDING_PROTEINS,
     MUTATION_POSITIONS,
     MUTATION_PROTEINS,
-    MutationProbe,
     build_report,
-    last_hidden_states,
+    fidelity_measures,
     masked_statistics,
-    representation_measures,
     residue_counts,
-    sample_proteins,
-    teacher_space_measures,
 )
 from pepemb.options import add_device_arguments
+from pepemb.speed import compare_speed
 
 DEFAULT_MAX_SEQ_LEN = 512
 NO_TEACHER = "none"
-MB = 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,82 +126,50 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate the checkpoint (and teacher) and write report.json, report.md and
     per_residue_accuracy.png into output_dir; returns the report (report.json's content)."""
-    check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len)
-    for name, value in (
-        ("mutation_proteins", mutation_proteins),
-        ("mutation_positions", mutation_positions),
-        ("embedding_proteins", embedding_proteins),
-    ):
-        if value < 0:
-            raise UserError(f"--{name} must not be negative (got {value})")
+    fidelity_counts = dict(
+        mutation_proteins=mutation_proteins,
+        mutation_positions=mutation_positions,
+        embedding_proteins=embedding_proteins,
+    )
+    check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len, fidelity_counts)
     cli.writable_folder(output_dir, "--output_dir")  # before the work, not after it
     device = resolve_device(device)
     student, tokenizer, metadata = load_student(model_path, map_location=device)
     fasta, sequences = read_sequences(data_path, max_sequences)
     teacher = load_matching_teacher(teacher_model, metadata, tokenizer, device, use_8bit, trust_remote_code)
-    max_seq_len = max_seq_len or metadata.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN
-    if teacher is not None and max_seq_len > teacher.max_positions:
-        print(
-            f"note: the teacher takes at most {teacher.max_positions} positions; "
-            f"--max_seq_len {max_seq_len} lowered to {teacher.max_positions}"
-        )
-        max_seq_len = teacher.max_positions
-    if max_tokens is not None and max_tokens < max_seq_len:
-        raise UserError(f"--max_tokens {max_tokens} is smaller than --max_seq_len {max_seq_len}")
+    max_seq_len = fit_max_seq_len(
+        max_seq_len or metadata.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN, teacher, max_tokens
+    )
 
     batching = Masking(
         max_seq_len=max_seq_len, mask_prob=mask_prob, seed=seed, max_tokens=max_tokens, batch_size=batch_size
     )
     masked_batches = MaskedBatches(sequences, tokenizer, batching, epoch=0, train=False)
     unmasked = masked_batches.unmasked()
-
     speed = None
     if speed_batches:
-        timed = data.evenly_spaced(unmasked, speed_batches)
-        speed = {"student": measure_speed(student, student, timed, device)}
-        if teacher is not None:
-            speed["teacher"] = measure_speed(
-                lambda ids, mask: teacher.model(input_ids=ids, attention_mask=mask), teacher.model, timed, device
-            )
-            speed["speedup"] = {
-                k: speed["student"][k] / speed["teacher"][k] for k in ("sequences_per_s", "tokens_per_s")
-            }
-
+        speed = compare_speed(student, teacher, data.evenly_spaced(unmasked, speed_batches), device)
     stats = masked_statistics(student, teacher, masked_batches, device)
     fidelity = None
     if teacher is not None and (mutation_proteins and mutation_positions or embedding_proteins):
-        fidelity = fidelity_measures(
-            student,
-            teacher,
-            sequences,
-            tokenizer,
-            batching,
-            device,
-            mutation_proteins=mutation_proteins,
-            mutation_positions=mutation_positions,
-            embedding_proteins=embedding_proteins,
-        )
-    student_params = student.num_parameters()
+        fidelity = fidelity_measures(student, teacher, sequences, tokenizer, batching, device, **fidelity_counts)
+    setup = {
+        "model_path": str(model_path),
+        "data_path": str(fasta),
+        "teacher": teacher.name if teacher else None,
+        "teacher_backend": teacher.backend if teacher else None,
+        "device": str(device),
+        "max_seq_len": max_seq_len,
+        "mask_prob": mask_prob,
+        "seed": seed,
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "sequences": len(sequences),
+        "batches": len(masked_batches),
+    }
     report = {
-        "setup": {
-            "model_path": str(model_path),
-            "data_path": str(fasta),
-            "teacher": teacher.name if teacher else None,
-            "teacher_backend": teacher.backend if teacher else None,
-            "device": str(device),
-            "max_seq_len": max_seq_len,
-            "mask_prob": mask_prob,
-            "seed": seed,
-            "batch_size": batch_size,
-            "max_tokens": max_tokens,
-            "sequences": len(sequences),
-            "batches": len(masked_batches),
-        },
-        "parameters": {
-            "student": student_params,
-            "teacher": teacher.num_parameters if teacher else None,
-            "compression": teacher.num_parameters / student_params if teacher else None,
-        },
+        "setup": setup,
+        "parameters": parameter_counts(student, teacher),
         **build_report(stats, residue_counts(unmasked, tokenizer), tokenizer, speed),
         "fidelity": fidelity,
     }
@@ -219,50 +177,9 @@ def evaluate_checkpoint(
     return report
 
 
-def fidelity_measures(
-    student,
-    teacher,
-    sequences,
-    tokenizer,
-    batching,
-    device,
-    *,
-    mutation_proteins,
-    mutation_positions,
-    embedding_proteins,
-) -> dict:
-    """Mutation-effect agreement, CKA and 10-NN overlap with the teacher (evaluation.py), timed.
-    `batching` is evaluate's masking namespace: its max_seq_len, seed and batch sizes apply."""
-    max_seq_len, seed = batching.max_seq_len, batching.seed
-    start = time.perf_counter()
-    fidelity = {}
-    if mutation_proteins and mutation_positions:
-        probe = MutationProbe(
-            sequences,
-            tokenizer,
-            proteins=mutation_proteins,
-            positions=mutation_positions,
-            seed=seed,
-            max_seq_len=max_seq_len,
-        )
-        fidelity["mutation_effects"] = probe.report(probe.scores(student, device), probe.scores(teacher, device))
-    if embedding_proteins:
-        chosen = [sequences[i] for i in sample_proteins(len(sequences), embedding_proteins, seed)]
-        batches = MaskedBatches(chosen, tokenizer, batching, epoch=0, train=False).unmasked()
-        student_states, teacher_states = (
-            last_hidden_states(student, batches, device),
-            last_hidden_states(teacher, batches, device),
-        )
-        fidelity["representations"] = representation_measures(student_states, teacher_states, seed=seed)
-        if student.teacher_map is not None:  # distilled with --embedding_weight: its teacher-space embeddings
-            with torch.no_grad():
-                mapped = student.teacher_map(student_states["pooled"].to(device)).cpu()
-            fidelity["teacher_space"] = teacher_space_measures(mapped, teacher_states["pooled"])
-    fidelity["seconds"] = time.perf_counter() - start
-    return fidelity
-
-
-def check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len) -> None:
+def check_options(
+    batch_size, max_tokens, mask_prob, max_sequences, speed_batches, max_seq_len, fidelity_counts: dict
+) -> None:
     for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("max_sequences", max_sequences)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be positive (got {value})")
@@ -272,6 +189,31 @@ def check_options(batch_size, max_tokens, mask_prob, max_sequences, speed_batche
         raise UserError(f"--mask_prob must be between 0 and 1 (got {mask_prob})")
     if max_seq_len is not None and max_seq_len < 3:
         raise UserError("--max_seq_len must leave room for start, end and one residue (>= 3)")
+    for name, value in fidelity_counts.items():
+        if value < 0:
+            raise UserError(f"--{name} must not be negative (got {value})")
+
+
+def fit_max_seq_len(max_seq_len: int, teacher, max_tokens: int | None) -> int:
+    """max_seq_len lowered to what the teacher takes (with a note), checked against --max_tokens."""
+    if teacher is not None and max_seq_len > teacher.max_positions:
+        print(
+            f"note: the teacher takes at most {teacher.max_positions} positions; "
+            f"--max_seq_len {max_seq_len} lowered to {teacher.max_positions}"
+        )
+        max_seq_len = teacher.max_positions
+    if max_tokens is not None and max_tokens < max_seq_len:
+        raise UserError(f"--max_tokens {max_tokens} is smaller than --max_seq_len {max_seq_len}")
+    return max_seq_len
+
+
+def parameter_counts(student, teacher) -> dict:
+    student_params = student.num_parameters()
+    return {
+        "student": student_params,
+        "teacher": teacher.num_parameters if teacher else None,
+        "compression": teacher.num_parameters / student_params if teacher else None,
+    }
 
 
 def read_sequences(data_path, max_sequences: int | None) -> tuple[Path, list[str]]:
@@ -309,368 +251,6 @@ def load_matching_teacher(name, metadata, tokenizer, device, use_8bit, trust_rem
             f"not line up; pass the teacher the student was distilled from, or none"
         )
     return teacher
-
-
-# --------------------------------------------------------------------------------------------
-# Speed and memory
-# --------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def measure_speed(forward, model, batches: list[dict], device) -> dict:
-    """Throughput of forward(input_ids, attention_mask) over the batches, after one warm-up
-    batch (allocator, kernel selection and lazily built tables are first-call costs), and its
-    peak memory: the weights' bytes plus the peak growth during the timed batches."""
-    batches = [(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in batches]
-    forward(*batches[0])
-    synchronize(device)
-    meter = PeakMemory(device)
-    with meter:
-        start = time.perf_counter()
-        for ids, mask in batches:
-            forward(ids, mask)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    sequences = sum(ids.shape[0] for ids, _ in batches)
-    tokens = sum(int(mask.sum()) for _, mask in batches)
-    weights = tensor_bytes(model.state_dict()) / MB
-    return {
-        "sequences_per_s": sequences / seconds,
-        "tokens_per_s": tokens / seconds,
-        "seconds": seconds,
-        "batches": len(batches),
-        "sequences": sequences,
-        "tokens": tokens,
-        "weights_mb": weights,
-        "activation_peak_mb": meter.growth_mb,
-        "peak_memory_mb": weights + meter.growth_mb,
-        "memory_measure": meter.measure,
-    }
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def tensor_bytes(state) -> int:
-    """Bytes of a state_dict's tensors, each storage once (tied weights), including the packed
-    weights of torch's int8 Linear layers, which are not parameters."""
-    seen, total = set(), 0
-
-    def add(value):
-        nonlocal total
-        if isinstance(value, (tuple, list)):
-            for item in value:
-                add(item)
-        elif isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
-            seen.add(value.data_ptr())
-            total += value.numel() * value.element_size()
-
-    for value in state.values():
-        add(value)
-    return total
-
-
-class PeakMemory:
-    """Peak memory growth while the block runs, in MB, and `measure`, saying how it was taken.
-
-    CUDA: torch.cuda.max_memory_allocated above what was allocated at the start (exact, for
-    torch's allocations). Linux CPU: the process's peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) above the resident set at the start; memory that the allocator kept
-    from earlier batches is reused without growing it, so this can undercount. Elsewhere:
-    growth of the lifetime peak (ru_maxrss), 0 when the block stays below an earlier peak.
-    """
-
-    def __init__(self, device):
-        self.device, self.growth_mb, self.measure = device, 0.0, ""
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            self.measure = "CUDA max_memory_allocated growth over the timed batches"
-        elif self._reset_linux_peak():
-            self.start = _proc_status_kb("VmRSS") * 1024
-            self.measure = "process peak RSS growth (Linux VmHWM, reset before timing); may undercount"
-        else:
-            self.start = _max_rss_bytes()
-            self.measure = "growth of the process's lifetime peak RSS (ru_maxrss); 0 if below an earlier peak"
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.measure.startswith("process peak RSS"):
-            peak = _proc_status_kb("VmHWM") * 1024
-        else:
-            peak = _max_rss_bytes()
-        self.growth_mb = max(peak - self.start, 0) / MB
-
-    @staticmethod
-    def _reset_linux_peak() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-
-def _proc_status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _max_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
-
-
-def write_outputs(report: dict, output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
-    with atomic_open(output_dir / "report.json", "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    with atomic_open(output_dir / "report.md", "w") as f:
-        f.write(markdown_report(report))
-    plot_per_residue(report, output_dir / "per_residue_accuracy.png")
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def metrics_table(report: dict) -> str:
-    m = report["metrics"]
-    s, t = m["student"], m["teacher"] or {}
-    base = m["baseline"]
-    return _table(
-        ["metric", "student", "teacher"],
-        [
-            ["masked accuracy", _fmt(s["masked_acc"]), _fmt(t.get("masked_acc"))],
-            ["perplexity", _fmt(s["perplexity"], ".2f"), _fmt(t.get("perplexity"), ".2f")],
-            ["cross-entropy (nats per masked residue)", _fmt(s["cross_entropy"]), _fmt(t.get("cross_entropy"))],
-            ["top-1 agreement with the teacher", _fmt(m["agreement"]), "—"],
-            ["KL(teacher ‖ student) at T=1 (nats per masked residue)", _fmt(m["kl_teacher_student"]), "—"],
-            [
-                f"baseline: always '{base['residue']}' (most frequent residue)",
-                _fmt(base["masked_acc"]),
-                _fmt(base["masked_acc"]),
-            ],
-        ],
-    )
-
-
-def speed_table(report: dict) -> str:
-    speed, params = report["speed"] or {}, report["parameters"]
-    s, t = speed.get("student", {}), speed.get("teacher") or {}
-    ratio = speed.get("speedup") or {}
-    rows = [
-        [
-            "parameters",
-            f"{params['student']:,}",
-            _fmt(params["teacher"], ","),
-            _fmt(params["compression"], ".1f") + "x smaller" if params["compression"] else "—",
-        ]
-    ]
-    if s:
-        rows += [
-            [
-                "sequences / s",
-                _fmt(s["sequences_per_s"], ".1f"),
-                _fmt(t.get("sequences_per_s"), ".1f"),
-                _fmt(ratio.get("sequences_per_s"), ".1f") + "x" if ratio else "—",
-            ],
-            [
-                "tokens / s",
-                _fmt(s["tokens_per_s"], ",.0f"),
-                _fmt(t.get("tokens_per_s"), ",.0f"),
-                _fmt(ratio.get("tokens_per_s"), ".1f") + "x" if ratio else "—",
-            ],
-            ["weights (MB)", _fmt(s["weights_mb"], ".1f"), _fmt(t.get("weights_mb"), ".1f"), ""],
-            [
-                "peak memory: weights + activation peak (MB)",
-                _fmt(s["peak_memory_mb"], ".1f"),
-                _fmt(t.get("peak_memory_mb"), ".1f"),
-                "",
-            ],
-        ]
-    return _table(["", "student", "teacher", "student vs teacher"], rows)
-
-
-def markdown_report(report: dict) -> str:
-    setup, counts = report["setup"], report["counts"]
-    teacher = f"{setup['teacher']} ({setup['teacher_backend']})" if setup["teacher"] else "none"
-    per_residue_rows = [
-        [residue, f"{r['masked_count']:,}", _fmt(r["frequency"]), _fmt(r["student_acc"]), _fmt(r["teacher_acc"])]
-        for residue, r in report["per_residue"].items()
-    ]
-    parts = [
-        f"# Evaluation of {setup['model_path']}",
-        f"- data: {setup['data_path']}: {setup['sequences']:,} sequences, {counts['residues']:,} residues "
-        f"(longer ones cropped to their first {setup['max_seq_len'] - 2})\n"
-        f"- masks: {counts['masked_tokens']:,} masked residues (mask_prob {setup['mask_prob']}, 80/10/10, "
-        f"seed {setup['seed']}); metrics are over all of them\n"
-        f"- teacher: {teacher}; device: {setup['device']}",
-        "## Masked-residue prediction\n\n" + metrics_table(report),
-        *fidelity_section(report),
-        "## Accuracy by true residue\n\n"
-        + _table(["residue", "masked", "frequency in the data", "student acc", "teacher acc"], per_residue_rows),
-        "## Size and speed\n\n" + speed_table(report),
-    ]
-    speed = report["speed"]
-    if speed:
-        s = speed["student"]
-        parts.append(
-            f"Timed on the same unmasked batches ({s['batches']} batches, {s['sequences']:,} sequences, "
-            f"{s['tokens']:,} tokens) after one warm-up batch, under torch.inference_mode. "
-            f"Memory: {s['memory_measure']}."
-        )
-    return "\n\n".join(parts) + "\n"
-
-
-def fidelity_table(report: dict) -> str | None:
-    """What the student keeps of the teacher beyond top-1: the distribution and the representations."""
-    fidelity = report.get("fidelity") or {}
-    mutations, reps = fidelity.get("mutation_effects"), fidelity.get("representations")
-    rows = []
-    if mutations:
-        s, b = mutations["student"], mutations["baseline"]
-        rows += [
-            ["mutation effects: Spearman with the teacher, all pairs", _fmt(s["spearman"]), _fmt(b["spearman"])],
-            [
-                "mutation effects: mean per protein",
-                _fmt(s["spearman_per_protein_mean"]),
-                _fmt(b["spearman_per_protein_mean"]),
-            ],
-            [
-                "mutation effects: mean within a position (19 substitutions)",
-                _fmt(s["spearman_within_position_mean"]),
-                _fmt(b["spearman_within_position_mean"]),
-            ],
-        ]
-    if reps:
-        rows += [
-            ["linear CKA of the last hidden states (residue tokens)", _fmt(reps["cka"]), "—"],
-            [
-                f"{reps['knn_k']}-NN overlap of mean embeddings (chance {_fmt(reps['knn_chance'])})",
-                _fmt(reps["knn_overlap"]),
-                _fmt(reps["knn_chance"]),
-            ],
-        ]
-    space = fidelity.get("teacher_space")
-    if space:
-        rows += [
-            [
-                f"teacher space: {reps['knn_k']}-NN overlap of the mapped embeddings",
-                _fmt(space["knn_overlap"]),
-                _fmt(reps["knn_chance"]),
-            ],
-            ["teacher space: cosine with the teacher's embedding, both centred", _fmt(space["centred_cosine"]), "0"],
-            [
-                "teacher space: R² of the teacher's embedding (raw cosine " + _fmt(space["raw_cosine"]) + ")",
-                _fmt(space["r2"]),
-                "0",
-            ],
-        ]
-    return _table(["measure (against the teacher)", "student", "baseline / chance"], rows) if rows else None
-
-
-def fidelity_section(report: dict) -> list[str]:
-    table = fidelity_table(report)
-    if table is None:
-        return []
-    fidelity = report["fidelity"]
-    notes = []
-    if "mutation_effects" in fidelity:
-        m = fidelity["mutation_effects"]
-        notes.append(
-            f"Mutation effects: {m['student']['sites']:,} sites ({m['positions_per_protein']} random "
-            f"positions in each of {m['proteins']} proteins, seed {m['seed']}), every substitution scored "
-            "as log p(mutant) - log p(wild type) with the site masked (ESM-1v's masked marginal), "
-            f"{m['student']['pairs']:,} pairs; the baseline scores log f(mutant) - log f(wild type) "
-            "from residue frequencies alone."
-        )
-    if "representations" in fidelity:
-        r = fidelity["representations"]
-        notes.append(
-            f"Representations: linear CKA over {r['cka_tokens']:,} residue tokens; neighbours by cosine "
-            f"of mean-pooled last hidden states of {r['knn_proteins']:,} proteins."
-        )
-    return ["## Fidelity to the teacher beyond masked accuracy\n\n" + table + "\n\n" + " ".join(notes)]
-
-
-def summary_table(report: dict) -> str:
-    fidelity = fidelity_table(report)
-    return "\n\n".join(part for part in (metrics_table(report), fidelity, speed_table(report)) if part)
-
-
-def plot_per_residue(report: dict, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    residues = list(report["per_residue"])
-    rows = [report["per_residue"][r] for r in residues]
-    has_teacher = report["metrics"]["teacher"] is not None
-    x = torch.arange(len(residues)).numpy()
-    width = 0.4 if has_teacher else 0.6
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(residues) + 2), 4.8))
-    offset = width / 2 if has_teacher else 0.0
-    overall = report["metrics"]
-    ax.bar(
-        x - offset,
-        [r["student_acc"] for r in rows],
-        width,
-        color="tab:blue",
-        label=f"student (all residues {overall['student']['masked_acc']:.3f})",
-    )
-    if has_teacher:
-        ax.bar(
-            x + offset,
-            [r["teacher_acc"] for r in rows],
-            width,
-            color="tab:orange",
-            label=f"teacher (all residues {overall['teacher']['masked_acc']:.3f})",
-        )
-    base = report["metrics"]["baseline"]
-    ax.axhline(
-        base["masked_acc"],
-        color="grey",
-        ls="--",
-        lw=1,
-        label=f"baseline: always '{base['residue']}' ({base['masked_acc']:.3f})",
-    )
-    ax.set_xticks(x, [f"{res}\n{r['masked_count']}" for res, r in zip(residues, rows)], fontsize=9)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("true residue at the masked position (and its number of masked positions)")
-    ax.set_ylabel("masked-residue accuracy")
-    ax.set_title(
-        f"Accuracy by residue, {report['counts']['masked_tokens']:,} masked positions "
-        f"in {report['setup']['sequences']:,} sequences"
-    )
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the sums over masked positions and the metrics of evaluate.py's report."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from architecture import STANDARD_RESIDUES, mean_pooled
 from pepemb import data, fidelity
-from pepemb.data import MaskedBatches
+from pepemb.data import MaskedBatches, Masking
 from pepemb.losses import distillation_loss
 
 
@@ -105,7 +106,7 @@ def build_report(stats: dict, residues: torch.Tensor, tokenizer, speed: dict | N
 
 
 # --------------------------------------------------------------------------------------------
-# Fidelity beyond masked accuracy (measures.py): mutation effects, CKA, embedding neighbours
+# Fidelity beyond masked accuracy (pepemb.fidelity): mutation effects, CKA, embedding neighbours
 # --------------------------------------------------------------------------------------------
 
 
@@ -227,3 +228,48 @@ def mean_cosine(x: np.ndarray, y: np.ndarray) -> float:
     """Mean over rows of the cosine between x's and y's rows."""
     norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
     return float(np.mean((x * y).sum(1) / np.maximum(norms, 1e-12)))
+
+
+def fidelity_measures(
+    student,
+    teacher,
+    sequences: list[str],
+    tokenizer,
+    batching: Masking,
+    device,
+    *,
+    mutation_proteins: int,
+    mutation_positions: int,
+    embedding_proteins: int,
+) -> dict:
+    """Mutation-effect agreement (MutationProbe), CKA and 10-NN overlap of the last hidden states
+    and, for a student with a teacher map, teacher-space measures; with their time in seconds.
+    `batching` gives max_seq_len, the seed that draws proteins and sites, and the batch sizes;
+    a count of 0 skips its measure."""
+    max_seq_len, seed = batching.max_seq_len, batching.seed
+    start = time.perf_counter()
+    measures = {}
+    if mutation_proteins and mutation_positions:
+        probe = MutationProbe(
+            sequences,
+            tokenizer,
+            proteins=mutation_proteins,
+            positions=mutation_positions,
+            seed=seed,
+            max_seq_len=max_seq_len,
+        )
+        measures["mutation_effects"] = probe.report(probe.scores(student, device), probe.scores(teacher, device))
+    if embedding_proteins:
+        chosen = [sequences[i] for i in sample_proteins(len(sequences), embedding_proteins, seed)]
+        batches = MaskedBatches(chosen, tokenizer, batching, epoch=0, train=False).unmasked()
+        student_states, teacher_states = (
+            last_hidden_states(student, batches, device),
+            last_hidden_states(teacher, batches, device),
+        )
+        measures["representations"] = representation_measures(student_states, teacher_states, seed=seed)
+        if student.teacher_map is not None:  # distilled with --embedding_weight: its teacher-space embeddings
+            with torch.no_grad():
+                mapped = student.teacher_map(student_states["pooled"].to(device)).cpu()
+            measures["teacher_space"] = teacher_space_measures(mapped, teacher_states["pooled"])
+    measures["seconds"] = time.perf_counter() - start
+    return measures

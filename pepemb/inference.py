@@ -15,6 +15,7 @@ from torch import nn
 
 from architecture import CHECKPOINT_FORMAT, EXPORTED_WEIGHTS, ResidueTokenizer, Student, load_student
 from pepemb import data, devices
+from pepemb.cli import UserError
 
 DEFAULT_MAX_LENGTH = 1022  # residues: ESM's truncation_seq_length, 1024 tokens with start/end
 
@@ -48,7 +49,7 @@ class Embedder:
         return next(self.model.parameters()).device
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """{"logits": [B, L, V]}: the forward that measures.site_log_probs and scoring.py call."""
+        """{"logits": [B, L, V]}: the forward that fidelity.site_log_probs and variant_scores call."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with torch.inference_mode():
             if self.is_student:
@@ -91,12 +92,42 @@ def load_embedder(name: str, device: torch.device, half: bool = False, trust_rem
 
 
 def _is_student_config(path: Path) -> bool:
-    """A config.json of a student: the old export layout, or a native export's (export.py)."""
+    """A config.json of a student: the old export layout, or a native export's (hf_export.py)."""
     try:
         config = json.loads(path.read_text())
         return config.get("format") == CHECKPOINT_FORMAT or "pepemb" in config
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def absolute_layers(repr_layers: Sequence[int], num_layers: int) -> list[int]:
+    """Layer numbers in 0..num_layers (negative ones count from the end), duplicates dropped."""
+    bad = [i for i in repr_layers if not -(num_layers + 1) <= i <= num_layers]
+    if bad:
+        raise UserError(
+            f"--repr_layers {' '.join(map(str, bad))} out of range: the model has "
+            f"{num_layers} layers, so use 0..{num_layers} (0 = embeddings) or "
+            f"-{num_layers + 1}..-1 (-1 = last)"
+        )
+    return list(dict.fromkeys(i % (num_layers + 1) for i in repr_layers))
+
+
+def window_sizes(
+    embedder: Embedder, max_length: int | None, overlap: int | None, long: str = "chunk"
+) -> tuple[int, int]:
+    """(residues per window, overlap between windows), checked against the model's limit: by
+    default DEFAULT_MAX_LENGTH (or the model's limit if lower) and min(64, max_length // 4)."""
+    limit = embedder.max_positions - 2
+    max_length = max_length or min(DEFAULT_MAX_LENGTH, limit)
+    if max_length > limit:
+        raise UserError(
+            f"--max_length {max_length} exceeds what {embedder.name} takes "
+            f"({limit} residues plus start/end tokens); pass --max_length {limit} or less"
+        )
+    overlap = min(64, max_length // 4) if overlap is None else overlap
+    if long == "chunk" and overlap >= max_length:
+        raise UserError(f"--overlap {overlap} must be smaller than the window (--max_length {max_length})")
+    return max_length, overlap
 
 
 def window_starts(length: int, window: int, overlap: int) -> list[int]:

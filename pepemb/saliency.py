@@ -2,7 +2,7 @@
 of steps grows per target until they do), saliency sanity checks by weight randomisation
 (Adebayo et al. 2018) and a deletion test of faithfulness (AOPC).
 
-An explainer is anything with the attributes of visualization.Explainer: `model`, `tokenizer`,
+An explainer is anything with the attributes of pepemb.explainer.Explainer: `model`, `tokenizer`,
 `embeddings` (the layer attributed to), `num_layers`, `width`, `device` and
 `true_residue_log_probs(input_ids, true_ids)`. Each target is a 1-based residue position that is
 masked; its output is log p(true residue) there.
@@ -73,6 +73,16 @@ class Saliency:
     def converged(self) -> np.ndarray:
         """Per target: whether completeness holds to the tolerance."""
         return (self.relative_deltas <= RELATIVE_TOLERANCE) | (np.abs(self.deltas) <= ABSOLUTE_TOLERANCE)
+
+    def subset(self, rows: list[int]) -> Saliency:
+        """The targets at these rows, with their attributions, deltas, totals and steps."""
+        return Saliency(
+            [self.targets[i] for i in rows],
+            self.attributions[rows],
+            self.deltas[rows],
+            self.totals[rows],
+            self.n_steps[rows] if self.n_steps is not None else None,
+        )
 
     def summary(self) -> dict:
         return {
@@ -331,3 +341,12 @@ def describe_steps(saliency: Saliency) -> str:
 
 def unconverged_targets(saliency: Saliency) -> list[int]:
     return [t for t, ok in zip(saliency.targets, saliency.converged) if not ok]
+
+
+def top_residues(saliency: Saliency, sequence: str, k: int) -> list[dict]:
+    """The k best-scored residues, best first: 1-based position, residue letter and score."""
+    scores = saliency.scores
+    return [
+        {"position": int(i) + 1, "residue": sequence[i], "score": float(scores[i])}
+        for i in saliency.ranked_positions[:k]
+    ]

@@ -17,6 +17,7 @@ from pepemb.cli import UserError
 
 STRATEGIES = ("masked-marginal", "wt-marginal", "pll")
 _MUTATION = re.compile(r"^([A-Za-z])(\d+)([A-Za-z])$")
+_POSITIONS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")  # 20, or 20-40
 
 
 @dataclass(frozen=True)
@@ -81,23 +82,30 @@ def read_mutations(path: str | Path, proteins: list[data.Protein]) -> list[Mutat
     return mutations
 
 
-def parse_positions(text: str | None, length: int, protein_id: str) -> list[int]:
-    """1-based positions of '20-40,95' (all of the protein when None), checked against its length."""
+def parse_positions(text: str | None, length: int, protein_id: str | None = None) -> list[int]:
+    """Sorted unique 1-based positions of '20-40,95' (all of the protein when None), each within
+    1..length; UserError naming --positions, the part at fault and, if given, the protein."""
     if text is None:
         return list(range(1, length + 1))
-    positions = []
+    positions = set()
     for part in text.split(","):
-        bounds = part.strip().split("-")
-        try:
-            low, high = int(bounds[0]), int(bounds[-1])
-        except ValueError:
-            raise UserError(f"--positions {text!r}: give positions like 20-40,95") from None
-        if len(bounds) > 2 or low < 1 or high < low:
-            raise UserError(f"--positions {text!r}: give positions like 20-40,95")
-        if high > length:
-            raise UserError(f"--positions {part}: {protein_id} has {length} residues")
-        positions += range(low, high + 1)
-    return sorted(set(positions))
+        match = _POSITIONS.fullmatch(part)
+        if not match:
+            raise UserError(
+                f"--positions {text!r}: {part!r} is not a position or a range (give positions like 20-40,95)"
+            )
+        start, end = int(match[1]), int(match[2] or match[1])
+        if start > end:
+            raise UserError(f"--positions {text!r}: range {start}-{end} runs backwards")
+        if start < 1 or end > length:
+            where = (
+                f"{protein_id} ({length} residues, positions 1..{length})"
+                if protein_id
+                else f"the sequence (positions 1..{length})"
+            )
+            raise UserError(f"--positions {text!r}: {part.strip()} is outside {where}")
+        positions.update(range(start, end + 1))
+    return sorted(positions)
 
 
 def scan(proteins: list[data.Protein], positions: str | None) -> list[Mutation]:
@@ -188,3 +196,14 @@ def score(
     return pseudo_log_likelihoods(forward, tokenizer, variants, **options) - np.array(
         [wild[m.protein] for m in mutations]
     )
+
+
+def agreement(mutations, scores: np.ndarray, teacher_scores: np.ndarray) -> dict:
+    """Spearman of two models' scores over all variants and, averaged, within each protein."""
+    proteins = np.array([m.protein for m in mutations])
+    per_protein = [fidelity.spearman(scores[proteins == p], teacher_scores[proteins == p]) for p in np.unique(proteins)]
+    defined = [r for r in per_protein if r is not None]
+    return {
+        "spearman": fidelity.spearman(scores, teacher_scores),
+        "spearman_per_protein_mean": float(np.mean(defined)) if defined else None,
+    }

@@ -51,7 +51,7 @@ def run(argv) -> int:
 
 
 def embedded(embedder, sequences, layers, **options) -> dict:
-    return {r.index: r for r in embed.embed_sequences(embedder, sequences, layers, **options)}
+    return {r.index: r for r in inference.embed_sequences(embedder, sequences, layers, **options)}
 
 
 def direct_hidden(embedder, sequence: str, layer: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 import visualization as vis
 from architecture import ResidueTokenizer, Student, StudentConfig, save_student
-from pepemb import cli
+from pepemb import attention, cli, variant_scores
 from pepemb.teacher import PROTBERT_VOCAB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,21 +61,21 @@ def test_head_statistics_of_hand_made_maps():
     maps = torch.stack([torch.stack([identity, uniform]), torch.stack([previous, previous])])
     every_row = torch.ones(n, dtype=torch.bool)
 
-    stats = vis.head_statistics(maps, every_row)
+    stats = attention.head_statistics(maps, every_row)
     assert stats["entropy"].shape == stats["distance"].shape == (2, 2)
     torch.testing.assert_close(stats["entropy"], torch.tensor([[0.0, math.log(n)], [0.0, 0.0]]))
     # uniform: row i averages |i - j| over j: rows 1.5, 1, 1, 1.5 -> 1.25; previous: 0, 1, 1, 1
     torch.testing.assert_close(stats["distance"], torch.tensor([[0.0, 1.25], [0.75, 0.75]]))
 
     middle_rows = torch.tensor([False, True, True, False])  # as for [cls] r r [eos]
-    torch.testing.assert_close(vis.head_statistics(uniform, middle_rows)["distance"], torch.tensor(1.0))
+    torch.testing.assert_close(attention.head_statistics(uniform, middle_rows)["distance"], torch.tensor(1.0))
 
 
 def test_target_positions():
-    assert vis.parse_positions("5,10,20-22, 10", 30) == [5, 10, 20, 21, 22]
+    assert variant_scores.parse_positions("5,10,20-22, 10", 30) == [5, 10, 20, 21, 22]
     for bad in ("0", "3-1", "a", "4-31", "5,,6"):
         with pytest.raises(cli.UserError, match="--positions"):
-            vis.parse_positions(bad, 30)
+            variant_scores.parse_positions(bad, 30)
     targets, note = vis.choose_targets(300, None, None, max_positions=100)
     assert len(targets) == 100 and targets[0] == 1 and targets[-1] == 300
     assert np.ptp(np.diff(targets)) <= 1  # evenly spaced
