@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +47,7 @@ from pepemb.explainer import (
     load_teacher_explainer,
 )
 from pepemb.fidelity import spearman
-from pepemb.files import atomic_open
+from pepemb.files import atomic_open, file_names
 from pepemb.inference import DEFAULT_MAX_LENGTH
 from pepemb.options import add_device_arguments
 from pepemb.saliency import (
@@ -61,17 +60,6 @@ from pepemb.saliency import (
     unconverged_targets,
 )
 from pepemb.saliency_figures import plot_faithfulness, plot_saliency_comparison, plot_sanity, saliency_figures
-
-
-def safe_folder_name(identifier: str, taken: set[str]) -> str:
-    """A file-system-safe, unique folder name from a FASTA id (sp|P69905|HBA_HUMAN -> sp_P69905_HBA_HUMAN)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", identifier).strip("._") or "sequence"
-    candidate, n = name[:100], 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name[:100]}_{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def write_top_residues(path: Path, rows: list[dict], written: list[Path]) -> None:
@@ -364,17 +352,17 @@ def main(argv=None):
         for p in proteins
     ]
 
-    taken: set[str] = set()
+    folders = file_names([p.id for p in proteins])
     summaries = [
         explain_sequence(
             explainers,
             protein,
             targets,
             note,
-            output_dir / safe_folder_name(protein.id, taken) if args.fasta else output_dir,
+            output_dir / folder if args.fasta else output_dir,
             args,
         )
-        for protein, targets, note in plans
+        for (protein, targets, note), folder in zip(plans, folders)
     ]
     files = [f for s in summaries for f in s["files"]]
     summary = {
