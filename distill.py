@@ -77,6 +77,7 @@ from pepemb.losses import TERMS, WINDOW_SUMS, add_to_window, loss_terms, masked_
 from pepemb.monitoring import RunLog, plot_training_curves, start_wandb
 from pepemb.options import (
     add_distill_arguments,
+    loss_weights,
     masking,
     training_sequences,
     validate_shared_args,
@@ -202,7 +203,7 @@ class Run:
             self.hidden_proj,
             self.val_teacher,
             self.val_set,
-            self.args,
+            loss_weights(self.args),
             self.device,
             self.autocast_dtype,
             self.world,
@@ -244,7 +245,7 @@ class Run:
 
 def set_up(args, world: World, device: torch.device) -> Run:
     """Data, teacher, student, optimizer and output folder, resumed from a checkpoint if asked."""
-    output_dir = check_output_dir(args)
+    output_dir = check_output_dir(args.output_dir, args.resume, args.overwrite)
     resume_from = resolve_resume(args.resume, output_dir)
     autocast_dtype = resolve_precision(args.fp16, args.bf16, device)
 
@@ -394,7 +395,7 @@ def set_up_outputs(run: Run, resumed: bool) -> None:
         seed_dropout(args.seed, run.position["step"], world)
     barrier(world)  # every rank has read the output folder and checkpoint before rank 0 changes them
     if world.is_main:
-        start_output_dir(run.output_dir, args, run.position["step"] if resumed else None)
+        start_output_dir(run.output_dir, args.overwrite, run.position["step"] if resumed else None)
     run.start_time -= run.position["elapsed_s"]
     run.metadata = {
         "teacher": about["name"],
@@ -410,7 +411,11 @@ def set_up_outputs(run: Run, resumed: bool) -> None:
         "teacher_parameters": about["num_parameters"],
         "teacher_backend": about["backend"],
     }
-    wandb_run = start_wandb(args, run_config) if args.use_wandb and world.is_main else None
+    wandb_run = (
+        start_wandb(args.wandb_project, args.wandb_run_name, args.output_dir, run_config)
+        if args.use_wandb and world.is_main
+        else None
+    )
     run.log = RunLog(run.output_dir / "metrics.jsonl" if world.is_main else None, wandb_run)
 
 
@@ -531,7 +536,7 @@ def forward_backward(
                 t["logits"],
                 t.get("hidden_states"),
                 batch,
-                run.args,
+                loss_weights(run.args),
                 distill_positions=run.args.distill_positions,
                 t_embedding=t,
             )

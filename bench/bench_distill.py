@@ -66,7 +66,7 @@ from pepemb import teacher as teacher_module  # noqa: E402
 from pepemb.data import MaskedBatches, batch_loader  # noqa: E402
 from pepemb.devices import autocast  # noqa: E402
 from pepemb.losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
-from pepemb.options import masking, training_sequences
+from pepemb.options import loss_weights, masking, training_sequences
 from pepemb.schedule import adamw_param_groups  # noqa: E402
 from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
@@ -188,7 +188,7 @@ class Trainer:
                 t["logits"],
                 t.get("hidden_states"),
                 batch,
-                self.args,
+                loss_weights(self.args),
                 distill_positions=self.args.distill_positions,
             )
         self.laps.lap("loss")

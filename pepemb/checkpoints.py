@@ -125,11 +125,12 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def check_output_dir(args) -> Path:
-    """Refuse to mix two runs in one folder unless --resume or --overwrite says so. Only checks:
-    nothing is created or deleted until the data and teacher have loaded (start_output_dir)."""
-    output_dir = cli.writable_folder(args.output_dir, "--output_dir")
-    if holds_run(output_dir) and not args.resume and not args.overwrite:
+def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Path:
+    """Refuse to mix two runs in one folder unless `resume` (--resume) or `overwrite`
+    (--overwrite) says so. Only checks: nothing is created or deleted until the data and teacher
+    have loaded (start_output_dir)."""
+    output_dir = cli.writable_folder(output_dir, "--output_dir")
+    if holds_run(output_dir) and not resume and not overwrite:
         raise UserError(
             f"{output_dir} already holds a training run; pass --resume auto to continue it, "
             "--overwrite to replace it, or another --output_dir"
@@ -141,13 +142,13 @@ def holds_run(output_dir: Path) -> bool:
     return output_dir.is_dir() and ((output_dir / "metrics.jsonl").exists() or bool(list_checkpoints(output_dir)))
 
 
-def start_output_dir(output_dir: Path, args, resumed_step: int | None) -> None:
-    """Create the folder; with --overwrite clear the earlier run; on resume drop the metrics
-    records written after the checkpoint, which the resumed run writes again."""
+def start_output_dir(output_dir: Path, overwrite: bool, resumed_step: int | None) -> None:
+    """Create the folder; with `overwrite` clear the earlier run; on resume (at `resumed_step`)
+    drop the metrics records written after the checkpoint, which the resumed run writes again."""
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output_dir)
     metrics = output_dir / "metrics.jsonl"
-    if resumed_step is None and args.overwrite and holds_run(output_dir):
+    if resumed_step is None and overwrite and holds_run(output_dir):
         metrics.unlink(missing_ok=True)
         for old in list_checkpoints(output_dir):
             discard(old)

@@ -8,8 +8,9 @@ import warnings
 from pathlib import Path
 
 
-def start_wandb(args, config: dict):
-    """A W&B run, or None (with one warning) when wandb is missing or not logged in."""
+def start_wandb(project: str, run_name: str | None, output_dir: str, config: dict):
+    """A W&B run of `project` (named `run_name`, files under `output_dir`), or None (with one
+    warning) when wandb is missing or not logged in."""
     try:
         import wandb
     except ImportError:
@@ -26,7 +27,7 @@ def start_wandb(args, config: dict):
         )
         return None
     try:
-        return wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config, dir=str(args.output_dir))
+        return wandb.init(project=project, name=run_name, config=config, dir=str(output_dir))
     except Exception as err:  # network, auth: training must not die for monitoring
         warnings.warn(f"--use_wandb: could not start a W&B run ({err}); continuing without W&B", stacklevel=2)
         return None

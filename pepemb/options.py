@@ -7,6 +7,7 @@ import argparse
 
 from pepemb.cli import UserError
 from pepemb.data import Masking, load_sequences
+from pepemb.losses import LossWeights
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
@@ -279,3 +280,14 @@ def masking(args) -> Masking:
 def training_sequences(args) -> tuple[list[str], list[str]]:
     """The training and validation sequences of --data_path."""
     return load_sequences(args.data_path, args.val_fraction, args.test_fraction, args.seed)
+
+
+def loss_weights(args) -> LossWeights:
+    """The loss arguments: each term's weight and the temperature."""
+    return LossWeights(
+        temperature=args.temperature,
+        distill_weight=args.distill_weight,
+        task_weight=args.task_weight,
+        hidden_weight=args.hidden_weight,
+        embedding_weight=args.embedding_weight,
+    )
