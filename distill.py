@@ -79,6 +79,7 @@ from pepemb.options import (
     add_distill_arguments,
     loss_weights,
     masking,
+    teacher_source,
     training_sequences,
     validate_shared_args,
     validate_training_args,
@@ -86,8 +87,7 @@ from pepemb.options import (
 from pepemb.progress import format_seconds, is_terminal, progress
 from pepemb.schedule import adamw_param_groups, budget_schedule, planned_steps, step_schedule
 from pepemb.signals import StopRequest
-from pepemb.teacher_cache import TeacherTargets
-from pepemb.teacher_targets import load_teacher_targets
+from pepemb.teacher_targets import TeacherTargets, load_teacher_targets
 from pepemb.validation import ValidationTeacher, validate
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +254,8 @@ def set_up(args, world: World, device: torch.device) -> Run:
         {mask_variant(e, args) for e in range(args.num_epochs)} if teacher_in_loss(args) else set()
     )
     targets = load_teacher_targets(
-        args,
+        teacher_source(args),
+        masking(args),
         train_seqs,
         val_seqs,
         device,
@@ -264,6 +265,8 @@ def set_up(args, world: World, device: torch.device) -> Run:
         fill_cache=world.size == 1,
         embeddings=args.embedding_weight > 0,
     )
+    # The crop the teacher takes, in every later use and record of the arguments (the caller's stay as given).
+    args = argparse.Namespace(**{**vars(args), "max_seq_len": targets.max_seq_len})
     tokenizer, about = targets.tokenizer, targets.about
     if args.teacher_cache and args.num_epochs < args.mask_variants:
         print(

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ from pepemb import teacher as teacher_module  # noqa: E402
 from pepemb.data import MaskedBatches, batch_loader  # noqa: E402
 from pepemb.devices import autocast  # noqa: E402
 from pepemb.losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
-from pepemb.options import loss_weights, masking, training_sequences
+from pepemb.options import loss_weights, masking, teacher_source, training_sequences  # noqa: E402
 from pepemb.schedule import adamw_param_groups  # noqa: E402
 from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
@@ -270,8 +271,11 @@ def distill_args(
 def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, MaskedBatches]:
     """Fill the cache's mask variant 0 with the fp32 teacher, as epoch 0 of a cached run would;
     returns its cost and the epoch's batches (the batches every mode trains on)."""
-    filler = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
-    epoch = MaskedBatches(train_seqs, filler.tokenizer, masking(args), epoch=0, train=True, mask_variant=0)
+    filler = load_teacher_targets(
+        teacher_source(args), masking(args), train_seqs, val_seqs, device, half=False, variants={0}
+    )
+    batching = replace(masking(args), max_seq_len=filler.max_seq_len)
+    epoch = MaskedBatches(train_seqs, filler.tokenizer, batching, epoch=0, train=True, mask_variant=0)
     tokens, start = 0, time.perf_counter()
     for i in range(len(epoch)):
         batch = epoch[i]
@@ -297,7 +301,9 @@ def load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_
     modes = {}
     for mode, cache, use_8bit in (("live fp32", None, False), ("live int8", None, True), ("cached", cache_dir, False)):
         args = distill_args(data_dir, teacher, settings, student, cache, use_8bit)
-        modes[mode] = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
+        modes[mode] = load_teacher_targets(
+            teacher_source(args), masking(args), train_seqs, val_seqs, device, half=False, variants={0}
+        )
     if modes["cached"].teacher is not None:
         raise RuntimeError("the cached mode loaded the teacher: the cache does not serve the run")
     return modes

@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from bench_distill import Trainer, distill_args, fill_cache, run_interleaved, write_data  # noqa: E402
 from pepemb import data  # noqa: E402
 from pepemb.data import batch_loader  # noqa: E402
-from pepemb.options import training_sequences
+from pepemb.options import masking, teacher_source, training_sequences  # noqa: E402
 from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
 
 SETTINGS = {"max_seq_len": 160, "batch_size": 32}
@@ -126,7 +126,9 @@ def main(argv=None):
         args = distill_args(data_dir, "antiberty", settings, student, workdir / "cache")
         train_seqs, val_seqs = training_sequences(args)
         fill, epoch = fill_cache(args, train_seqs, val_seqs, device)
-        targets = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
+        targets = load_teacher_targets(
+            teacher_source(args), masking(args), train_seqs, val_seqs, device, half=False, variants={0}
+        )
         n = len(epoch)
         trainers = make_trainers(args, targets.tokenizer, steps + 1, device)
         loaders = {name: iter(batch_loader(epoch, [j % n for j in range(steps + 4)], 0)) for name in trainers}

@@ -8,6 +8,7 @@ import argparse
 from pepemb.cli import UserError
 from pepemb.data import Masking, load_sequences
 from pepemb.losses import LossWeights
+from pepemb.teacher_targets import TeacherSource
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
@@ -290,4 +291,16 @@ def loss_weights(args) -> LossWeights:
         task_weight=args.task_weight,
         hidden_weight=args.hidden_weight,
         embedding_weight=args.embedding_weight,
+    )
+
+
+def teacher_source(args) -> TeacherSource:
+    """The teacher arguments: the model, how it is loaded, and the teacher cache."""
+    return TeacherSource(
+        teacher_model=args.teacher_model,
+        use_8bit=args.use_8bit,
+        trust_remote_code=args.trust_remote_code,
+        teacher_cache=args.teacher_cache,
+        mask_variants=args.mask_variants,
+        distill_positions=args.distill_positions,
     )

@@ -77,16 +77,19 @@ def data_hash(train_sequences: Sequence[str], val_sequences: Sequence[str]) -> s
     return digest.hexdigest()[:16]
 
 
-def run_settings(args, fingerprint: str) -> dict:
-    """The CHECKED_SETTINGS of a run with distill.py's arguments on data with this data_hash."""
+def run_settings(
+    teacher_model: str, masking: data.Masking, mask_variants: int, distill_positions: str, fingerprint: str
+) -> dict:
+    """The CHECKED_SETTINGS of a run of this teacher, masking, number of mask variants and cached
+    positions (distill.py's flags of those names) on data with this data_hash."""
     return {
-        "teacher": args.teacher_model,
+        "teacher": teacher_model,
         "data_hash": fingerprint,
-        "mask_seed": args.seed,
-        "mask_prob": args.mask_prob,
-        "max_seq_len": args.max_seq_len,
-        "mask_variants": args.mask_variants,
-        "distill_positions": args.distill_positions,
+        "mask_seed": masking.seed,
+        "mask_prob": masking.mask_prob,
+        "max_seq_len": masking.max_seq_len,
+        "mask_variants": mask_variants,
+        "distill_positions": distill_positions,
         "precision": PRECISION,
     }
 
@@ -444,56 +447,3 @@ class _Fill:
 
     def __init__(self, offsets: np.ndarray, logits: np.memmap, filled: np.ndarray):
         self.offsets, self.logits, self.filled = offsets, logits, filled
-
-
-class TeacherTargets:
-    """The teacher's outputs for a batch, live or cached: the one place where training gets them.
-
-    A mask variant complete in the cache is read from it. Any other batch goes through the live
-    teacher; with a cache its logits are also written there and come back rounded to fp16, as a
-    later reader sees them, so a run trains on the same targets whether the cache was filled by
-    itself, by an earlier run or by cache_teacher.py. `about` describes the teacher (loaded or
-    not), `batches` counts the batches served live and from the cache.
-    """
-
-    def __init__(
-        self,
-        teacher,
-        cache: TeacherCache | None,
-        tokenizer: ResidueTokenizer,
-        about: dict,
-        output_hidden_states: bool = False,
-    ):
-        self.teacher, self.cache, self.tokenizer, self.about = teacher, cache, tokenizer, about
-        self.output_hidden_states = output_hidden_states
-        self.batches = {"live": 0, "cached": 0}
-        self.embeddings: torch.Tensor | None = None  # [train + val, hidden], when the loss needs them
-        self.train_sequences = 0
-
-    def use_embeddings(self, embeddings: torch.Tensor, train_sequences: int) -> None:
-        """Serve each batch's rows of the teacher's per-protein embeddings (training sequences
-        first, then validation ones) as "embeddings", with "embedding_scale", the mean variance per
-        dimension over the training sequences (the scale of the embedding loss)."""
-        self.embeddings, self.train_sequences = embeddings, train_sequences
-        self.embedding_scale = float(embeddings[:train_sequences].var(0).mean())
-
-    def add_embeddings(self, out: dict, batch: dict, variant: int) -> dict:
-        if self.embeddings is not None:
-            offset = self.train_sequences if variant == data.VALIDATION_VARIANT else 0
-            rows = batch["sequence_index"].cpu() + offset
-            out["embeddings"] = self.embeddings[rows].to(batch["input_ids"].device)
-            out["embedding_scale"] = self.embedding_scale
-        return out
-
-    def __call__(self, batch: dict, variant: int) -> dict:
-        """{"logits": [B, L, V] float32} (+ "hidden_states" when asked) for a batch of this mask variant."""
-        if self.cache is not None and self.cache.is_complete(variant):
-            self.batches["cached"] += 1
-            return self.add_embeddings({"logits": self.cache.read(variant, batch)}, batch, variant)
-        if self.teacher is None:
-            raise RuntimeError(f"mask variant {variant} is not in the teacher cache and no teacher is loaded")
-        self.batches["live"] += 1
-        out = self.teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=self.output_hidden_states)
-        if self.cache is not None:
-            out["logits"] = self.cache.write(variant, batch, out["logits"])
-        return self.add_embeddings(out, batch, variant)

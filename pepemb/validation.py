@@ -12,7 +12,7 @@ from pepemb.data import MaskedBatches
 from pepemb.devices import autocast
 from pepemb.distributed import SINGLE_PROCESS, World, all_reduce
 from pepemb.losses import TERMS, LossWeights, loss_terms, masked_metrics
-from pepemb.teacher_cache import TeacherTargets
+from pepemb.teacher_targets import TeacherTargets
 
 
 @torch.no_grad()
