@@ -3,6 +3,7 @@ counts behind masked accuracy and agreement."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,11 @@ def masked_metrics(student_logits, teacher_logits, labels) -> dict:
         t_pred = teacher_logits[masked].argmax(-1)
         counts.update(teacher_correct=int((t_pred == truth).sum()), agree=int((s_pred == t_pred).sum()))
     return counts
+
+
+def new_window() -> dict:
+    """Empty running sums for the next metrics.jsonl train record, and when they started ("t0")."""
+    return dict.fromkeys(WINDOW_SUMS, 0) | {"t0": time.perf_counter()}
 
 
 def add_to_window(window: dict, batch: dict, counts: dict, terms: dict) -> None:

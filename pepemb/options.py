@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from architecture import StudentConfig
 from pepemb.cli import UserError
 from pepemb.data import Masking, load_sequences
 from pepemb.losses import LossWeights
+from pepemb.schedule import Optimization
 from pepemb.teacher_targets import TeacherSource
 
 
@@ -303,4 +305,29 @@ def teacher_source(args) -> TeacherSource:
         teacher_cache=args.teacher_cache,
         mask_variants=args.mask_variants,
         distill_positions=args.distill_positions,
+    )
+
+
+def optimization(args) -> Optimization:
+    """The optimisation arguments the optimizer and its schedule take."""
+    return Optimization(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        scheduler=args.scheduler,
+        max_time=args.max_time,
+    )
+
+
+def student_config(args, tokenizer, teacher_hidden_size: int | None = None) -> StudentConfig:
+    """The student arguments' model for this tokenizer; with teacher_hidden_size, a map from its
+    per-protein embedding to the teacher's of that size."""
+    return StudentConfig.from_tokenizer(
+        tokenizer,
+        d_model=args.d_model,
+        num_heads=args.num_heads,
+        num_layers=args.num_layers,
+        d_ff=args.d_ff,
+        dropout=args.dropout,
+        teacher_hidden_size=teacher_hidden_size,
     )

@@ -74,6 +74,16 @@ class TeacherTargets:
             out["embedding_scale"] = self.embedding_scale
         return out
 
+    def flush(self) -> None:
+        """Make the cache entries written so far durable (TeacherCache.flush), if there is a cache."""
+        if self.cache is not None:
+            self.cache.flush()
+
+    def close(self) -> None:
+        """Close the cache, if there is one, and give up its fill lock (TeacherCache.close)."""
+        if self.cache is not None:
+            self.cache.close()
+
     def __call__(self, batch: dict, variant: int) -> dict:
         """{"logits": [B, L, V] float32} (+ "hidden_states" when asked) for a batch of this mask variant."""
         if self.cache is not None and self.cache.is_complete(variant):
