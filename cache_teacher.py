@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import replace
 
 from pepemb import cli, data
 from pepemb.cli import UserError
-from pepemb.data import MaskedBatches, batch_loader
+from pepemb.data import MaskedBatches, Masking, batch_loader
 from pepemb.devices import resolve_device
 from pepemb.distributed import World, broadcast_from_main, gather_to_main, join_world, run_as_rank
 from pepemb.options import (
@@ -33,6 +34,7 @@ from pepemb.options import (
     add_device_arguments,
     add_teacher_arguments,
     masking,
+    teacher_source,
     training_sequences,
     validate_shared_args,
 )
@@ -74,27 +76,25 @@ def fill(args, world: World, device) -> dict | None:
     train_seqs, val_seqs = training_sequences(args)
     variants = [data.VALIDATION_VARIANT, *range(args.mask_variants)]
     half = (args.fp16 or args.bf16) and device.type == "cuda"
+    source, batching = teacher_source(args), masking(args)
     todo = []  # (variant, the numbers of its batches still to compute)
     cache = teacher = None
     if world.is_main:
         targets = load_teacher_targets(
-            args, train_seqs, val_seqs, device, variants=variants, half=half, embeddings=args.embeddings
+            source, batching, train_seqs, val_seqs, device, variants=variants, half=half, embeddings=args.embeddings
         )
         cache, teacher = targets.cache, targets.teacher
+        batching = replace(batching, max_seq_len=targets.max_seq_len)
         for variant in variants:
             if not cache.is_complete(variant):
-                indices = mask_batches(args, variant, train_seqs, val_seqs, cache.tokenizer).batches
+                indices = mask_batches(batching, variant, train_seqs, val_seqs, cache.tokenizer).batches
                 todo.append((variant, [i for i, batch in enumerate(indices) if not cache.is_filled(variant, batch)]))
     todo = broadcast_from_main(todo, world)
     if not world.is_main and todo:  # the teacher alone: rank 0 holds the cache
-        teacher = load_teacher_targets(
-            argparse.Namespace(**{**vars(args), "teacher_cache": None}),
-            train_seqs,
-            val_seqs,
-            device,
-            variants=variants,
-            half=half,
-        ).teacher
+        targets = load_teacher_targets(
+            replace(source, teacher_cache=None), batching, train_seqs, val_seqs, device, variants=variants, half=half
+        )
+        teacher, batching = targets.teacher, replace(batching, max_seq_len=targets.max_seq_len)
 
     bar = progress(
         total=sum(len(numbers) for _, numbers in todo), desc="teacher cache", unit="batch", disable=not world.is_main
@@ -103,7 +103,7 @@ def fill(args, world: World, device) -> dict | None:
     try:
         for variant, numbers in todo:
             bar.set_postfix(variant="val" if variant == data.VALIDATION_VARIANT else variant)
-            batches = mask_batches(args, variant, train_seqs, val_seqs, teacher.tokenizer)
+            batches = mask_batches(batching, variant, train_seqs, val_seqs, teacher.tokenizer)
             mine = iter(batch_loader(batches, numbers[world.rank :: world.size], args.num_workers))
             for _ in range(math.ceil(len(numbers) / world.size)):  # the last round: some ranks idle
                 batch = next(mine, None)
@@ -136,13 +136,13 @@ def fill(args, world: World, device) -> dict | None:
     return cache.manifest
 
 
-def mask_batches(args, variant: int, train_seqs, val_seqs, tokenizer) -> MaskedBatches:
+def mask_batches(batching: Masking, variant: int, train_seqs, val_seqs, tokenizer) -> MaskedBatches:
     """The batches of a mask variant, as distill.py draws them."""
     validation = variant == data.VALIDATION_VARIANT
     return MaskedBatches(
         val_seqs if validation else train_seqs,
         tokenizer,
-        masking(args),
+        batching,
         epoch=max(variant, 0),
         train=not validation,
         mask_variant=variant,

@@ -16,11 +16,10 @@ counts real tokens (attention_mask), as distill.py's tokens_per_s does.
 
 The steps go through distill.py's own pieces: MaskedBatches and batch_loader for the batches,
 load_teacher_targets for the teacher (each mode loaded as a run with those flags loads it),
-loss_terms, masked_metrics, AdamW over adamw_param_groups with the linear warmup schedule.
-Trainer.step is distill.py's forward_backward + optimizer_step, one micro-batch a step,
-line for line, for one process, --grad_accumulation_steps 1 and fp32, leaving out what is a
-no-op there (gradient_sync, all_reduce) and the branches that run every --log_every /
---eval_every / --save_every steps.
+AdamW over adamw_param_groups with the linear warmup schedule. TimedTrainer.step is
+pepemb/training_step.py's forward_backward + optimizer_step, the functions distill.py steps
+with, one micro-batch a step, for one process, --grad_accumulation_steps 1 and fp32, without
+the branches that run every --log_every / --eval_every / --save_every steps.
 
 Overhead: every timed batch also goes through the teacher alone (Teacher.__call__, or the
 cache read for the cached mode) and through a student training step alone (forward, loss,
@@ -48,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,18 +57,18 @@ import torch  # noqa: E402
 from transformers import get_linear_schedule_with_warmup  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from architecture import Student, StudentConfig  # noqa: E402
+from architecture import Student  # noqa: E402
 from pepemb import (
     data,  # noqa: E402
     options,  # noqa: E402
 )
 from pepemb import teacher as teacher_module  # noqa: E402
 from pepemb.data import MaskedBatches, batch_loader  # noqa: E402
-from pepemb.devices import autocast  # noqa: E402
-from pepemb.losses import add_to_window, loss_terms, masked_metrics  # noqa: E402
-from pepemb.options import masking, training_sequences
+from pepemb.losses import new_window  # noqa: E402
+from pepemb.options import masking, teacher_source, training_sequences  # noqa: E402
 from pepemb.schedule import adamw_param_groups  # noqa: E402
 from pepemb.teacher_targets import load_teacher_targets  # noqa: E402
+from pepemb.training_step import StudentTrainer, forward_backward, optimizer_step, student_backward  # noqa: E402
 
 # Per teacher: its data, and per mode (quick / full) the crop, the batching and the number of
 # batches (the first one a warm-up). UniProt proteins are taken at least as long as the crop, so
@@ -117,98 +117,38 @@ class Laps:
         return {k: 1000 * v / max(self.steps, 1) for k, v in self.seconds.items()}
 
 
-class Trainer:
-    """A student, its AdamW and schedule, stepped as distill.py steps them."""
+class TimedTrainer:
+    """A student trained as distill.py trains it: a training_step.StudentTrainer stepped by
+    training_step.forward_backward and optimizer_step, for one process and fp32, AdamW
+    (`optimizer_options` on top) with the linear warmup schedule, its phases timed by `laps`."""
 
     def __init__(self, args, tokenizer, total_steps: int, device: torch.device, optimizer_options: dict | None = None):
         torch.manual_seed(args.seed)  # every trainer starts from the same weights
-        config = StudentConfig.from_tokenizer(
-            tokenizer,
-            d_model=args.d_model,
-            num_heads=args.num_heads,
-            num_layers=args.num_layers,
-            d_ff=args.d_ff,
-            dropout=args.dropout,
-        )
-        self.args, self.device = args, device
-        self.student = Student(config).to(device).train()
-        self.optimizer = torch.optim.AdamW(
+        self.student = Student(options.student_config(args, tokenizer)).to(device).train()
+        optimizer = torch.optim.AdamW(
             adamw_param_groups([self.student], args.weight_decay), lr=args.learning_rate, **(optimizer_options or {})
         )
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, min(args.warmup_steps, total_steps), total_steps
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.window = {
-            "tokens": 0,
-            "seqs": 0,
-            "masked": 0,
-            "loss": 0.0,
-            "kl": 0.0,
-            "ce": 0.0,
-            "cos": 0.0,
-            "emb": 0.0,
-            "correct": 0,
-            "agree": 0,
-        }
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(args.warmup_steps, total_steps), total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        weights, kl, clip = options.loss_weights(args), args.distill_positions, args.max_grad_norm
+        self.trainer = StudentTrainer(self.student, None, optimizer, scheduler, scaler, weights, kl, clip, device)
+        self.window = new_window()
         self.laps = Laps()
 
     def step(self, loader, targets, variant: int) -> None:
         """One optimizer step of distill.py: the next batch off the loader to zero_grad."""
-        laps, window = self.laps, self.window
-        laps.start()
+        self.laps.start()
         batch = next(loader)
-        laps.lap("batch (loader)")
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        laps.lap("to device")
-        t = targets(batch, variant)
-        laps.lap("teacher targets")
-        out, terms = self.forward_backward(batch, t)
-        self.accumulate(window, batch, out, t, terms)
-        laps.lap("metrics + window sums")
-        self.update()
-
-    def accumulate(self, window: dict, batch: dict, out: dict, t: dict, terms: dict) -> None:
-        """distill.py's running sums behind a metrics.jsonl record."""
-        add_to_window(window, batch, masked_metrics(out["logits"].detach(), t["logits"], batch["labels"]), terms)
+        self.laps.lap("batch (loader)")
+        if not forward_backward(self.trainer, batch, targets, variant, True, self.window, lap=self.laps.lap):
+            raise RuntimeError("non-finite loss in a benchmark step")  # distill.py skips the step; a benchmark stops
+        optimizer_step(self.trainer, lap=self.laps.lap)
 
     def student_step(self, batch: dict, teacher_logits: torch.Tensor) -> None:
         """The student's part of a step alone, on given teacher logits: forward, loss, backward, update."""
         self.laps.start()
-        self.forward_backward(batch, {"logits": teacher_logits})
-        self.update()
-
-    def forward_backward(self, batch: dict, t: dict):
-        with autocast(self.device, None):
-            out = self.student(batch["input_ids"], batch["attention_mask"], output_hidden_states=False)
-            self.laps.lap("student forward")
-            terms = loss_terms(
-                out,
-                None,
-                t["logits"],
-                t.get("hidden_states"),
-                batch,
-                self.args,
-                distill_positions=self.args.distill_positions,
-            )
-        self.laps.lap("loss")
-        self.scaler.scale(terms["loss"] / 1).backward()
-        if not bool(torch.isfinite(terms["loss"])):  # distill.py skips the step; a benchmark stops
-            raise RuntimeError("non-finite loss in a benchmark step")
-        self.laps.lap("backward")
-        return out, terms
-
-    def update(self) -> None:
-        if self.args.max_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(list(self.student.parameters()), self.args.max_grad_norm)
-        self.laps.lap("clip")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.laps.lap("optimizer")
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.laps.lap("schedule + zero_grad")
+        student_backward(self.trainer, batch, {"logits": teacher_logits}, lap=self.laps.lap)
+        optimizer_step(self.trainer, lap=self.laps.lap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,8 +210,11 @@ def distill_args(
 def fill_cache(args, train_seqs, val_seqs, device) -> tuple[dict, MaskedBatches]:
     """Fill the cache's mask variant 0 with the fp32 teacher, as epoch 0 of a cached run would;
     returns its cost and the epoch's batches (the batches every mode trains on)."""
-    filler = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
-    epoch = MaskedBatches(train_seqs, filler.tokenizer, masking(args), epoch=0, train=True, mask_variant=0)
+    filler = load_teacher_targets(
+        teacher_source(args), masking(args), train_seqs, val_seqs, device, half=False, variants={0}
+    )
+    batching = replace(masking(args), max_seq_len=filler.max_seq_len)
+    epoch = MaskedBatches(train_seqs, filler.tokenizer, batching, epoch=0, train=True, mask_variant=0)
     tokens, start = 0, time.perf_counter()
     for i in range(len(epoch)):
         batch = epoch[i]
@@ -297,7 +240,9 @@ def load_modes(data_dir, teacher, settings, student, cache_dir, train_seqs, val_
     modes = {}
     for mode, cache, use_8bit in (("live fp32", None, False), ("live int8", None, True), ("cached", cache_dir, False)):
         args = distill_args(data_dir, teacher, settings, student, cache, use_8bit)
-        modes[mode] = load_teacher_targets(args, train_seqs, val_seqs, device, half=False, variants={0})
+        modes[mode] = load_teacher_targets(
+            teacher_source(args), masking(args), train_seqs, val_seqs, device, half=False, variants={0}
+        )
     if modes["cached"].teacher is not None:
         raise RuntimeError("the cached mode loaded the teacher: the cache does not serve the run")
     return modes
@@ -336,8 +281,8 @@ def measure(modes: dict, epoch: MaskedBatches, args, device, repeats: int) -> di
     `repeats` times per batch (the cached mode trains on each batch that many times in a row)."""
     n = len(epoch)
     tokenizer = modes["cached"].tokenizer
-    trainers = {mode: Trainer(args, tokenizer, n * repeats, device) for mode in modes}
-    alone = Trainer(args, tokenizer, n * repeats, device)
+    trainers = {mode: TimedTrainer(args, tokenizer, n * repeats, device) for mode in modes}
+    alone = TimedTrainer(args, tokenizer, n * repeats, device)
 
     def batch_numbers(mode):  # the cached mode's steps: batch 0 (warm-up) once, the others `repeats` times
         return [0] + [j for j in range(1, n) for _ in range(repeats if mode == "cached" else 1)]

@@ -10,13 +10,14 @@ import traceback
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import islice
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pepemb import cli
+from pepemb import cli, data
 from pepemb.cli import UserError
 
 
@@ -87,12 +88,31 @@ def optimizer_steps(n_batches: int, start: int, batches_per_step: int, world_siz
     return [range(first, min(first + batches_per_step, end)) for first in range(start, end, batches_per_step)]
 
 
+def rank_steps(dataset, start: int, batches_per_step: int, world: World, num_workers: int):
+    """The optimizer steps of an epoch of batches (a data.MaskedBatches) from batch `start` on
+    (optimizer_steps), each as (its range of global batch numbers, an iterator over this rank's
+    micro-batches of it, how many): one loader, num_workers processes, builds them all in order."""
+    steps = optimizer_steps(len(dataset), start, batches_per_step, world.size)
+    mine = [group[world.rank :: world.size] for group in steps]  # this rank's batches of each step
+    micro_batches = iter(data.batch_loader(dataset, [i for part in mine for i in part], num_workers))
+    return [(group, islice(micro_batches, len(part)), len(part)) for group, part in zip(steps, mine)]
+
+
 def gradient_sync(model, last_micro_batch: bool):
     """DDP all-reduces gradients in the backward pass of a step's last micro-batch only: the
     others (forward and backward) run under no_sync and just accumulate."""
     if last_micro_batch or not isinstance(model, DDP):
         return nullcontext()
     return model.no_sync()
+
+
+def wrap_ddp(student: torch.nn.Module, device: torch.device, world: World) -> torch.nn.Module:
+    """The student as the forward pass sees it: DistributedDataParallel over several ranks, else
+    itself."""
+    if world.size == 1:
+        return student
+    # The student's only buffers are RoPE tables that each rank grows to its longest sequence: not broadcast.
+    return DDP(student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
 
 def average_gradients(module: torch.nn.Module, world: World) -> None:

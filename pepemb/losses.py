@@ -3,6 +3,9 @@ counts behind masked accuracy and agreement."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +14,17 @@ from pepemb import data
 # What the training log sums between two records (over all ranks when there are several).
 WINDOW_SUMS = ("tokens", "seqs", "masked", "loss", "kl", "ce", "cos", "emb", "correct", "agree")
 TERMS = ("loss", "kl", "ce", "cos", "emb")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weight of each loss term and the KL term's softmax temperature (distill.py's loss flags)."""
+
+    temperature: float
+    distill_weight: float
+    task_weight: float
+    hidden_weight: float = 0.0
+    embedding_weight: float = 0.0
 
 
 def distillation_loss(
@@ -63,23 +77,25 @@ def distillation_loss(
     return {"loss": loss, "kl": kl.detach(), "ce": ce.detach(), "cos": cos.detach(), "emb": emb.detach()}
 
 
-def loss_terms(student_out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions, t_embedding=None):
-    """distillation_loss with this run's weights, projecting the student's hidden states if used;
+def loss_terms(
+    student_out, hidden_proj, t_logits, t_hidden, batch, weights: LossWeights, distill_positions, t_embedding=None
+):
+    """distillation_loss with these weights, projecting the student's hidden states if used;
     t_embedding: the teacher targets' "embeddings" and "embedding_scale" (--embedding_weight)."""
     s_hidden = hidden_proj(student_out["hidden_states"][-1]) if hidden_proj is not None else None
-    embedding_weight = getattr(args, "embedding_weight", 0.0)
+    embedding_weight = weights.embedding_weight
     return distillation_loss(
         student_out["logits"],
         t_logits,
         batch["labels"],
         batch["attention_mask"],
-        temperature=args.temperature,
-        distill_weight=args.distill_weight,
-        task_weight=args.task_weight,
+        temperature=weights.temperature,
+        distill_weight=weights.distill_weight,
+        task_weight=weights.task_weight,
         distill_positions=distill_positions,
         student_hidden=s_hidden,
         teacher_hidden=t_hidden,
-        hidden_weight=args.hidden_weight,
+        hidden_weight=weights.hidden_weight,
         embedding_weight=embedding_weight,
         student_embedding=student_out.get("teacher_embedding"),
         teacher_embedding=t_embedding["embeddings"] if embedding_weight > 0 else None,
@@ -98,6 +114,11 @@ def masked_metrics(student_logits, teacher_logits, labels) -> dict:
         t_pred = teacher_logits[masked].argmax(-1)
         counts.update(teacher_correct=int((t_pred == truth).sum()), agree=int((s_pred == t_pred).sum()))
     return counts
+
+
+def new_window() -> dict:
+    """Empty running sums for the next metrics.jsonl train record, and when they started ("t0")."""
+    return dict.fromkeys(WINDOW_SUMS, 0) | {"t0": time.perf_counter()}
 
 
 def add_to_window(window: dict, batch: dict, counts: dict, terms: dict) -> None:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
+from pepemb.losses import TERMS
+from pepemb.progress import format_seconds
 
-def start_wandb(args, config: dict):
-    """A W&B run, or None (with one warning) when wandb is missing or not logged in."""
+
+def start_wandb(project: str, run_name: str | None, output_dir: str, config: dict):
+    """A W&B run of `project` (named `run_name`, files under `output_dir`), or None (with one
+    warning) when wandb is missing or not logged in."""
     try:
         import wandb
     except ImportError:
@@ -26,10 +31,51 @@ def start_wandb(args, config: dict):
         )
         return None
     try:
-        return wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=config, dir=str(args.output_dir))
+        return wandb.init(project=project, name=run_name, config=config, dir=str(output_dir))
     except Exception as err:  # network, auth: training must not die for monitoring
         warnings.warn(f"--use_wandb: could not start a W&B run ({err}); continuing without W&B", stacklevel=2)
         return None
+
+
+def train_record(
+    sums: dict, seconds: float, step: int, epoch: int, lr: float, elapsed_s: float, reads_teacher: bool
+) -> dict:
+    """The metrics.jsonl train record of a log window: its sums (losses.WINDOW_SUMS, over every
+    rank) as means per masked position and rates over `seconds`; agreement None without a teacher."""
+    m = max(sums["masked"], 1)
+    return {
+        "split": "train",
+        "step": step,
+        "epoch": epoch,
+        **{k: sums[k] / m for k in TERMS},
+        "masked_acc": sums["correct"] / m,
+        "agreement": sums["agree"] / m if reads_teacher else None,
+        "lr": lr,
+        "tokens_per_s": sums["tokens"] / seconds,
+        "sequences_per_s": sums["seqs"] / seconds,
+        "elapsed_s": elapsed_s,
+    }
+
+
+def seconds_left(
+    step: int, total_steps: int, first_step: int, loop_start: float, budget_s: float | None, elapsed_s: float
+) -> float:
+    """The time-left estimate: what the wall-clock budget leaves, or the steps left at the pace
+    this process has kept since it reached first_step at perf_counter() time loop_start."""
+    if budget_s:
+        return max(budget_s - elapsed_s, 0.0)
+    return (total_steps - step) * (time.perf_counter() - loop_start) / max(step - first_step, 1)
+
+
+def progress_line(record: dict, total_steps: int, left_s: float) -> str:
+    """One plain line of a train record, for logs (nohup, SLURM, CI) where no bar is drawn."""
+    terms = " ".join(f"{k} {record[k]:.3f}" for k in ("kl", "ce", "cos", "emb") if record.get(k))
+    agreement = f" | agree {record['agreement']:.3f}" if record["agreement"] is not None else ""
+    return (
+        f"step {record['step']:,}/{total_steps:,} | epoch {record['epoch']} | loss {record['loss']:.3f} ({terms}) "
+        f"| acc {record['masked_acc']:.3f}{agreement} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s "
+        f"| {format_seconds(record['elapsed_s'])} elapsed, ~{format_seconds(left_s)} left"
+    )
 
 
 def plot_training_curves(metrics_path: Path, png_path: Path) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from architecture import StudentConfig
 from pepemb.cli import UserError
 from pepemb.data import Masking, load_sequences
+from pepemb.losses import LossWeights
+from pepemb.schedule import Optimization
+from pepemb.teacher_targets import TeacherSource
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
@@ -279,3 +283,51 @@ def masking(args) -> Masking:
 def training_sequences(args) -> tuple[list[str], list[str]]:
     """The training and validation sequences of --data_path."""
     return load_sequences(args.data_path, args.val_fraction, args.test_fraction, args.seed)
+
+
+def loss_weights(args) -> LossWeights:
+    """The loss arguments: each term's weight and the temperature."""
+    return LossWeights(
+        temperature=args.temperature,
+        distill_weight=args.distill_weight,
+        task_weight=args.task_weight,
+        hidden_weight=args.hidden_weight,
+        embedding_weight=args.embedding_weight,
+    )
+
+
+def teacher_source(args) -> TeacherSource:
+    """The teacher arguments: the model, how it is loaded, and the teacher cache."""
+    return TeacherSource(
+        teacher_model=args.teacher_model,
+        use_8bit=args.use_8bit,
+        trust_remote_code=args.trust_remote_code,
+        teacher_cache=args.teacher_cache,
+        mask_variants=args.mask_variants,
+        distill_positions=args.distill_positions,
+    )
+
+
+def optimization(args) -> Optimization:
+    """The optimisation arguments the optimizer and its schedule take."""
+    return Optimization(
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        scheduler=args.scheduler,
+        max_time=args.max_time,
+    )
+
+
+def student_config(args, tokenizer, teacher_hidden_size: int | None = None) -> StudentConfig:
+    """The student arguments' model for this tokenizer; with teacher_hidden_size, a map from its
+    per-protein embedding to the teacher's of that size."""
+    return StudentConfig.from_tokenizer(
+        tokenizer,
+        d_model=args.d_model,
+        num_heads=args.num_heads,
+        num_layers=args.num_layers,
+        d_ff=args.d_ff,
+        dropout=args.dropout,
+        teacher_hidden_size=teacher_hidden_size,
+    )

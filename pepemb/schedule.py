@@ -3,10 +3,48 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from pepemb.distributed import optimizer_steps
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """AdamW's peak learning rate and weight decay, the warmup steps, the decay after them
+    ("linear" or "cosine") and the wall-clock budget in minutes (None: the schedule runs over
+    steps), as distill.py's optimisation flags of these names give them."""
+
+    learning_rate: float
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    scheduler: str = "linear"
+    max_time: float | None = None
+
+
+def optimizer_and_schedule(
+    modules, optimization: Optimization, device: torch.device, total_steps: int, elapsed_s: Callable[[], float]
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the modules' adamw_param_groups and its learning-rate schedule: over the steps
+    (step_schedule), or with a budget over the share of it used (budget_schedule; elapsed_s() is
+    the run's clock)."""
+    o = optimization
+    # fused: one kernel for the whole update instead of one per parameter (2-3x faster step on CPU)
+    optimizer = torch.optim.AdamW(
+        adamw_param_groups(modules, o.weight_decay), lr=o.learning_rate, fused=device.type in ("cpu", "cuda")
+    )
+    if not o.max_time:
+        return optimizer, step_schedule(optimizer, o.warmup_steps, o.scheduler, total_steps)
+    budget_s = o.max_time * 60
+
+    # The share of the wall-clock budget, or of the steps where --max_steps (or --num_epochs)
+    # ends the run first: the learning rate reaches 0 at whichever limit stops it.
+    def used(step: int) -> float:
+        return max(elapsed_s() / budget_s, step / total_steps)
+
+    return optimizer, budget_schedule(optimizer, o.warmup_steps, o.scheduler, used)
 
 
 def adamw_param_groups(modules, weight_decay: float):

@@ -22,7 +22,8 @@ loss reads (the masked positions; every non-pad position with --distill_position
 A variant being filled lives in train{v}.logits.partial.npy, with the sequences already written
 in train{v}.filled.npy, saved by flush() after the logits themselves: a killed fill continues
 from there. A complete variant is renamed into place, and only then marked complete in the
-manifest. One process fills a cache at a time (an advisory lock on DIR/.lock).
+manifest. One process fills a cache at a time (an advisory lock on DIR/.lock). Reading and the
+manifest are here; the filling itself is cache_writer.py's.
 
 Only full logits of small vocabularies are stored: up to MAX_VOCAB tokens, which covers the
 protein LMs (ProtBert's 30 tokens cost 60 bytes a position). Larger vocabularies would need
@@ -32,7 +33,6 @@ are not stored either, so --hidden_weight needs the live teacher.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -44,6 +44,7 @@ import torch
 
 from architecture import ResidueTokenizer
 from pepemb import data
+from pepemb.cache_writer import CacheWriter, take_lock
 from pepemb.cli import UserError
 from pepemb.files import atomic_open
 
@@ -77,16 +78,19 @@ def data_hash(train_sequences: Sequence[str], val_sequences: Sequence[str]) -> s
     return digest.hexdigest()[:16]
 
 
-def run_settings(args, fingerprint: str) -> dict:
-    """The CHECKED_SETTINGS of a run with distill.py's arguments on data with this data_hash."""
+def run_settings(
+    teacher_model: str, masking: data.Masking, mask_variants: int, distill_positions: str, fingerprint: str
+) -> dict:
+    """The CHECKED_SETTINGS of a run of this teacher, masking, number of mask variants and cached
+    positions (distill.py's flags of those names) on data with this data_hash."""
     return {
-        "teacher": args.teacher_model,
+        "teacher": teacher_model,
         "data_hash": fingerprint,
-        "mask_seed": args.seed,
-        "mask_prob": args.mask_prob,
-        "max_seq_len": args.max_seq_len,
-        "mask_variants": args.mask_variants,
-        "distill_positions": args.distill_positions,
+        "mask_seed": masking.seed,
+        "mask_prob": masking.mask_prob,
+        "max_seq_len": masking.max_seq_len,
+        "mask_variants": mask_variants,
+        "distill_positions": distill_positions,
         "precision": PRECISION,
     }
 
@@ -102,21 +106,39 @@ def describe_teacher(teacher) -> dict:
     }
 
 
+def new_manifest(teacher, settings: dict, train_sequences: int, val_sequences: int) -> dict:
+    """The manifest of a new cache of this teacher's outputs, with no variant complete yet."""
+    tokenizer = teacher.tokenizer
+    details = {k: v for k, v in describe_teacher(teacher).items() if k != "name"}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **settings,
+        "vocab_hash": tokenizer.vocab_hash,
+        "vocab_size": len(tokenizer),
+        "tokenizer": tokenizer.to_dict(),
+        "teacher_details": details,
+        "train_sequences": train_sequences,
+        "val_sequences": val_sequences,
+        "complete": {},
+    }
+
+
 class TeacherCache:
-    """A folder of cached teacher logits (see the module docstring).
+    """A folder of cached teacher logits (see the module docstring): what it holds, the check of
+    a run's settings against it, and reading.
 
     Reading needs only the folder. Writing needs `start_filling` first, which writes the
-    manifest of a new cache (or checks the teacher's vocabulary against an existing one) and
-    takes the folder's lock; `flush` makes the progress of half-filled variants durable.
+    manifest of a new cache (or checks the teacher's vocabulary against an existing one), takes
+    the folder's lock and hands is_filled / write / flush to a cache_writer.CacheWriter; `flush`
+    makes the progress of half-filled variants durable.
     """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.manifest = self._read_manifest()
         self._readers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._fills: dict[int, _Fill] = {}
-        self._sequences: dict[str, Sequence[str]] = {}
-        self._lock = None
+        self._writer: CacheWriter | None = None
 
     # -- what the cache holds ----------------------------------------------------------------
     @property
@@ -131,18 +153,11 @@ class TeacherCache:
         return ResidueTokenizer.from_dict(self.manifest["tokenizer"])
 
     def is_complete(self, variant: int) -> bool:
-        return self.manifest is not None and self._part(variant) in self.manifest["complete"]
+        return self.manifest is not None and self.part(variant) in self.manifest["complete"]
 
     def serves(self, variants: Iterable[int]) -> bool:
         """Whether every one of these mask variants is complete (readable without the teacher)."""
         return all(self.is_complete(v) for v in variants)
-
-    def is_filled(self, variant: int, indices: Sequence[int]) -> bool:
-        """Whether these sequences of a variant are written (complete, or filled and flushed)."""
-        if self.is_complete(variant):
-            return True
-        fill = self._fills.get(variant) or self._resume_fill(variant)
-        return bool(fill.filled[list(indices)].all())
 
     def check(self, settings: dict) -> None:
         """Refuse a cache made with other settings, naming every field that differs."""
@@ -160,7 +175,7 @@ class TeacherCache:
                 "(data_hash fingerprints the training and validation sequences)"
             )
 
-    # -- filling -----------------------------------------------------------------------------
+    # -- filling (cache_writer.CacheWriter) ---------------------------------------------------
     def start_filling(
         self, teacher, settings: dict, train_sequences: Sequence[str], val_sequences: Sequence[str]
     ) -> None:
@@ -173,24 +188,13 @@ class TeacherCache:
                 f"logits, so only small vocabularies (up to {MAX_VOCAB} tokens, e.g. every protein "
                 "LM) are cached; train without --teacher_cache"
             )
-        self._take_lock()
+        if self._writer is None:
+            self._writer = CacheWriter(self, take_lock(self.directory))
         try:
             self.manifest = self._read_manifest()  # as the previous holder of the lock left it
             if self.manifest is None:
-                details = {k: v for k, v in describe_teacher(teacher).items() if k != "name"}
-                self.manifest = {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    **settings,
-                    "vocab_hash": tokenizer.vocab_hash,
-                    "vocab_size": len(tokenizer),
-                    "tokenizer": tokenizer.to_dict(),
-                    "teacher_details": details,
-                    "train_sequences": len(train_sequences),
-                    "val_sequences": len(val_sequences),
-                    "complete": {},
-                }
-                self._write_manifest()
+                self.manifest = new_manifest(teacher, settings, len(train_sequences), len(val_sequences))
+                self.write_manifest()
             self.check(settings)
             if self.manifest["vocab_hash"] != tokenizer.vocab_hash:
                 raise UserError(
@@ -201,43 +205,28 @@ class TeacherCache:
         except BaseException:
             self.close()
             raise
-        self._sequences = {"train": train_sequences, "val": val_sequences}
+        self._writer.sequences = {"train": train_sequences, "val": val_sequences}
+
+    def is_filled(self, variant: int, indices: Sequence[int]) -> bool:
+        """Whether these sequences of a variant are written (complete, or filled and flushed)."""
+        return self.is_complete(variant) or self._writing().is_filled(variant, indices)
 
     def write(self, variant: int, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         """Store a batch's teacher logits [B, L, V] at the cached positions; returns the logits
         rounded to fp16 and back, which is what `read` will give."""
-        fill = self._fills.get(variant) or self._resume_fill(variant)
-        positions = self._positions(batch)
-        rounded = logits.to(torch.float16)
-        values = rounded[positions]
-        if not torch.isfinite(values).all():
-            raise UserError(
-                f"teacher cache {self.directory}: the teacher's logits are not finite in fp16 "
-                f"(largest magnitude {logits[positions].abs().max().item():.3g}); train without "
-                "--teacher_cache"
-            )
-        indices = batch["sequence_index"].tolist()
-        fill.logits[self._rows(fill.offsets, indices, positions)] = values.cpu().numpy()
-        fill.filled[indices] = True
-        if fill.filled.all():
-            self._complete(variant, fill)
-        return rounded.to(logits.dtype)
+        return self._writing().write(variant, batch, logits)
 
     def flush(self) -> None:
-        """Make what has been written durable: the logits first, then the record of which
-        sequences they cover, so that a record never claims logits that were lost."""
-        for variant, fill in self._fills.items():
-            fill.logits.flush()
-            with atomic_open(self._file(variant, "filled.npy")) as f:
-                np.save(f, fill.filled)
+        """Make what has been written durable (CacheWriter.flush)."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         """Drop the open files and the lock (without flushing: call flush first to keep progress)."""
         self._readers.clear()
-        self._fills.clear()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # -- per-protein embeddings (distill.py --embedding_weight) -------------------------------
     @property
@@ -254,7 +243,7 @@ class TeacherCache:
         with atomic_open(self.directory / f"{EMBEDDINGS}.npy") as f:
             np.save(f, embeddings.astype(np.float32))
         self.manifest["complete"][EMBEDDINGS] = True
-        self._write_manifest()
+        self.write_manifest()
 
     def read_embeddings(self) -> np.ndarray:
         """write_embeddings' array, memory-mapped."""
@@ -268,27 +257,29 @@ class TeacherCache:
         if variant not in self._readers:
             self._readers[variant] = self._open_complete(variant)
         logits, offsets = self._readers[variant]
-        positions = self._positions(batch)
-        rows = self._rows(offsets, batch["sequence_index"].tolist(), positions)
+        positions = self.positions(batch)
+        rows = self.rows(offsets, batch["sequence_index"].tolist(), positions)
         out = torch.full((*positions.shape, logits.shape[1]), float("nan"), device=positions.device)
         out[positions] = torch.from_numpy(logits[rows]).to(positions.device, torch.float32)
         return out
 
-    # -- internals ---------------------------------------------------------------------------
-    def _part(self, variant: int) -> str:
+    # -- the layout, shared with the writer ----------------------------------------------------
+    def part(self, variant: int) -> str:
+        """The name of a variant's files and manifest entry: "val" or "train{v}"."""
         if variant == data.VALIDATION_VARIANT:
             return "val"
         if self.manifest is not None and not 0 <= variant < self.manifest["mask_variants"]:
             raise ValueError(f"mask variant {variant} is outside the cache's 0..{self.manifest['mask_variants'] - 1}")
         return f"train{variant}"
 
-    def _file(self, variant: int, suffix: str) -> Path:
-        return self.directory / f"{self._part(variant)}.{suffix}"
+    def file(self, variant: int, suffix: str) -> Path:
+        return self.directory / f"{self.part(variant)}.{suffix}"
 
-    def _positions(self, batch: dict) -> torch.Tensor:
+    def positions(self, batch: dict) -> torch.Tensor:
+        """The positions of a batch the cache holds (data.kl_positions of its distill_positions)."""
         return data.kl_positions(batch["labels"], batch["attention_mask"], self.manifest["distill_positions"])
 
-    def _rows(self, offsets: np.ndarray, indices: list[int], positions: torch.Tensor) -> np.ndarray:
+    def rows(self, offsets: np.ndarray, indices: list[int], positions: torch.Tensor) -> np.ndarray:
         """Rows of the logits array holding these sequences' positions, in batch order."""
         counts = positions.sum(dim=1).tolist()
         for j, n in zip(indices, counts):
@@ -301,77 +292,28 @@ class TeacherCache:
                 )
         return np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in indices])
 
-    def _plan(self, variant: int) -> np.ndarray:
-        """Offsets of each sequence's rows in a variant: its cached positions, counted by masking
-        every sequence the way a training or validation batch does."""
-        sequences = self._sequences["val" if variant == data.VALIDATION_VARIANT else "train"]
-        m = self.manifest
-        if m["distill_positions"] == "all":
-            counts = data.token_lengths(sequences, m["max_seq_len"])
-        else:
-            counts, tokenizer = [], self.tokenizer
-            for start in range(0, len(sequences), 512):
-                batch = data.masked_batch(
-                    sequences,
-                    range(start, min(start + 512, len(sequences))),
-                    tokenizer,
-                    m["max_seq_len"],
-                    m["mask_prob"],
-                    m["mask_seed"],
-                    variant,
-                )
-                counts += (batch["labels"] != data.IGNORE_INDEX).sum(dim=1).tolist()
-        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    def write_manifest(self) -> None:
+        with atomic_open(self.directory / MANIFEST, "w") as f:
+            f.write(json.dumps(self.manifest, indent=2) + "\n")
 
-    def _resume_fill(self, variant: int) -> "_Fill":
-        """Open a variant for writing: continue its partial file when its progress is on disk,
-        else start it afresh."""
-        if self._lock is None:
+    # -- internals ---------------------------------------------------------------------------
+    def _writing(self) -> CacheWriter:
+        if self._writer is None:
             raise RuntimeError("call start_filling before writing to a teacher cache")
-        offsets = self._plan(variant)
-        shape = (int(offsets[-1]), self.manifest["vocab_size"])
-        partial, progress = self._file(variant, "logits.partial.npy"), self._file(variant, "filled.npy")
-        fill = None
-        if partial.is_file() and progress.is_file():
-            try:
-                logits, filled = np.load(partial, mmap_mode="r+"), np.load(progress)
-                if logits.shape == shape and logits.dtype == np.float16 and filled.shape == (len(offsets) - 1,):
-                    fill = _Fill(offsets, logits, filled)
-            except (OSError, ValueError):  # a damaged partial file: refill the variant
-                pass
-        if fill is None:
-            progress.unlink(missing_ok=True)
-            logits = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-            _reserve_disk(partial)
-            fill = _Fill(offsets, logits, np.zeros(len(offsets) - 1, dtype=bool))
-        self._fills[variant] = fill
-        return fill
-
-    def _complete(self, variant: int, fill: "_Fill") -> None:
-        fill.logits.flush()
-        with atomic_open(self._file(variant, "offsets.npy")) as f:
-            np.save(f, fill.offsets)
-        os.replace(self._file(variant, "logits.partial.npy"), self._file(variant, "logits.npy"))
-        del self._fills[variant]
-        self.manifest["complete"][self._part(variant)] = {
-            "sequences": len(fill.filled),
-            "positions": int(fill.offsets[-1]),
-        }
-        self._write_manifest()
-        self._file(variant, "filled.npy").unlink(missing_ok=True)
+        return self._writer
 
     def _open_complete(self, variant: int) -> tuple[np.ndarray, np.ndarray]:
         try:
-            logits = np.load(self._file(variant, "logits.npy"), mmap_mode="r")
-            offsets = np.load(self._file(variant, "offsets.npy"))
+            logits = np.load(self.file(variant, "logits.npy"), mmap_mode="r")
+            offsets = np.load(self.file(variant, "offsets.npy"))
         except (OSError, ValueError) as err:
             raise UserError(
-                f"teacher cache {self.directory}: variant {self._part(variant)} is marked complete "
+                f"teacher cache {self.directory}: variant {self.part(variant)} is marked complete "
                 f"but cannot be read ({err}); delete the folder and fill it again"
             ) from err
         if logits.shape != (offsets[-1], self.manifest["vocab_size"]):
             raise UserError(
-                f"teacher cache {self.directory}: {self._part(variant)}.logits.npy has shape "
+                f"teacher cache {self.directory}: {self.part(variant)}.logits.npy has shape "
                 f"{logits.shape}, its offsets say ({offsets[-1]}, {self.manifest['vocab_size']}); "
                 "delete the folder and fill it again"
             )
@@ -398,102 +340,3 @@ class TeacherCache:
                 f"supported (this code reads version {FORMAT_VERSION}); fill a new cache"
             )
         return manifest
-
-    def _write_manifest(self) -> None:
-        with atomic_open(self.directory / MANIFEST, "w") as f:
-            f.write(json.dumps(self.manifest, indent=2) + "\n")
-
-    def _take_lock(self) -> None:
-        if self._lock is not None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.directory / ".lock", "w")
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory lock; one filling process at a time is up to the user
-            return
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.close()
-            raise UserError(
-                f"teacher cache {self.directory} is being filled by another process; wait for it, "
-                "or pass another --teacher_cache folder"
-            ) from None
-
-
-def _reserve_disk(path: Path) -> None:
-    """Allocate a new (sparse) file's blocks now: a full disk is then an error here, not a crash
-    (SIGBUS) at some later write through the memory map."""
-    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
-        return
-    with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            os.posix_fallocate(f.fileno(), 0, size)
-        except OSError as err:  # other errors: a filesystem that cannot reserve; the map allocates as it goes
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise UserError(
-                    f"{path}: no room for the {size / 2**20:.0f} MB of this teacher cache variant "
-                    f"({err.strerror}); free some space or pass another --teacher_cache folder"
-                ) from None
-
-
-class _Fill:
-    """A variant being written: its row offsets, its partial logits file and which sequences are in."""
-
-    def __init__(self, offsets: np.ndarray, logits: np.memmap, filled: np.ndarray):
-        self.offsets, self.logits, self.filled = offsets, logits, filled
-
-
-class TeacherTargets:
-    """The teacher's outputs for a batch, live or cached: the one place where training gets them.
-
-    A mask variant complete in the cache is read from it. Any other batch goes through the live
-    teacher; with a cache its logits are also written there and come back rounded to fp16, as a
-    later reader sees them, so a run trains on the same targets whether the cache was filled by
-    itself, by an earlier run or by cache_teacher.py. `about` describes the teacher (loaded or
-    not), `batches` counts the batches served live and from the cache.
-    """
-
-    def __init__(
-        self,
-        teacher,
-        cache: TeacherCache | None,
-        tokenizer: ResidueTokenizer,
-        about: dict,
-        output_hidden_states: bool = False,
-    ):
-        self.teacher, self.cache, self.tokenizer, self.about = teacher, cache, tokenizer, about
-        self.output_hidden_states = output_hidden_states
-        self.batches = {"live": 0, "cached": 0}
-        self.embeddings: torch.Tensor | None = None  # [train + val, hidden], when the loss needs them
-        self.train_sequences = 0
-
-    def use_embeddings(self, embeddings: torch.Tensor, train_sequences: int) -> None:
-        """Serve each batch's rows of the teacher's per-protein embeddings (training sequences
-        first, then validation ones) as "embeddings", with "embedding_scale", the mean variance per
-        dimension over the training sequences (the scale of the embedding loss)."""
-        self.embeddings, self.train_sequences = embeddings, train_sequences
-        self.embedding_scale = float(embeddings[:train_sequences].var(0).mean())
-
-    def add_embeddings(self, out: dict, batch: dict, variant: int) -> dict:
-        if self.embeddings is not None:
-            offset = self.train_sequences if variant == data.VALIDATION_VARIANT else 0
-            rows = batch["sequence_index"].cpu() + offset
-            out["embeddings"] = self.embeddings[rows].to(batch["input_ids"].device)
-            out["embedding_scale"] = self.embedding_scale
-        return out
-
-    def __call__(self, batch: dict, variant: int) -> dict:
-        """{"logits": [B, L, V] float32} (+ "hidden_states" when asked) for a batch of this mask variant."""
-        if self.cache is not None and self.cache.is_complete(variant):
-            self.batches["cached"] += 1
-            return self.add_embeddings({"logits": self.cache.read(variant, batch)}, batch, variant)
-        if self.teacher is None:
-            raise RuntimeError(f"mask variant {variant} is not in the teacher cache and no teacher is loaded")
-        self.batches["live"] += 1
-        out = self.teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=self.output_hidden_states)
-        if self.cache is not None:
-            out["logits"] = self.cache.write(variant, batch, out["logits"])
-        return self.add_embeddings(out, batch, variant)

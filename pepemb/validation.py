@@ -11,8 +11,8 @@ from pepemb import data
 from pepemb.data import MaskedBatches
 from pepemb.devices import autocast
 from pepemb.distributed import SINGLE_PROCESS, World, all_reduce
-from pepemb.losses import TERMS, loss_terms, masked_metrics
-from pepemb.teacher_cache import TeacherTargets
+from pepemb.losses import TERMS, LossWeights, loss_terms, masked_metrics
+from pepemb.teacher_targets import TeacherTargets
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def validate(
     hidden_proj,
     teacher_outputs,
     val_set: MaskedBatches,
-    args,
+    weights: LossWeights,
     device,
     autocast_dtype,
     world: World = SINGLE_PROCESS,
@@ -44,7 +44,7 @@ def validate(
             )
         t_logits, t_hidden, t_embedding = teacher_outputs(i, batch)
         terms = loss_terms(
-            out, hidden_proj, t_logits, t_hidden, batch, args, distill_positions="masked", t_embedding=t_embedding
+            out, hidden_proj, t_logits, t_hidden, batch, weights, distill_positions="masked", t_embedding=t_embedding
         )
         counts = masked_metrics(out["logits"], t_logits, batch["labels"])
         for k in TERMS:

@@ -27,7 +27,7 @@ import torch
 import cache_teacher
 import distill
 from architecture import load_student
-from pepemb import cli, data
+from pepemb import cli, data, training_step
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
 from pepemb.distributed import optimizer_steps
 from pepemb.options import validate_shared_args
@@ -385,5 +385,5 @@ def test_a_bad_timeout_is_refused_before_any_process_group():
 
 
 if __name__ == "__main__":  # torchrun tests/test_distributed.py <distill.py arguments>
-    distill.loss_terms = fail_on_rank_1_at_step_2(distill.loss_terms)
+    training_step.loss_terms = fail_on_rank_1_at_step_2(training_step.loss_terms)
     cli.run(distill.main)

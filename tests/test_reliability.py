@@ -30,7 +30,7 @@ import distill
 import evaluate
 from architecture import Student, StudentConfig, load_student, save_student
 from conftest import write_short_uniprot
-from pepemb import cli, data, teacher_cache
+from pepemb import cli, data, teacher_targets
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
 from pepemb.teacher import load_teacher
 
@@ -795,7 +795,7 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(
 def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
     value, protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
 ):
-    live = teacher_cache.TeacherTargets.__call__
+    live = teacher_targets.TeacherTargets.__call__
     training_batches = []
 
     def third_batch_poisoned(self, batch, variant):
@@ -806,7 +806,7 @@ def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
                 out["logits"] = torch.full_like(out["logits"], value)
         return out
 
-    monkeypatch.setattr(teacher_cache.TeacherTargets, "__call__", third_batch_poisoned)
+    monkeypatch.setattr(teacher_targets.TeacherTargets, "__call__", third_batch_poisoned)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"non-finite loss at step 3; step skipped \(1 in a row\)") as caught:
         distill.main(

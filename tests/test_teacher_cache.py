@@ -16,10 +16,10 @@ from pepemb import data
 from pepemb.cli import UserError
 from pepemb.data import MaskedBatches
 from pepemb.losses import distillation_loss
-from pepemb.options import masking, training_sequences
+from pepemb.options import masking, teacher_source, training_sequences
 from pepemb.teacher import PROTBERT_VOCAB, load_teacher
-from pepemb.teacher_cache import TeacherCache, TeacherTargets, data_hash, describe_teacher, run_settings
-from pepemb.teacher_targets import load_teacher_targets
+from pepemb.teacher_cache import TeacherCache, data_hash, describe_teacher
+from pepemb.teacher_targets import TeacherTargets, load_teacher_targets
 
 VAL = data.VALIDATION_VARIANT
 K = 2
@@ -97,7 +97,9 @@ def parsed(argv):
 def open_targets(args, variants):
     """distill.py's teacher set-up on CPU: the teacher is loaded unless the cache serves `variants`."""
     train_seqs, val_seqs = training_sequences(args)
-    return load_teacher_targets(args, train_seqs, val_seqs, torch.device("cpu"), half=False, variants=variants)
+    return load_teacher_targets(
+        teacher_source(args), masking(args), train_seqs, val_seqs, torch.device("cpu"), half=False, variants=variants
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +292,8 @@ def test_a_killed_fill_is_completed_to_the_same_bytes(filled_cache, teacher_dir,
     train_seqs, val_seqs = training_sequences(args)
     teacher = load_teacher(str(teacher_dir))
     cache = TeacherCache(cache_dir)
-    cache.start_filling(teacher, run_settings(args, data_hash(train_seqs, val_seqs)), train_seqs, val_seqs)
+    settings = teacher_source(args).cache_settings(masking(args), data_hash(train_seqs, val_seqs))
+    cache.start_filling(teacher, settings, train_seqs, val_seqs)
     targets = TeacherTargets(teacher, cache, teacher.tokenizer, describe_teacher(teacher))
     batches = MaskedBatches(train_seqs, teacher.tokenizer, masking(args), epoch=0, train=True, mask_variant=0)
     targets(batches[0], 0)

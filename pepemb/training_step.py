@@ -1,0 +1,156 @@
+"""One optimizer step of distillation: each micro-batch's teacher targets, student forward, loss
+and backward, then the update. distill.py trains with these; bench/bench_distill.py and
+bench/profile_distill.py time them, phase by phase, through `lap`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pepemb.devices import autocast
+from pepemb.distributed import SINGLE_PROCESS, World, average_gradients, gradient_sync
+from pepemb.losses import LossWeights, add_to_window, loss_terms, masked_metrics
+
+
+def no_lap(phase: str) -> None:
+    """The default `lap`: a step's phases go untimed."""
+
+
+@dataclass
+class StudentTrainer:
+    """A student and what trains it: the hidden-state projection (--hidden_weight), the
+    optimizer, its schedule and gradient scaler, the loss weights and KL positions, the clipping
+    norm (0: none), the device and autocast dtype (None: fp32) and this process's place in the
+    job. `model` is what the forward pass goes through: the student itself (the default) or its
+    DistributedDataParallel wrapper."""
+
+    student: torch.nn.Module
+    hidden_proj: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    weights: LossWeights
+    distill_positions: str
+    max_grad_norm: float
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    world: World = SINGLE_PROCESS
+    model: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = self.student
+
+    @property
+    def trainable(self) -> list[torch.nn.Module]:
+        return [self.student] + ([self.hidden_proj] if self.hidden_proj is not None else [])
+
+
+def batch_targets(
+    trainer: StudentTrainer, batch: dict, targets, variant: int, reads_teacher: bool, lap: Callable = no_lap
+) -> tuple[dict, dict]:
+    """(the batch on the trainer's device, the teacher's outputs for it from `targets`, a
+    teacher_targets.TeacherTargets); without `reads_teacher` (plain masked LM) no logits."""
+    batch = {k: v.to(trainer.device, non_blocking=True) for k, v in batch.items()}
+    lap("to device")
+    t = targets(batch, variant) if reads_teacher else {"logits": None}
+    lap("teacher targets")
+    return batch, t
+
+
+def student_backward(
+    trainer: StudentTrainer,
+    batch: dict,
+    t: dict,
+    last_micro_batch: bool = True,
+    micro_batches: int = 1,
+    lap: Callable = no_lap,
+) -> tuple[dict, dict]:
+    """The student's part of a micro-batch on the teacher's outputs t: forward, loss terms and the
+    backward pass of loss / micro_batches (gradients summed over the step's micro-batches; under
+    DDP all-reduced in the last one's). Returns (student outputs, loss terms)."""
+    with gradient_sync(trainer.model, last_micro_batch=last_micro_batch):
+        with autocast(trainer.device, trainer.autocast_dtype):
+            out = trainer.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                output_hidden_states=trainer.hidden_proj is not None,
+                output_embedding=trainer.student.teacher_map is not None,
+            )
+            lap("student forward")
+            terms = loss_terms(
+                out,
+                trainer.hidden_proj,
+                t["logits"],
+                t.get("hidden_states"),
+                batch,
+                trainer.weights,
+                distill_positions=trainer.distill_positions,
+                t_embedding=t,
+            )
+        lap("loss")
+        # A non-finite loss goes backward too, to be dropped with its step by the caller:
+        # under DDP every rank must take part in the gradient all-reduce.
+        trainer.scaler.scale(terms["loss"] / micro_batches).backward()
+        lap("backward")
+    return out, terms
+
+
+def forward_backward(
+    trainer: StudentTrainer,
+    batch: dict,
+    targets,
+    variant: int,
+    reads_teacher: bool,
+    window: dict,
+    last_micro_batch: bool = True,
+    micro_batches: int = 1,
+    lap: Callable = no_lap,
+) -> bool:
+    """One micro-batch of mask variant `variant`: teacher targets, student forward, loss, backward;
+    adds it to the log window (losses.add_to_window). Returns whether its loss was finite.
+    `lap(phase)` is called as each phase ends."""
+    batch, t = batch_targets(trainer, batch, targets, variant, reads_teacher, lap)
+    out, terms = student_backward(trainer, batch, t, last_micro_batch, micro_batches, lap)
+    add_to_window(window, batch, masked_metrics(out["logits"].detach(), t["logits"], batch["labels"]), terms)
+    lap("metrics + window sums")
+    return bool(torch.isfinite(terms["loss"]))
+
+
+def accumulate_gradients(
+    trainer: StudentTrainer, batches, count: int, targets, variant: int, reads_teacher: bool, window: dict
+) -> bool:
+    """forward_backward over the `count` micro-batches of one optimizer step (gradients summed,
+    DDP's all-reduce in the last one's backward). Returns whether every loss was finite."""
+    loss_ok = True
+    for j, batch in enumerate(batches):
+        loss_ok &= forward_backward(
+            trainer,
+            batch,
+            targets,
+            variant,
+            reads_teacher,
+            window,
+            last_micro_batch=j == count - 1,
+            micro_batches=count,
+        )
+    return loss_ok
+
+
+def optimizer_step(trainer: StudentTrainer, lap: Callable = no_lap) -> None:
+    """Average the projection's gradients over the ranks (DDP does the student's), clip, step,
+    update the scaler and the schedule, clear the gradients."""
+    if trainer.hidden_proj is not None:
+        average_gradients(trainer.hidden_proj, trainer.world)
+    if trainer.max_grad_norm > 0:
+        trainer.scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for m in trainer.trainable for p in m.parameters()], trainer.max_grad_norm)
+    lap("clip")
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    lap("optimizer")
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    lap("schedule + zero_grad")
