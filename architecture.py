@@ -583,7 +583,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# The native export: transformers.EsmForMaskedLM's weight names (export.py writes the folder)
+# The native export: transformers.EsmForMaskedLM's weight names (pepemb/hf_export.py writes the folder)
 # --------------------------------------------------------------------------------------------
 
 TEACHER_MAP_WEIGHTS = "teacher_map.safetensors"  # beside a native export's model.safetensors
@@ -637,7 +637,7 @@ def from_esm_state_dict(esm: dict[str, torch.Tensor], config: StudentConfig) -> 
 
 
 def _read_native_export(path: Path) -> dict:
-    """save_student's payload from a folder written by export.py (config.json with a "pepemb" entry,
+    """save_student's payload from a folder written by pepemb/hf_export.py (config.json with a "pepemb" entry,
     model.safetensors with EsmForMaskedLM's names, teacher_map.safetensors when there is a map)."""
     stored = json.loads((path / "config.json").read_text())["pepemb"]
     config = StudentConfig(**stored["config"])
@@ -654,7 +654,7 @@ def _read_native_export(path: Path) -> dict:
 
 
 def is_native_export(path: Path) -> bool:
-    """Whether `path` is a folder written by export.py (a transformers ESM model of a student)."""
+    """Whether `path` is a folder written by pepemb/hf_export.py (a transformers ESM model of a student)."""
     try:
         return "pepemb" in json.loads((path / "config.json").read_text())
     except (OSError, ValueError, TypeError):

@@ -137,7 +137,10 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
 def add_loss_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loss")
     g.add_argument(
-        "--distill_weight", type=float, default=0.9, help='weight of the KL term (README: "What distillation buys")'
+        "--distill_weight",
+        type=float,
+        default=0.9,
+        help="weight of the KL term (docs/results.md: What distillation buys)",
     )
     g.add_argument("--task_weight", type=float, default=0.1, help="weight of the masked-LM cross-entropy")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KL term")

@@ -1,4 +1,4 @@
-"""The native export (export.py, `embed.py --export_hf`): a transformers ESM-2 model that a fresh
+"""The native export (pepemb/hf_export.py, `embed.py --export_hf`): a transformers ESM-2 model that a fresh
 process loads without this repository, with the student's logits, tokens and embeddings."""
 
 import json

@@ -1,6 +1,6 @@
 """Reliability across the scripts: bad input, interruption, numerical faults and untrusted files.
 
-RELIABILITY.md lists every case and the test that holds it; the cases the module tests already
+docs/reliability.md lists every case and the test that holds it; the cases the module tests already
 cover (test_data.py's bad FASTA table, test_architecture.py's checkpoint refusals, ...) are not
 repeated. The bad-input table runs each script's main through cli.run, as its `__main__` block
 does (in-process: milliseconds a row); one row per script, the signals and kill -9 run real

@@ -1,4 +1,4 @@
-"""score.py / scoring.py: zero-shot variant scores against hand computations on a tiny student,
+"""score.py / pepemb/variant_scores.py: zero-shot variant scores against hand computations on a tiny student,
 batching that changes nothing, scans, checked mutation files and the command line."""
 
 import csv

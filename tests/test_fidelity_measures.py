@@ -1,4 +1,4 @@
-"""measures.py against hand computations: CKA, Spearman, neighbourhood overlap, masked marginals
+"""pepemb/fidelity.py against hand computations: CKA, Spearman, neighbourhood overlap, masked marginals
 on a tiny student, agreement of mutation scores, the frequency baseline and mean pooling."""
 
 import math
