@@ -29,6 +29,12 @@ def uniprot_proteins() -> list[data.Protein]:
     return data.read_fasta(data.SHIPPED_UNIPROT)
 
 
+def tiny_student(num_layers: int = 1) -> list[str]:
+    """distill.py's size flags for the tests' student: d_model 32, 2 heads, `num_layers` blocks
+    (about 13k parameters a block), small enough for a step in milliseconds on one core."""
+    return ["--d_model", "32", "--num_heads", "2", "--num_layers", str(num_layers)]
+
+
 def write_short_uniprot(path: Path, count: int, length: int) -> Path:
     """The first `count` shipped UniProt proteins cut to `length` residues: tiny, real training data."""
     proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:count]

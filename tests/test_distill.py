@@ -9,7 +9,7 @@ import torch
 
 import distill
 from architecture import load_student
-from conftest import write_short_uniprot
+from conftest import tiny_student, write_short_uniprot
 from pepemb.checkpoints import list_checkpoints
 from pepemb.cli import UserError
 from pepemb.devices import resolve_precision
@@ -30,12 +30,7 @@ def tiny_args(teacher_dir, fasta, output_dir, *extra):
         str(output_dir),
         "--teacher_model",
         str(teacher_dir),
-        "--d_model",
-        "32",
-        "--num_heads",
-        "2",
-        "--num_layers",
-        "2",
+        *tiny_student(num_layers=2),
         "--batch_size",
         "16",
         "--max_seq_len",

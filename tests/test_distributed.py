@@ -27,6 +27,7 @@ import torch
 import cache_teacher
 import distill
 from architecture import load_student
+from conftest import tiny_student
 from pepemb import cli, data, training_step
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
 from pepemb.distributed import optimizer_steps
@@ -36,12 +37,7 @@ from pepemb.schedule import planned_steps
 REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TRAINING = [
-    "--d_model",
-    "32",
-    "--num_heads",
-    "2",
-    "--num_layers",
-    "1",
+    *tiny_student(),
     "--learning_rate",
     "3e-3",
     "--warmup_steps",

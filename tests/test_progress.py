@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_short_uniprot
+from conftest import tiny_student, write_short_uniprot
 from pepemb import progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,12 +83,7 @@ def test_distill_writes_a_readable_log(protbert_teacher_dir, tmp_path):
         str(protbert_teacher_dir),
         "--output_dir",
         str(tmp_path / "run"),
-        "--d_model",
-        "32",
-        "--num_heads",
-        "2",
-        "--num_layers",
-        "1",
+        *tiny_student(),
         "--batch_size",
         "8",
         "--max_seq_len",

@@ -29,7 +29,7 @@ import torch
 import distill
 import evaluate
 from architecture import Student, StudentConfig, load_student, save_student
-from conftest import write_short_uniprot
+from conftest import tiny_student, write_short_uniprot
 from pepemb import cli, data, teacher_targets
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
 from pepemb.teacher import load_teacher
@@ -95,12 +95,7 @@ def inputs(tmp_path_factory, protbert_teacher_dir, esm_teacher_dir) -> dict[str,
 
 
 TINY_STUDENT = [
-    "--d_model",
-    "32",
-    "--num_heads",
-    "2",
-    "--num_layers",
-    "1",
+    *tiny_student(),
     "--max_seq_len",
     "32",
     "--warmup_steps",

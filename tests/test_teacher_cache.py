@@ -11,7 +11,7 @@ import torch
 import cache_teacher
 import distill
 from architecture import ResidueTokenizer, Student, StudentConfig, load_student
-from conftest import write_short_uniprot
+from conftest import tiny_student, write_short_uniprot
 from pepemb import data
 from pepemb.cli import UserError
 from pepemb.data import MaskedBatches
@@ -62,12 +62,7 @@ def student_flags(output_dir, *extra):
     return [
         "--output_dir",
         str(output_dir),
-        "--d_model",
-        "32",
-        "--num_heads",
-        "2",
-        "--num_layers",
-        "1",
+        *tiny_student(),
         "--learning_rate",
         "3e-3",
         "--warmup_steps",
