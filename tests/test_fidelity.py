@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import evaluate  # noqa: E402
 import fidelity  # noqa: E402
+import fidelity_runs  # noqa: E402
+import student_runs  # noqa: E402
 from pepemb import data  # noqa: E402
 from pepemb.cli import UserError  # noqa: E402
 
@@ -29,7 +31,7 @@ def quick_run(tmp_path_factory):
 def test_every_run_is_recorded_with_its_test_scores(quick_run):
     output_dir, results = quick_run
     assert results["setup"]["data"] == {
-        "source": str(fidelity.data.SHIPPED_ANTIBODIES),
+        "source": str(data.SHIPPED_ANTIBODIES),
         "note": "--quick: shipped 1,000-chain sample",
         "train": 800,
         "val": 100,
@@ -193,7 +195,7 @@ def test_every_variant_is_a_valid_distill_command(name, tmp_path):
     variant = fidelity.VARIANTS[name]
     args = fidelity.resolve_args(fidelity.build_parser().parse_args(["--output_dir", str(tmp_path)]))
     cache = tmp_path / "cache" if variant.cache else None
-    command = fidelity.distill_command(
+    command = fidelity_runs.distill_command(
         variant, fidelity.Budget.parse("10"), tmp_path / "run", cache, args, tmp_path / "data"
     )
     parsed = distill.build_parser().parse_args(command[2:])
@@ -213,7 +215,7 @@ def test_the_kd_variants_measure_distill_defaults():
     import distill
 
     defaults = distill.build_parser().parse_args(["--data_path", "x"])
-    kd = dict(zip(fidelity.KD[::2], fidelity.KD[1::2]))
+    kd = dict(zip(student_runs.KD[::2], student_runs.KD[1::2]))
     assert (defaults.distill_weight, defaults.task_weight, defaults.temperature) == (
         float(kd["--distill_weight"]),
         float(kd["--task_weight"]),
