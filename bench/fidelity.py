@@ -1,26 +1,23 @@
 """Is distillation worth it? Students trained for equal wall-clock budgets, with and without the teacher.
 
-    python bench/fidelity.py --quick            # ~3.5 min: mlm vs kd-cache, 1 min each, tiny student
-    python bench/fidelity.py --variants mlm-cache,kd-cache --budgets 10,30
-                                                # the main comparison: ~95 min, 10.7 of them the cache fill
-    python bench/fidelity.py --variants kd,kd-cache-t1 --budgets 792steps --jobs 2
+    python bench/fidelity.py --quick            # mlm vs kd-cache, 1 minute each, tiny student
+    python bench/fidelity.py --variants mlm-cache,kd-cache --budgets 10,30 \
+        --fasta ../shared/data/antibody_sample.fasta      # the main comparison, on the full antibody set
+    python bench/fidelity.py --variants kd,kd-cache-t1 --budgets 800steps --jobs 2
                                                 # quality per step, two runs at a time
-    python bench/fidelity.py                    # every variant at 10 and 30 minutes: ~9 hours
+    python bench/fidelity.py                    # every variant at 10 and 30 minutes
     python bench/fidelity.py --variants mlm,kd-cache --budgets 1200steps --train_sizes 500,2000,all \
-        --repeats 2 --jobs 2 --mask_variants 8 --d_model 128      # the regime map (README: What distillation buys)
+        --repeats 2 --jobs 2 --mask_variants 8 --d_model 128      # the regime map (fidelity_regimes.png)
 
-Teacher: AntiBERTy, int8 on CPU (`--use_8bit`). Data: the 12,990 antibody chains of
-../shared/data/antibody_sample.fasta when present (1,000 held out for test, 500 for validation),
-else the shipped 1,000 of data/antibody_sample.fasta (100 / 100; the output says which). Every run
-is one `distill.py --max_time MINUTES` subprocess, run one after another so that each has the
-CPUs to itself, with the same student, data order, initialisation and learning rate; only the
-loss and where the teacher's outputs come from differ (VARIANTS). Each final checkpoint is then
-scored on the test split, which no run trains or validates on, with fixed masks and evaluate.py's
-statistics (the teacher's test logits computed once): masked accuracy, top-1 agreement with the
-teacher, KL(teacher || student) at T = 1, perplexity; and evaluate.py's fidelity measures at its
-defaults: zero-shot mutation effects (Spearman with the teacher's masked marginals over 8 sites of
-150 test chains, pooled and within a position), linear CKA of the last hidden states, and 10-NN
-overlap of mean embeddings (1,000 test chains).
+Teacher: AntiBERTy, int8 on CPU (`--use_8bit`). Data: the antibody chains of --fasta, by default
+the 1,000 shipped in data/antibody_sample.fasta; `--fasta ../shared/data/antibody_sample.fasta`
+is the full set where ../shared is present. They are split once: a tenth each for test and
+validation, at most 1,000 test and 500 validation chains; fidelity.json and fidelity.md say which
+file and how many chains. Every run is one `distill.py --max_time MINUTES` subprocess, run one
+after another so that each has the CPUs to itself, with the same student, data order,
+initialisation and learning rate; only the loss and where the teacher's outputs come from differ
+(fidelity_variants.py). Each final checkpoint is then scored on the test split, which no run
+trains or validates on, with fixed masks and evaluate.py's statistics (fidelity_scoring.py).
 
 `--train_sizes 500,2000,all` trains every variant on the first N chains of a fixed shuffled
 training list (a smaller set is part of every larger one; validation and test stay the same), each
@@ -39,20 +36,22 @@ fresh masks every epoch; the cached KD runs see the cache's --mask_variants (def
 later epochs, as a cache must.
 
 Budgets are wall-clock minutes (`--budgets 10,30`) or optimizer steps (`--budgets 800steps`).
-Masked LM and the cached KD variants cost the same per step (792 and 811 steps in 10 quiet
-minutes here, 2,439 and 2,483 in 30), so among them a step budget is an equal-compute budget;
-it also measures the quality per step of any variant, live teacher included. Unlike minutes, steps are not changed by other jobs,
-so step-budget runs may share the machine: `--jobs 2` runs two at a time, one CPU thread each.
+Masked LM and the cached KD variants do the same work per step, so among them a step budget is
+an equal-compute budget; it also measures the quality per step of any variant, live teacher
+included. Unlike minutes, steps are not changed by other jobs, so step-budget runs may share the
+machine: `--jobs 2` runs two at a time, one CPU thread each.
 
 Wall-clock budgets are only as fair as the machine is quiet: each run records the optimizer steps
 it reached, its tokens/s, the CPU time of its process and the load average before and after it,
 and the plot shows accuracy by step too, which other jobs cannot distort.
 
 Writes OUTPUT_DIR/fidelity.json (the setup, cache fills and every run: command, steps, times,
-teacher batches, validation curve, test metrics), fidelity.md (the table) and fidelity.png
+teacher batches, validation curve, test metrics), fidelity.md (the table), fidelity.png
 (validation masked accuracy and agreement against training minutes, accuracy against steps,
-test accuracy marked at the end of each run). Runs already in fidelity.json are kept and
-skipped (--rerun runs them again), so budgets and variants can be added by later invocations.
+test accuracy marked at the end of each run) and fidelity_regimes.png (fidelity_report.py).
+Runs already in fidelity.json are kept and skipped (--rerun runs them again), so budgets and
+variants can be added by later invocations. This file is the command line and the order of
+work; fidelity_runs.py launches the runs.
 """
 
 from __future__ import annotations
@@ -68,11 +67,11 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-from fidelity_report import load_results, results_table, save_results
-from fidelity_runs import prefilled_cache, prepare_data, trained
+from fidelity_report import data_line, load_results, results_table, save_results
+from fidelity_runs import TEST_SEQUENCES, VAL_SEQUENCES, prefilled_cache, prepare_data, trained
 from fidelity_scoring import MUTATION_POSITIONS, TestSet, score
 from fidelity_variants import VARIANTS, Budget, run_key
-from pepemb import cli, heldout
+from pepemb import cli, data, heldout
 from pepemb.cli import UserError
 from student_runs import MAX_SEQ_LEN, SEED
 
@@ -100,6 +99,25 @@ FULL = {
 }
 
 
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--fasta and --train_sizes: the chains every run splits the same way, and how many train."""
+    p.add_argument(
+        "--fasta",
+        type=Path,
+        default=data.SHIPPED_ANTIBODIES,
+        metavar="PATH",
+        help="antibody chains (a relative path is from the repository: ../shared/data/antibody_sample.fasta "
+        f"is the full set), split once: a tenth each for test and validation, at most {TEST_SEQUENCES:,} test "
+        f"and {VAL_SEQUENCES} validation chains [{data.SHIPPED_ANTIBODIES.relative_to(REPO)}]",
+    )
+    p.add_argument(
+        "--train_sizes",
+        default="all",
+        help="comma-separated training-set sizes: the first N chains of a fixed shuffled training list "
+        "(same validation and test chains), or 'all' [all]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -118,12 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated training budgets: wall-clock minutes (10), or optimizer steps "
         f"(800steps) for step-matched runs [{FULL['budgets']}]",
     )
-    p.add_argument(
-        "--train_sizes",
-        default="all",
-        help="comma-separated training-set sizes: the first N chains of a fixed shuffled training list "
-        "(same validation and test chains), or 'all' [all]",
-    )
+    add_data_arguments(p)
     p.add_argument(
         "--repeats",
         type=int,
@@ -218,6 +231,7 @@ def resolve_args(args) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
     args.output_dir = cli.writable_folder(REPO / args.output_dir, "--output_dir")
+    args.fasta = (REPO / args.fasta).resolve()
     return args
 
 
@@ -241,7 +255,7 @@ def main(argv=None):
     output_dir = args.output_dir
     data_dir = output_dir / "data"
     setup = {
-        "data": prepare_data(data_dir, args.quick),
+        "data": prepare_data(data_dir, args.fasta, args.quick),
         "student": {k: getattr(args, k) for k in ("d_model", "num_heads", "num_layers")},
         **{
             k: getattr(args, k)
@@ -261,11 +275,7 @@ def main(argv=None):
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(
-        f"data: {setup['data']['note']}: {setup['data']['train']:,} train / {setup['data']['val']:,} val / "
-        f"{setup['data']['test']:,} test chains",
-        flush=True,
-    )
+    print(f"data: {data_line(setup['data'])}", flush=True)
     results = load_results(output_dir / "fidelity.json", setup)
     done = {run_key(r) for r in results["runs"] if "error" not in r}
     todo = [

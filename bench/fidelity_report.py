@@ -14,7 +14,7 @@ from fidelity_scoring import MUTATION_POSITIONS
 from fidelity_variants import VARIANTS, Budget, size_label
 from pepemb.cli import UserError
 from pepemb.files import atomic_open
-from student_runs import TEACHER
+from student_runs import REPO, TEACHER
 
 
 def load_results(path: Path, setup: dict) -> dict:
@@ -22,12 +22,23 @@ def load_results(path: Path, setup: dict) -> dict:
     if not path.is_file():
         return {"setup": setup, "caches": {}, "runs": []}
     results = json.loads(path.read_text())
-    differ = [k for k in setup if k not in ("started", "machine") and results["setup"].get(k) != setup[k]]
+    earlier = _settings(results["setup"])
+    differ = [k for k, value in _settings(setup).items() if earlier.get(k) != value]
     if differ:
         raise UserError(
             f"{path} holds runs made with other settings ({', '.join(differ)}); pass another --output_dir or delete it"
         )
     return results
+
+
+def _settings(setup: dict) -> dict:
+    """What runs must share to join one fidelity.json: the setup but its start, machine and the
+    wording of its data note."""
+    return {
+        key: {**value, "note": None} if key == "data" else value
+        for key, value in setup.items()
+        if key not in ("started", "machine")
+    }
 
 
 def save_results(results: dict, output_dir: Path) -> None:
@@ -63,14 +74,22 @@ def _sort_key(r: dict) -> tuple:
     )
 
 
+def data_line(split: dict) -> str:
+    """Where the chains came from and how they were split (setup["data"]), as the table says it."""
+    source = Path(split["source"])
+    shown = source.relative_to(REPO) if source.is_relative_to(REPO) else source
+    return (
+        f"{split['note']} ({split['train']:,} train / {split['val']:,} val / {split['test']:,} test chains of {shown})"
+    )
+
+
 def results_table(results: dict) -> str:
     """fidelity.md: the setup, a row a run, and the spread of repeated runs."""
     setup = results["setup"]
     teacher = next((r["test"] for r in results["runs"] if "test" in r), None)
     base = setup.get("baseline_mutations")
     lines = [
-        f"Data: {setup['data']['note']} ({setup['data']['train']:,} train / {setup['data']['val']:,} val / "
-        f"{setup['data']['test']:,} test chains). Student d_model {setup['student']['d_model']}, "
+        f"Data: {data_line(setup['data'])}. Student d_model {setup['student']['d_model']}, "
         f"{setup['student']['num_layers']} layers, {setup['student']['num_heads']} heads; "
         f"batch {setup['batch_size']}, lr {setup['learning_rate']:g}, warmup {setup['warmup_steps']} steps. "
         f"Teacher {TEACHER} ({setup.get('teacher_backend')})"

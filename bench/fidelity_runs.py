@@ -19,34 +19,29 @@ import numpy as np
 from fidelity_variants import Budget, Variant, size_label
 from pepemb import data
 from pepemb.cli import UserError
-from student_runs import REPO, SEED, cache_flags, log_tail, run_logged, script_command
+from student_runs import SEED, cache_flags, log_tail, run_logged, script_command
 from student_runs import distill_command as student_command
 
-SHARED_ANTIBODIES = REPO.parent / "shared" / "data" / "antibody_sample.fasta"
-TEST_SEQUENCES, VAL_SEQUENCES = 1000, 500  # held out of the full antibody set
+HELD_OUT = 0.1  # of the chains, for test and for validation each
+TEST_SEQUENCES, VAL_SEQUENCES = 1000, 500  # at most: a larger set trains on the rest
 
 
-def prepare_data(folder: Path, quick: bool) -> dict:
-    """Write folder/{train,val,test}.fasta from the full antibody set (or the shipped sample);
-    returns where they came from and the counts."""
-    if not quick and SHARED_ANTIBODIES.is_file():
-        source, note = SHARED_ANTIBODIES, "full antibody set"
-        proteins = data.read_fasta(source)
-        val_fraction, test_fraction = VAL_SEQUENCES / len(proteins), TEST_SEQUENCES / len(proteins)
-    else:
-        source = data.SHIPPED_ANTIBODIES
-        note = (
-            "--quick: shipped 1,000-chain sample"
-            if quick
-            else f"{SHARED_ANTIBODIES} not found: shipped 1,000-chain sample, numbers not comparable to the full set"
-        )
-        proteins = data.read_fasta(source)
-        val_fraction = test_fraction = 0.1
+def prepare_data(folder: Path, fasta: Path, quick: bool) -> dict:
+    """Write folder/{train,val,test}.fasta from `fasta`: a tenth of its chains each for test and
+    validation, at most TEST_SEQUENCES and VAL_SEQUENCES; returns the file, a note on it and the
+    counts."""
+    proteins = data.read_fasta(fasta)
+    val_fraction = min(HELD_OUT, VAL_SEQUENCES / len(proteins))
+    test_fraction = min(HELD_OUT, TEST_SEQUENCES / len(proteins))
     train, val, test = data.split_proteins(proteins, val_fraction, test_fraction, seed=SEED)
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("val", val), ("test", test)):
         data.write_fasta(folder / f"{name}.fasta", part)
-    return {"source": str(source), "note": note, "train": len(train), "val": len(val), "test": len(test)}
+    shipped = fasta.resolve() == data.SHIPPED_ANTIBODIES.resolve()
+    note = ("--quick: " if quick else "") + (
+        f"shipped {len(proteins):,}-chain sample" if shipped else f"{len(proteins):,}-chain antibody set"
+    )
+    return {"source": str(fasta), "note": note, "train": len(train), "val": len(val), "test": len(test)}
 
 
 def sized_data(data_dir: Path, size: int | None) -> Path:

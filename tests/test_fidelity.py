@@ -4,6 +4,7 @@ minutes); what it records and how it scores are."""
 
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -154,6 +155,24 @@ def test_training_set_sizes_share_the_test_split_and_draw_the_regime_map(tmp_pat
     assert any(f"--data_path {out / 'data-n64'} " in r["command"] for r in runs)
     assert "| mlm | 64 | 3 steps | 3 |" in (out / "fidelity.md").read_text()
     assert (out / "fidelity_regimes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_fasta_is_split_a_tenth_each_up_to_1000_test_and_500_validation_chains(tmp_path):
+    rng = random.Random(0)
+    chains = [data.Protein(f"c{i}", "", "".join(rng.choices("ACDEFGHIKLMNPQRSTVWY", k=30))) for i in range(12_000)]
+    data.write_fasta(tmp_path / "large.fasta", chains)
+    large = fidelity_runs.prepare_data(tmp_path / "large", tmp_path / "large.fasta", quick=False)
+    assert (large["train"], large["val"], large["test"]) == (10_500, 500, 1_000)
+    assert large["source"] == str(tmp_path / "large.fasta") and large["note"] == "12,000-chain antibody set"
+    shipped = fidelity_runs.prepare_data(tmp_path / "shipped", data.SHIPPED_ANTIBODIES, quick=False)
+    assert (shipped["train"], shipped["val"], shipped["test"], shipped["note"]) == (
+        800,
+        100,
+        100,
+        "shipped 1,000-chain sample",
+    )
+    args = fidelity.build_parser().parse_args(["--fasta", "data/antibody_sample.fasta", "--output_dir", str(tmp_path)])
+    assert fidelity.resolve_args(args).fasta == data.SHIPPED_ANTIBODIES  # a relative --fasta is from the repository
 
 
 def test_budgets_are_minutes_or_steps():
