@@ -20,7 +20,8 @@ the teacher's neighbourhoods, and in the teacher's space (heldout.teacher_space_
 and R^2. Distillation is worth it here only if kd-emb's distilled map beats mlm + least squares.
 
 The teacher cache and the runs are built with student_runs.py, with the flags that
-fidelity.py's runs use. Writes OUTPUT_DIR/teacher_space.json and teacher_space.md.
+fidelity.py's runs use; the least-squares map is pepemb.teacher_space.LeastSquaresMap. Writes
+OUTPUT_DIR/teacher_space.json and teacher_space.md.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pepemb import (
 from pepemb.cli import UserError  # noqa: E402
 from pepemb.files import atomic_open  # noqa: E402
 from pepemb.teacher_cache import TeacherCache  # noqa: E402
+from pepemb.teacher_space import LeastSquaresMap  # noqa: E402
 from student_runs import (  # noqa: E402
     KD,
     MAX_SEQ_LEN,
@@ -166,13 +168,6 @@ def pooled_embeddings(model, sequences: list[str], tokenizer) -> torch.Tensor:
     return heldout.last_hidden_states(model, batches, "cpu")["pooled"]
 
 
-def least_squares_map(x: torch.Tensor, y: np.ndarray):
-    """The affine map x -> y fitted by least squares, as a function of new x."""
-    design = np.hstack([fidelity.as_float64(x), np.ones((len(x), 1))])
-    weights = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)[0]
-    return lambda new: np.hstack([fidelity.as_float64(new), np.ones((len(new), 1))]) @ weights
-
-
 def score(runs: dict, data_dir: Path) -> dict:
     """Masked accuracy and teacher-space measures of each student on the test chains."""
     from pepemb.teacher import load_teacher
@@ -199,7 +194,7 @@ def score(runs: dict, data_dir: Path) -> dict:
         student, tokenizer, _ = load_student(folder / "best_model")
         stats = heldout.masked_statistics(student, None, masked, "cpu")
         own = pooled_embeddings(student, test, tokenizer)
-        fitted = least_squares_map(pooled_embeddings(student, train, tokenizer), targets)
+        fitted = LeastSquaresMap.fit(pooled_embeddings(student, train, tokenizer), targets)
         mutations = probe.agreement(probe.scores(student, "cpu"), teacher_mutations)
         summary = json.loads((folder / "summary.json").read_text())
         record = {
