@@ -1,6 +1,6 @@
 """Teacher-space embeddings: is distilling the map (--embedding_weight) better than fitting one afterwards?
 
-    python bench/teacher_space.py --quick        # shipped antibodies, d_model 64, 40 steps: ~3 min
+    python bench/teacher_space.py --quick        # shipped antibodies, d_model 64, 40 steps
     python bench/teacher_space.py --data_dir outputs/fidelity_regimes/data-n2000 --steps 600 --d_model 256 --jobs 3
 
 Three students of the same size, data, seed and step count, each one distill.py subprocess (run
@@ -14,12 +14,14 @@ fills with the logits and the teacher's per-protein embeddings (AntiBERTy, int8)
 Every student then gets a least-squares map from its per-protein embeddings (mean last hidden state
 over residues) to the teacher's, fitted on the training chains; kd-emb is also scored with its
 own distilled map. On the test chains, which no run trains or validates on: masked accuracy
-(fixed masks, evaluation.masked_statistics), 10-NN overlap of the student's own embeddings with
-the teacher's neighbourhoods, and in the teacher's space (evaluation.teacher_space_measures) the
+(fixed masks, heldout.masked_statistics), 10-NN overlap of the student's own embeddings with
+the teacher's neighbourhoods, and in the teacher's space (heldout.teacher_space_measures) the
 10-NN overlap, the cosine of mapped and true embeddings after centring both on the teacher's mean,
 and R^2. Distillation is worth it here only if kd-emb's distilled map beats mlm + least squares.
 
-Writes OUTPUT_DIR/teacher_space.json and teacher_space.md.
+The teacher cache and the runs are built with student_runs.py, with the flags that
+fidelity.py's runs use; the least-squares map is pepemb.teacher_space.LeastSquaresMap. Writes
+OUTPUT_DIR/teacher_space.json and teacher_space.md.
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,9 +49,20 @@ from pepemb import (
 from pepemb.cli import UserError  # noqa: E402
 from pepemb.files import atomic_open  # noqa: E402
 from pepemb.teacher_cache import TeacherCache  # noqa: E402
+from pepemb.teacher_space import LeastSquaresMap  # noqa: E402
+from student_runs import (  # noqa: E402
+    KD,
+    MAX_SEQ_LEN,
+    MLM,
+    SEED,
+    TEACHER,
+    cache_flags,
+    distill_command,
+    run_logged,
+    script_command,
+)
 
-TEACHER, SEED, MAX_SEQ_LEN, BATCH = "antiberty", 42, 160, 32
-KD = ["--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "2"]  # distill.py's defaults
+BATCH = 32
 QUICK = {"steps": 40, "d_model": 64, "num_layers": 2, "train_size": 200, "output_dir": "outputs/teacher_space_quick"}
 FULL = {"steps": 600, "d_model": 256, "num_layers": 4, "train_size": None, "output_dir": "outputs/teacher_space"}
 
@@ -102,36 +113,17 @@ def prepare_data(args) -> Path:
 
 
 def shared_flags(args, data_dir: Path) -> list[str]:
-    return [
-        "--data_path",
-        str(data_dir),
-        "--teacher_model",
-        TEACHER,
-        "--use_8bit",
-        "--device",
-        "cpu",
-        "--max_seq_len",
-        str(MAX_SEQ_LEN),
-        "--batch_size",
-        str(BATCH),
-        "--seed",
-        str(SEED),
-        "--mask_variants",
-        str(args.mask_variants),
-        "--teacher_cache",
-        str(args.output_dir / "cache"),
-    ]
+    """What cache_teacher.py and every distill.py run share: student_runs.cache_flags and the cache."""
+    flags = cache_flags(data_dir, device="cpu", batch_size=BATCH, mask_variants=args.mask_variants)
+    return [*flags, "--teacher_cache", str(args.output_dir / "cache")]
 
 
 def run(command: list[str], log: Path, threads: int | None = None) -> float:
     """Run a command with its output in `log`; returns its wall seconds; fails loudly."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        status = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    status, seconds, _ = run_logged(command, log, threads)
     if status:
-        raise UserError(f"{command[1]} failed (exit {status}); see {log}")
-    return time.perf_counter() - start
+        raise UserError(f"{Path(command[1]).name} failed (exit {status}); see {log}")
+    return seconds
 
 
 def train_students(args, data_dir: Path) -> dict:
@@ -139,7 +131,7 @@ def train_students(args, data_dir: Path) -> dict:
     variants = {
         "kd-emb": [*KD, "--embedding_weight", str(args.embedding_weight)],
         "kd": KD,
-        "mlm": ["--distill_weight", "0", "--task_weight", "1"],
+        "mlm": MLM,
     }
     runs = {name: args.output_dir / "runs" / name for name in variants}
     todo = [name for name, folder in runs.items() if not (folder / "summary.json").is_file()]
@@ -147,37 +139,20 @@ def train_students(args, data_dir: Path) -> dict:
     def train(name: str) -> None:
         print(f"training {name}", flush=True)
         runs[name].mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "distill.py",
-            *shared_flags(args, data_dir),
-            *variants[name],
-            "--output_dir",
-            str(runs[name]),
-            "--overwrite",
-            "--d_model",
-            str(args.d_model),
-            "--num_heads",
-            "4",
-            "--num_layers",
-            str(args.num_layers),
-            "--learning_rate",
-            str(args.learning_rate),
-            "--warmup_steps",
-            str(max(1, args.steps // 10)),
-            "--max_steps",
-            str(args.steps),
-            "--num_epochs",
-            "100000",
-            "--eval_every",
-            str(max(1, args.steps // 4)),
-            "--log_every",
-            "10",
-            "--save_every",
-            "1000000",
-            "--keep_last",
-            "1",
-        ]
+        command = distill_command(
+            shared_flags(args, data_dir),
+            variants[name],
+            runs[name],
+            d_model=args.d_model,
+            num_heads=4,
+            num_layers=args.num_layers,
+            learning_rate=args.learning_rate,
+            warmup_steps=max(1, args.steps // 10),
+            budget=["--max_steps", str(args.steps)],
+            num_epochs=100000,
+            eval_every=max(1, args.steps // 4),
+            log_every=10,
+        )
         run(command, runs[name] / "log.txt", threads=max(1, (os.cpu_count() or 1) // args.jobs))
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -191,13 +166,6 @@ def pooled_embeddings(model, sequences: list[str], tokenizer) -> torch.Tensor:
         data.unmasked_batch(sequences[i : i + BATCH], tokenizer, MAX_SEQ_LEN) for i in range(0, len(sequences), BATCH)
     ]
     return heldout.last_hidden_states(model, batches, "cpu")["pooled"]
-
-
-def least_squares_map(x: torch.Tensor, y: np.ndarray):
-    """The affine map x -> y fitted by least squares, as a function of new x."""
-    design = np.hstack([fidelity.as_float64(x), np.ones((len(x), 1))])
-    weights = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)[0]
-    return lambda new: np.hstack([fidelity.as_float64(new), np.ones((len(new), 1))]) @ weights
 
 
 def score(runs: dict, data_dir: Path) -> dict:
@@ -226,7 +194,7 @@ def score(runs: dict, data_dir: Path) -> dict:
         student, tokenizer, _ = load_student(folder / "best_model")
         stats = heldout.masked_statistics(student, None, masked, "cpu")
         own = pooled_embeddings(student, test, tokenizer)
-        fitted = least_squares_map(pooled_embeddings(student, train, tokenizer), targets)
+        fitted = LeastSquaresMap.fit(pooled_embeddings(student, train, tokenizer), targets)
         mutations = probe.agreement(probe.scores(student, "cpu"), teacher_mutations)
         summary = json.loads((folder / "summary.json").read_text())
         record = {
@@ -283,7 +251,7 @@ def main(argv=None):
     # cache_teacher.py skips what the cache holds already: a killed fill continues
     print(f"filling the teacher cache {cache} (logits and per-protein embeddings)", flush=True)
     seconds = run(
-        [sys.executable, "cache_teacher.py", *shared_flags(args, data_dir), "--embeddings"],
+        script_command("cache_teacher.py", *shared_flags(args, data_dir), "--embeddings"),
         args.output_dir / "cache_fill.log",
     )
     print(f"  filled in {seconds / 60:.1f} min", flush=True)

@@ -4,6 +4,7 @@ minutes); what it records and how it scores are."""
 
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import evaluate  # noqa: E402
 import fidelity  # noqa: E402
+import fidelity_runs  # noqa: E402
+import student_runs  # noqa: E402
 from pepemb import data  # noqa: E402
 from pepemb.cli import UserError  # noqa: E402
 
@@ -29,7 +32,7 @@ def quick_run(tmp_path_factory):
 def test_every_run_is_recorded_with_its_test_scores(quick_run):
     output_dir, results = quick_run
     assert results["setup"]["data"] == {
-        "source": str(fidelity.data.SHIPPED_ANTIBODIES),
+        "source": str(data.SHIPPED_ANTIBODIES),
         "note": "--quick: shipped 1,000-chain sample",
         "train": 800,
         "val": 100,
@@ -154,6 +157,24 @@ def test_training_set_sizes_share_the_test_split_and_draw_the_regime_map(tmp_pat
     assert (out / "fidelity_regimes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_fasta_is_split_a_tenth_each_up_to_1000_test_and_500_validation_chains(tmp_path):
+    rng = random.Random(0)
+    chains = [data.Protein(f"c{i}", "", "".join(rng.choices("ACDEFGHIKLMNPQRSTVWY", k=30))) for i in range(12_000)]
+    data.write_fasta(tmp_path / "large.fasta", chains)
+    large = fidelity_runs.prepare_data(tmp_path / "large", tmp_path / "large.fasta", quick=False)
+    assert (large["train"], large["val"], large["test"]) == (10_500, 500, 1_000)
+    assert large["source"] == str(tmp_path / "large.fasta") and large["note"] == "12,000-chain antibody set"
+    shipped = fidelity_runs.prepare_data(tmp_path / "shipped", data.SHIPPED_ANTIBODIES, quick=False)
+    assert (shipped["train"], shipped["val"], shipped["test"], shipped["note"]) == (
+        800,
+        100,
+        100,
+        "shipped 1,000-chain sample",
+    )
+    args = fidelity.build_parser().parse_args(["--fasta", "data/antibody_sample.fasta", "--output_dir", str(tmp_path)])
+    assert fidelity.resolve_args(args).fasta == data.SHIPPED_ANTIBODIES  # a relative --fasta is from the repository
+
+
 def test_budgets_are_minutes_or_steps():
     ten, steps = fidelity.Budget.parse("10"), fidelity.Budget.parse(" 800steps")
     assert (ten.label, ten.flags) == ("10 min", ["--max_time", "10"])
@@ -193,7 +214,7 @@ def test_every_variant_is_a_valid_distill_command(name, tmp_path):
     variant = fidelity.VARIANTS[name]
     args = fidelity.resolve_args(fidelity.build_parser().parse_args(["--output_dir", str(tmp_path)]))
     cache = tmp_path / "cache" if variant.cache else None
-    command = fidelity.distill_command(
+    command = fidelity_runs.distill_command(
         variant, fidelity.Budget.parse("10"), tmp_path / "run", cache, args, tmp_path / "data"
     )
     parsed = distill.build_parser().parse_args(command[2:])
@@ -213,7 +234,7 @@ def test_the_kd_variants_measure_distill_defaults():
     import distill
 
     defaults = distill.build_parser().parse_args(["--data_path", "x"])
-    kd = dict(zip(fidelity.KD[::2], fidelity.KD[1::2]))
+    kd = dict(zip(student_runs.KD[::2], student_runs.KD[1::2]))
     assert (defaults.distill_weight, defaults.task_weight, defaults.temperature) == (
         float(kd["--distill_weight"]),
         float(kd["--task_weight"]),

@@ -18,6 +18,7 @@ from conftest import write_short_uniprot
 from pepemb import cli, data, heldout
 from pepemb.losses import distillation_loss
 from pepemb.teacher import PROTBERT_VOCAB, load_teacher
+from pepemb.teacher_space import LeastSquaresMap
 from pepemb.teacher_targets import teacher_embeddings
 
 SHARED = ["--max_seq_len", "40", "--batch_size", "8", "--mask_variants", "2", "--seed", "3", "--device", "cpu"]
@@ -187,17 +188,25 @@ def test_data_batches_carry_the_sequence_index():
 
 
 def test_least_squares_map_recovers_a_planted_affine_map():
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    teacher_space = importlib.import_module("teacher_space")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 4))
     weights, bias = rng.normal(size=(4, 3)), rng.normal(size=3)
-    fitted = teacher_space.least_squares_map(torch.from_numpy(x), x @ weights + bias)
+    fitted = LeastSquaresMap.fit(torch.from_numpy(x), x @ weights + bias)
     new = rng.normal(size=(5, 4))
     np.testing.assert_allclose(fitted(torch.from_numpy(new)), new @ weights + bias, atol=1e-9)
+    np.testing.assert_allclose(fitted.weight, weights, atol=1e-9)  # noiseless data: the map itself
+    np.testing.assert_allclose(fitted.bias, bias, atol=1e-9)
+    stored = LeastSquaresMap(weight=fitted.weight.copy(), bias=fitted.bias.copy())  # as a checkpoint keeps it
+    np.testing.assert_array_equal(stored(new), fitted(torch.from_numpy(new)))
+
+
+def test_least_squares_map_is_the_regression_line_by_hand():
+    # x = 0, 1, 2, 3 and y = 1, 3, 2, 5: mean x 1.5, mean y 2.75, sum of (x - 1.5)(y - 2.75) = 5.5,
+    # sum of (x - 1.5)^2 = 5, so slope 5.5 / 5 = 1.1 and intercept 2.75 - 1.1 * 1.5 = 1.1
+    fitted = LeastSquaresMap.fit(np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([[1.0], [3.0], [2.0], [5.0]]))
+    assert fitted.weight.shape == (1, 1) and fitted.bias.shape == (1,)
+    assert fitted.weight[0, 0] == pytest.approx(1.1) and fitted.bias[0] == pytest.approx(1.1)
+    np.testing.assert_allclose(fitted(np.array([[10.0]])), [[12.1]])
 
 
 @pytest.mark.slow  # a cache fill of 300 chains with embeddings, three 4-step students
