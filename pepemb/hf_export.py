@@ -142,7 +142,7 @@ def export_native(
 def model_card(checkpoint: StudentCheckpoint, eval_report: dict | None, command: str) -> str:
     """README.md of an export: what it is, how it was made, how well it does, how to load it."""
     model, metadata = checkpoint.model, checkpoint.metadata
-    args = metadata.get("distill_args", {})
+    flags = metadata.get("distill_args", {})
     teacher = metadata.get("teacher", "unknown")
     licence, citation = TEACHER_CARDS.get(teacher, ("see the teacher's own model card", "see the teacher's model card"))
     lines = [
@@ -160,13 +160,13 @@ def model_card(checkpoint: StudentCheckpoint, eval_report: dict | None, command:
         "## Training",
         "",
         f"- teacher: {teacher}",
-        f"- data: {args.get('data_path', 'unknown')}" + (f" (step {metadata['step']})" if "step" in metadata else ""),
-        f"- loss: {args.get('distill_weight', '?')} x KL at T={args.get('temperature', '?')} + "
-        f"{args.get('task_weight', '?')} x masked-LM CE"
-        + (f" + {args['embedding_weight']} x teacher-space embedding" if args.get("embedding_weight") else ""),
-        f"- max_seq_len {metadata.get('max_seq_len', args.get('max_seq_len', '?'))}, batch {args.get('batch_size', '?')}, "
-        f"lr {args.get('learning_rate', '?')}",
-        *([f"- trained with: `{distill_command(args)}`"] if args else []),
+        f"- data: {flags.get('data_path', 'unknown')}" + (f" (step {metadata['step']})" if "step" in metadata else ""),
+        f"- loss: {flags.get('distill_weight', '?')} x KL at T={flags.get('temperature', '?')} + "
+        f"{flags.get('task_weight', '?')} x masked-LM CE"
+        + (f" + {flags['embedding_weight']} x teacher-space embedding" if flags.get("embedding_weight") else ""),
+        f"- max_seq_len {metadata.get('max_seq_len', flags.get('max_seq_len', '?'))}, batch {flags.get('batch_size', '?')}, "
+        f"lr {flags.get('learning_rate', '?')}",
+        *([f"- trained with: `{distill_command(flags)}`"] if flags else []),
         f"- exported with: `{command}`",
     ]
     if eval_report:
@@ -204,14 +204,14 @@ def model_card(checkpoint: StudentCheckpoint, eval_report: dict | None, command:
     return "\n".join(lines)
 
 
-def distill_command(args: dict) -> str:
+def distill_command(flags: dict) -> str:
     """The distill.py command line of a run, from the arguments its checkpoint records."""
-    flags = []
-    for name, value in args.items():
+    words = []
+    for name, value in flags.items():
         if value is None or value is False:
             continue
-        flags += [f"--{name}"] if value is True else [f"--{name}", str(value)]
-    return shlex.join(["python", "distill.py", *flags])
+        words += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return shlex.join(["python", "distill.py", *words])
 
 
 def evaluation_lines(report: dict) -> list[str]:
