@@ -58,7 +58,7 @@ from pepemb.progress import is_terminal, progress
 from pepemb.schedule import optimizer_and_schedule, planned_steps
 from pepemb.signals import StopRequest
 from pepemb.teacher_targets import TeacherTargets, load_teacher_targets
-from pepemb.training_step import StudentTrainer, accumulate_gradients, optimizer_step
+from pepemb.training_step import StudentTrainer, accumulate_gradients, optimizer_step, skip_step
 from pepemb.validation import ValidationTeacher, validate
 
 # -- Command line ------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def step_agreed(run: Run, loss_ok: bool, stop: StopRequest) -> bool:
     if not bad:
         run.bad_steps = 0
         return True
-    run.trainer.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss would poison the weights
+    skip_step(run.trainer)  # gradients dropped; under fp16 the loss scale backs off, as on an overflow
     run.bad_steps += 1
     if run.world.is_main:
         warnings.warn(

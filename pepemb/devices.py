@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import nullcontext
 
 import torch
 
 from pepemb.cli import UserError
+
+# For tests of the fp16 path only, not for training: PEPEMB_CPU_FP16=1 makes --fp16 on CPU run
+# fp16 autocast and an enabled GradScaler("cpu"), as on CUDA, instead of warning and training fp32.
+CPU_FP16 = "PEPEMB_CPU_FP16"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,9 +30,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(fp16: bool, bf16: bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the student, or None for fp32. fp16 needs CUDA: elsewhere fp32."""
+    """The autocast dtype for the student, or None for fp32. fp16 needs CUDA: elsewhere fp32,
+    except on CPU with PEPEMB_CPU_FP16=1 (CPU_FP16), which tests the fp16 path there."""
     if fp16:
         if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and os.environ.get(CPU_FP16) == "1":
+            print(f"note: {CPU_FP16}=1: fp16 autocast and GradScaler on CPU, for testing that path (slow)")
             return torch.float16
         warnings.warn(f"--fp16 needs a CUDA GPU; training in fp32 on {device.type}", stacklevel=2)
         return None

@@ -48,6 +48,11 @@ ESM2_VOCAB = ("<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X
 PROTBERT_SHAPE = dict(num_layers=30, hidden_size=1024, num_heads=16, intermediate_size=4096)
 ESM2_8M_SHAPE = dict(num_layers=6, hidden_size=320, num_heads=20, intermediate_size=1280)
 
+# For tests of the bitsandbytes path only: PEPEMB_CPU_BNB=1 makes use_8bit on CPU load the teacher
+# through bitsandbytes, as on CUDA (its Linear8bitLt layers run on CPU in 0.50.2), instead of
+# torch's dynamic int8 layers.
+CPU_BNB = "PEPEMB_CPU_BNB"
+
 _OFFLINE_HINT = (
     "on a machine without internet pass a local folder written by save_pretrained: --teacher_model /path/to/folder"
 )
@@ -125,7 +130,8 @@ def load_teacher(
 ) -> Teacher:
     """A frozen, eval-mode masked LM and its tokenizer: Hub id, local folder, or "antiberty".
 
-    use_8bit: int8 weights; bitsandbytes on CUDA, torch's dynamic int8 Linear layers on CPU.
+    use_8bit: int8 weights; bitsandbytes on CUDA, torch's dynamic int8 Linear layers on CPU
+    (bitsandbytes there too with PEPEMB_CPU_BNB=1, for testing).
     half: fp16 weights on CUDA (ignored, with a warning, on CPU where fp16 is slow).
     """
     device = torch.device(device)
@@ -143,28 +149,15 @@ def load_teacher(
     if "quantization_config" not in model_kwargs:  # bitsandbytes already placed it via device_map
         model.to(device)
     tokenizer = _residue_tokenizer(name_or_path, hf_tokenizer, model.config.vocab_size)
-    if use_8bit and device.type == "cpu":
+    if use_8bit and device.type == "cpu" and "quantization_config" not in model_kwargs:
         model = _quantize_linear_int8(model)
     return Teacher(model, hf_tokenizer, tokenizer, name_or_path, backend, device, num_parameters)
 
 
 def _precision(device: torch.device, use_8bit: bool, half: bool) -> tuple[dict, str]:
     """from_pretrained keyword arguments for the requested precision, and its description."""
-    if use_8bit and device.type == "cuda":
-        missing = [p for p in ("bitsandbytes", "accelerate") if importlib.util.find_spec(p) is None]
-        if missing:
-            raise UserError(f"--use_8bit on CUDA needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-        from transformers import BitsAndBytesConfig
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return (
-            {
-                "quantization_config": BitsAndBytesConfig(load_in_8bit=True),
-                "device_map": {"": index},
-                "dtype": torch.float16,
-            },
-            "int8 bitsandbytes (CUDA)",
-        )
+    if use_8bit and (device.type == "cuda" or (device.type == "cpu" and os.environ.get(CPU_BNB) == "1")):
+        return _bitsandbytes(device)
     if use_8bit and device.type == "cpu":
         return {"dtype": torch.float32}, "int8 dynamic (torch, CPU)"
     if use_8bit:
@@ -175,6 +168,29 @@ def _precision(device: torch.device, use_8bit: bool, half: bool) -> tuple[dict, 
         return {"dtype": torch.float16}, "fp16"
     # Explicit: transformers 5 otherwise keeps whatever dtype the checkpoint was stored in.
     return {"dtype": torch.float32}, "fp32"
+
+
+def _bitsandbytes(device: torch.device) -> tuple[dict, str]:
+    """from_pretrained keyword arguments for bitsandbytes' int8 layers (Linear8bitLt) on `device`,
+    the rest of the model in fp16, and their description."""
+    where = device.type.upper()
+    missing = [p for p in ("bitsandbytes", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise UserError(f"--use_8bit on {where} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    from transformers import BitsAndBytesConfig
+
+    if device.type == "cuda":
+        place = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        place = "cpu"
+    return (
+        {
+            "quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+            "device_map": {"": place},
+            "dtype": torch.float16,
+        },
+        f"int8 bitsandbytes ({where})",
+    )
 
 
 def _from_pretrained(source: str, model_kwargs: dict, trust_remote_code: bool):

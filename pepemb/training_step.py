@@ -141,7 +141,7 @@ def accumulate_gradients(
 
 def optimizer_step(trainer: StudentTrainer, lap: Callable = no_lap) -> None:
     """Average the projection's gradients over the ranks (DDP does the student's), clip, step,
-    update the scaler and the schedule, clear the gradients."""
+    update the scaler and the schedule, clear the gradients (skip_step: a step not taken)."""
     if trainer.hidden_proj is not None:
         average_gradients(trainer.hidden_proj, trainer.world)
     if trainer.max_grad_norm > 0:
@@ -154,3 +154,24 @@ def optimizer_step(trainer: StudentTrainer, lap: Callable = no_lap) -> None:
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     lap("schedule + zero_grad")
+
+
+def skip_step(trainer: StudentTrainer) -> None:
+    """Drop a step whose loss was not finite (on any rank): clear its gradients, which would
+    poison the weights, and under fp16 back the loss scale off as GradScaler.update() does after
+    an overflow.
+
+    The standard fp16 loop goes through scaler.step, which skips the update when the scaled
+    gradients hold an inf or NaN, and scaler.update(), which then multiplies the scale by
+    backoff_factor and restarts its count of good steps (the growth tracker). A step skipped here
+    reaches neither, so the scale would stay put and the count go on towards the next doubling.
+    update() itself cannot be called: it needs the inf check that unscale_ records, and whether
+    this rank's gradients hold an inf is not what decided the skip (any rank's loss did). So the
+    state is set as update() sets it on an overflow, on every rank alike. The scale does not enter
+    the forward pass: a loss that overflows there overflows again, and --max_bad_steps still ends
+    such a run. In fp32 and bf16 the scaler is disabled: only the gradients are cleared."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.scaler.is_enabled():
+        state = trainer.scaler.state_dict()
+        backed_off = {**state, "scale": state["scale"] * state["backoff_factor"], "_growth_tracker": 0}
+        trainer.scaler.load_state_dict(backed_off)

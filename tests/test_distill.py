@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from architecture import load_student
 from conftest import tiny_student, write_short_uniprot
 from pepemb.checkpoints import list_checkpoints
 from pepemb.cli import UserError
-from pepemb.devices import resolve_precision
+from pepemb.devices import CPU_FP16
 from pepemb.schedule import budget_schedule
 
 
@@ -159,11 +158,15 @@ def test_bad_flag_combinations_fail_before_any_model_loads(tmp_path, flags, mess
     assert not (tmp_path / "out").exists()
 
 
-def test_fp16_on_cpu_warns_and_runs_fp32():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert resolve_precision(True, False, torch.device("cpu")) is None
-    assert any("fp32" in str(w.message) for w in caught)
+def test_fp16_on_cpu_warns_and_runs_fp32(protbert_teacher_dir, small_fasta, tmp_path, monkeypatch):
+    monkeypatch.delenv(CPU_FP16, raising=False)  # the testing switch to fp16 on CPU is off
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="--fp16 needs a CUDA GPU; training in fp32 on cpu"):
+        distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--fp16", "--device", "cpu", "--max_steps", "2"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "float32" and summary["args"]["fp16"] is True
+    state = torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)
+    assert state["scaler"] == {}  # the GradScaler was disabled
 
 
 def test_int8_teacher_and_wandb_offline(protbert_teacher_dir, small_fasta, tmp_path, monkeypatch):
