@@ -84,7 +84,7 @@ def plot_training_curves(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in open(metrics_path)]
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
