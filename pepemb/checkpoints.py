@@ -91,10 +91,13 @@ def new_position(batches_per_step: int) -> dict:
 
 def save_checkpoint(output_dir: Path, trainer, position: dict, metadata: dict, keep_last: int) -> Path:
     """Write checkpoint-STEP/ (a training_step.StudentTrainer's student + everything needed to
-    continue exactly) atomically: into a hidden temporary folder first, renamed only once complete."""
-    final = output_dir / f"checkpoint-{position['step']}"
-    tmp = output_dir / f".checkpoint-{position['step']}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    continue exactly) so that a kill at any instant leaves a complete copy of every step saved
+    before: written whole into .checkpoint-STEP.tmp/ first (training_state.pt last, by rename: its
+    presence means complete). A step saved again has its old copy renamed aside to
+    .checkpoint-STEP.old/, the new one renamed in, and only then the old one deleted; whichever
+    of these a kill interrupts, recover_checkpoints finishes or undoes at the next start."""
+    final, tmp, old = _names(output_dir, position["step"])
+    shutil.rmtree(tmp, ignore_errors=True)  # a copy a killed run left half written
     tmp.mkdir(parents=True)
     save_student(trainer.student, tmp, metadata)
     state = {
@@ -106,31 +109,94 @@ def save_checkpoint(output_dir: Path, trainer, position: dict, metadata: dict, k
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    with open(tmp / TRAINING_STATE, "wb") as f:
+    partial = tmp / f".{TRAINING_STATE}.partial"
+    with open(partial, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    if final.exists():  # the same step saved again: move the old copy aside, never delete it first
-        discard(final)
+    os.replace(partial, tmp / TRAINING_STATE)  # the new copy is complete
+    if final.exists():  # the same step saved again: the old copy goes aside, never deleted first
+        _remove(old)  # a leftover (checkpoint-STEP/ is whole), out of the way of the rename
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep_last] if keep_last else []:
-        discard(old)
+    _remove(old)
+    for pruned in list_checkpoints(output_dir)[:-keep_last] if keep_last else []:
+        discard(pruned)
     return final
 
 
+def _names(output_dir: Path, step) -> tuple[Path, Path, Path]:
+    """checkpoint-STEP/, the copy being written (.checkpoint-STEP.tmp/) and the one being replaced
+    or deleted (.checkpoint-STEP.old/)."""
+    return (
+        output_dir / f"checkpoint-{step}",
+        output_dir / f".checkpoint-{step}.tmp",
+        output_dir / f".checkpoint-{step}.old",
+    )
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a checkpoint folder holds all three files. training_state.pt is written last (by
+    rename) and deleted first (_remove), and each file is written whole by a rename, so a folder
+    being written or deleted is never complete."""
+    return all((folder / name).is_file() for name in ("model.pt", "config.json", TRAINING_STATE))
+
+
+def _remove(folder: Path) -> None:
+    """Delete a hidden checkpoint folder, training_state.pt first: a kill midway leaves it incomplete."""
+    if not folder.is_dir():
+        return
+    (folder / TRAINING_STATE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def discard(folder: Path) -> None:
-    """Delete a checkpoint folder so that a kill midway never leaves a checkpoint-STEP/ that looks
-    complete: renamed to a hidden name first (one atomic step), then removed."""
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder that
+    looks complete: renamed to the hidden .checkpoint-STEP.old/ first (one atomic step), then
+    removed, training_state.pt first. (A kill between the rename and the first deletion leaves the
+    whole folder under the hidden name, which recover_checkpoints renames back: a pruned
+    checkpoint can come back, never a broken one.)"""
     hidden = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(hidden, ignore_errors=True)
+    _remove(hidden)
     os.replace(folder, hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
+    _remove(hidden)
+
+
+def _leftovers(output_dir: Path) -> list[Path]:
+    return sorted([*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".checkpoint-*.old")])
+
+
+def recover_checkpoints(output_dir: Path) -> list[Path]:
+    """Finish or undo a checkpoint save that a kill interrupted: where checkpoint-STEP/ is
+    missing, rename in a complete .checkpoint-STEP.tmp/ (the newer copy), else a complete
+    .checkpoint-STEP.old/ (the copy being replaced or pruned). Renames only, nothing is deleted
+    (remove_leftovers does that). Every rank may call it at once: a rename another rank made
+    first fails here, harmlessly. Returns the checkpoints recovered."""
+    recovered = []
+    for leftover in _leftovers(output_dir):
+        step = leftover.name[len(".checkpoint-") : -len(".tmp")]
+        if not step.isdigit():
+            continue
+        final, tmp, old = _names(output_dir, step)
+        for candidate in (tmp, old):
+            if final.exists():
+                break
+            if is_complete(candidate):
+                try:
+                    os.replace(candidate, final)
+                except OSError:  # another rank renamed it (or the other copy) in first
+                    continue
+                print(f"note: {final} recovered from the interrupted save {candidate.name}")
+                recovered.append(final)
+    return recovered
 
 
 def remove_leftovers(output_dir: Path) -> None:
-    """Folders a killed run left half-written (.checkpoint-N.tmp) or half-deleted (.checkpoint-N.old)."""
-    for leftover in [*output_dir.glob(".checkpoint-*.tmp"), *output_dir.glob(".checkpoint-*.old")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+    """After recover_checkpoints, delete what a killed run left half written (.checkpoint-N.tmp/),
+    half deleted or replaced (.checkpoint-N.old/)."""
+    recover_checkpoints(output_dir)
+    for leftover in _leftovers(output_dir):
+        _remove(leftover)
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -150,9 +216,12 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Path:
     """Refuse to mix two runs in one folder unless `resume` (--resume) or `overwrite`
-    (--overwrite) says so. Only checks: nothing is created or deleted until the data and teacher
-    have loaded (start_output_dir)."""
+    (--overwrite) says so. Only checks, after recover_checkpoints has renamed in a checkpoint
+    whose save a kill interrupted (so that --resume auto finds it): nothing else is created, and
+    nothing deleted, until the data and teacher have loaded (start_output_dir)."""
     output_dir = cli.writable_folder(output_dir, "--output_dir")
+    if output_dir.is_dir():
+        recover_checkpoints(output_dir)
     if holds_run(output_dir) and not resume and not overwrite:
         raise UserError(
             f"{output_dir} already holds a training run; pass --resume auto to continue it, "

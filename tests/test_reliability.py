@@ -30,7 +30,7 @@ import distill
 import evaluate
 from architecture import Student, StudentConfig, load_student, save_student
 from conftest import tiny_student, write_short_uniprot
-from pepemb import cli, data, teacher_targets
+from pepemb import checkpoints, cli, data, teacher_targets
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
 from pepemb.teacher import load_teacher
 
@@ -126,30 +126,34 @@ def trained_run(tmp_path_factory, protbert_teacher_dir) -> Path:
     data.write_fasta(split / "val.fasta", cropped[40:46] + odd[:1])
     data.write_fasta(split / "test.fasta", cropped[46:])
     out = root / "run"
-    distill.main(
-        [
-            "--data_path",
-            str(split),
-            "--output_dir",
-            str(out),
-            "--teacher_model",
-            str(protbert_teacher_dir),
-            *TINY_STUDENT,
-            "--batch_size",
-            "16",
-            "--max_steps",
-            "4",
-            "--save_every",
-            "2",
-            "--eval_every",
-            "2",
-            "--keep_last",
-            "0",
-            "--log_every",
-            "1",
-        ]
-    )
+    distill.main(trained_run_argv(split, out, protbert_teacher_dir))
     return out
+
+
+def trained_run_argv(split: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
+    """trained_run's distill.py arguments, and `extra` (a repeated flag overrides)."""
+    return [
+        "--data_path",
+        str(split),
+        "--output_dir",
+        str(out),
+        "--teacher_model",
+        str(teacher),
+        *TINY_STUDENT,
+        "--batch_size",
+        "16",
+        "--max_steps",
+        "4",
+        "--save_every",
+        "2",
+        "--eval_every",
+        "2",
+        "--keep_last",
+        "0",
+        "--log_every",
+        "1",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,8 +673,11 @@ def test_kill_9_at_any_moment_keeps_every_checkpoint_whole(protbert_teacher_dir,
     assert (out / half_written[0]).is_dir()
     assert half_written[0] not in [p.name for p in assert_checkpoints_complete(out)]
 
-    # 2. Resumed, then killed as soon as it has written a new checkpoint.
+    # 2. Resumed, then killed as soon as it has written a new checkpoint. (Frozen after its
+    # training_state.pt but before its rename, the copy was complete: the resume renames it in.)
     before = newest_step(out)
+    if (out / half_written[0] / TRAINING_STATE).exists():
+        before = int(half_written[0].split("-")[1].split(".")[0])
     run = Distill(protbert_teacher_dir, interrupt_fasta, out, "--resume", "auto")
     run.wait_for(lambda: newest_step(out) > before)
     run.process.kill()
@@ -694,91 +701,215 @@ def test_kill_9_at_any_moment_keeps_every_checkpoint_whole(protbert_teacher_dir,
     assert_checkpoints_complete(out)
 
 
-class Killed(BaseException):
-    """Stands for kill -9 at one exact point: nothing after it runs."""
+# The kill tests below: a fresh process saves checkpoints, armed to kill itself (SIGKILL, a real
+# kill -9: nothing after it runs, no finally, no atexit) at one exact call of os.replace or
+# shutil.rmtree, the calls that a checkpoint replacement and pruning are made of. Just before
+# dying it prints what each folder in the output folder holds, which pins the point of the kill.
+# argv: the kill as JSON {"call": "replace" or "rmtree", "names": [...], "when": "before" or
+# "after"} (replace: the [source, target] names; rmtree: the folder names, deleted midway), then
+# the output folder.
+KILL_PRELUDE = r"""
+import json, os, shutil, signal, sys
+from pathlib import Path
+
+kill, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+armed = True
+real_replace, real_rmtree = os.replace, shutil.rmtree
+
+def die():
+    held = {e.name: sorted(os.listdir(e.path)) for e in os.scandir(out) if e.is_dir()}
+    print("SIGKILL " + json.dumps(held), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst):
+    hit = armed and kill["call"] == "replace" and [Path(src).name, Path(dst).name] == kill["names"]
+    if hit and kill["when"] == "before":
+        die()
+    real_replace(src, dst)
+    if hit:
+        die()
+
+def rmtree(path, *args, **kwargs):
+    if armed and kill["call"] == "rmtree" and Path(path).name in kill["names"] and Path(path).is_dir():
+        (Path(path) / "model.pt").unlink()  # midway: one file deleted for real
+        die()
+    real_rmtree(path, *args, **kwargs)
+
+os.replace, shutil.rmtree = replace, rmtree
+"""
+
+# Then argv: keep_last, and the saves STEP:COPY in order (the kill is armed for the last one
+# only). Each save follows one optimizer step of a tiny student (every copy differs), and what it
+# saves is also kept in ../STEP-COPY.pt, to compare with.
+SAVE_AND_KILL = (
+    KILL_PRELUDE
+    + r"""
+import torch
+
+from architecture import ResidueTokenizer, Student, StudentConfig
+from pepemb import checkpoints
+from pepemb.losses import LossWeights
+from pepemb.training_step import StudentTrainer
+
+keep_last, saves = int(sys.argv[3]), [save.split(":") for save in sys.argv[4:]]
+torch.manual_seed(0)
+vocab = "[PAD] [UNK] [CLS] [SEP] [MASK] L A G V E S I K R D T P N Q F Y M H C W X U B Z O".split()
+config = StudentConfig.from_tokenizer(ResidueTokenizer.from_vocab(vocab), d_model=32, num_heads=2, num_layers=1)
+student = Student(config)
+optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+weights = LossWeights(temperature=1.0, distill_weight=1.0, task_weight=1.0)
+trainer = StudentTrainer(student, None, optimizer, scheduler, scaler, weights, "masked", 0.0, torch.device("cpu"))
+out.mkdir()
+for i, (step, copy) in enumerate(saves):
+    sum((p**2).sum() for p in student.parameters()).backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    position = {**checkpoints.new_position(1), "step": int(step), "elapsed_s": float(i)}
+    expected = {"copy": copy, "weights": student.state_dict(), "position": position}
+    torch.save(expected, out.parent / f"{step}-{copy}.pt")
+    armed = i == len(saves) - 1
+    checkpoints.save_checkpoint(out, trainer, position, {"step": int(step), "copy": copy}, keep_last)
+print("saved, never killed", flush=True)
+"""
+)
+
+# Then argv: distill.py's arguments.
+DISTILL_AND_KILL = KILL_PRELUDE + "\nimport distill\n\ndistill.main(sys.argv[3:])\n"
+
+CHECKPOINT_FILES = {"model.pt", "config.json", TRAINING_STATE}
 
 
-def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(
-    protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
-):
-    real_rmtree = shutil.rmtree
+def killed_child(script: str, kill: dict, out: Path, *argv: str) -> dict[str, bool]:
+    """Run `script` in a fresh process; assert that it died by SIGKILL at the armed call. Returns
+    the folders the output folder held at that instant, each with whether it was complete."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(kill), str(out), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ONE_THREAD,
+        timeout=300,
+    )
+    assert result.returncode == -signal.SIGKILL and "SIGKILL " in result.stdout, (
+        f"no kill at {kill}: exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    )
+    held = json.loads(result.stdout.split("SIGKILL ", 1)[1].splitlines()[0])
+    return {name: CHECKPOINT_FILES <= set(files) for name, files in held.items()}
 
-    def rmtree_then_killed(path, *args, **kwargs):
-        removes_checkpoint = Path(path).name.startswith("checkpoint-") and Path(path).is_dir()
-        real_rmtree(path, *args, **kwargs)
-        if removes_checkpoint:
-            raise Killed
 
-    monkeypatch.setattr(shutil, "rmtree", rmtree_then_killed)
+def recover_as_distill_does(out: Path) -> Path | None:
+    """What `distill.py --resume auto` does to the output folder before it trains (check_output_dir,
+    resolve_resume, start_output_dir); asserts that no hidden leftover remains. Returns the
+    checkpoint it resumes from (None: it would start fresh)."""
+    out = checkpoints.check_output_dir(str(out), "auto", overwrite=False)
+    resume_from = checkpoints.resolve_resume("auto", out)
+    step = int(resume_from.name.split("-")[1]) if resume_from else None
+    checkpoints.start_output_dir(out, overwrite=False, resumed_step=step)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    return resume_from
+
+
+def assert_holds(folder: Path, expected: Path) -> None:
+    """`folder` loads (load_student, read_checkpoint) and holds, weights and training state alike,
+    the copy that the child kept in `expected`."""
+    want = torch.load(expected, weights_only=True)
+    saved = load_student(folder)
+    weights, state = checkpoints.read_checkpoint(folder, saved.model.config)
+    assert saved.metadata["copy"] == want["copy"]
+    assert weights.keys() == want["weights"].keys()
+    assert all(torch.equal(weights[k], want["weights"][k]) for k in weights)
+    assert state["position"] == want["position"]
+
+
+# Each point of saving step 4 again over a complete checkpoint-4: (the kill, what the folder held
+# then: folder -> complete, the copy that the recovered checkpoint-4 holds).
+SAVE_AGAIN_KILLS = {
+    "new copy complete": (
+        {"call": "replace", "names": ["checkpoint-4", ".checkpoint-4.old"], "when": "before"},
+        {"checkpoint-4": True, ".checkpoint-4.tmp": True},
+        "old",  # checkpoint-4 was never touched; the new copy is dropped
+    ),
+    "old copy moved aside": (
+        {"call": "replace", "names": ["checkpoint-4", ".checkpoint-4.old"], "when": "after"},
+        {".checkpoint-4.old": True, ".checkpoint-4.tmp": True},
+        "new",  # no checkpoint-4: the complete new copy is renamed in
+    ),
+    "new copy renamed in": (
+        {"call": "replace", "names": [".checkpoint-4.tmp", "checkpoint-4"], "when": "after"},
+        {"checkpoint-4": True, ".checkpoint-4.old": True},
+        "new",
+    ),
+    "old copy half deleted": (
+        {"call": "rmtree", "names": [".checkpoint-4.old", "checkpoint-4"], "when": "midway"},
+        {"checkpoint-4": True, ".checkpoint-4.old": False},
+        "new",
+    ),
+}
+
+
+@linux_only
+@pytest.mark.parametrize("point", SAVE_AGAIN_KILLS)
+def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(point, tmp_path):
+    kill, held, survivor = SAVE_AGAIN_KILLS[point]
     out = tmp_path / "run"
-    try:  # step 4 is saved by --save_every 2, then again as the final checkpoint
-        distill.main(
-            [
-                "--data_path",
-                str(interrupt_fasta),
-                "--output_dir",
-                str(out),
-                "--teacher_model",
-                str(protbert_teacher_dir),
-                *TINY_STUDENT,
-                "--batch_size",
-                "4",
-                "--max_steps",
-                "4",
-                "--save_every",
-                "2",
-                "--keep_last",
-                "0",
-                "--eval_every",
-                "100",
-            ]
-        )
-    except Killed:
-        pass
-    monkeypatch.undo()
-    assert newest_step(out) == 4
-    assert_checkpoints_complete(out)
+    assert killed_child(SAVE_AND_KILL, kill, out, "0", "4:old", "4:new") == held
+    assert recover_as_distill_does(out) == out / "checkpoint-4"
+    assert [p.name for p in out.iterdir()] == ["checkpoint-4"]
+    assert_holds(out / "checkpoint-4", tmp_path / f"4-{survivor}.pt")
 
 
-def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(
-    protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
-):
-    real_rmtree = shutil.rmtree
+# --keep_last 1: saving checkpoint-2 prunes checkpoint-1. (the kill, what the folder held then,
+# the folders after recovery.)
+PRUNE_KILLS = {
+    "moved aside": (
+        {"call": "replace", "names": ["checkpoint-1", ".checkpoint-1.old"], "when": "after"},
+        {"checkpoint-2": True, ".checkpoint-1.old": True},
+        ["checkpoint-1", "checkpoint-2"],  # still whole: renamed back, to be pruned at the next save
+    ),
+    "half deleted": (
+        {"call": "rmtree", "names": [".checkpoint-1.old", "checkpoint-1"], "when": "midway"},
+        {"checkpoint-2": True, ".checkpoint-1.old": False},
+        ["checkpoint-2"],
+    ),
+}
 
-    def partly_removed_then_killed(path, *args, **kwargs):
-        if Path(path).name.startswith("checkpoint-") and Path(path).is_dir():
-            (Path(path) / "model.pt").unlink()
-            raise Killed
-        real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "rmtree", partly_removed_then_killed)
+@linux_only
+@pytest.mark.parametrize("point", PRUNE_KILLS)
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(point, tmp_path):
+    kill, held, kept = PRUNE_KILLS[point]
     out = tmp_path / "run"
-    try:  # --keep_last 1: saving checkpoint-2 prunes checkpoint-1
-        distill.main(
-            [
-                "--data_path",
-                str(interrupt_fasta),
-                "--output_dir",
-                str(out),
-                "--teacher_model",
-                str(protbert_teacher_dir),
-                *TINY_STUDENT,
-                "--batch_size",
-                "4",
-                "--max_steps",
-                "3",
-                "--save_every",
-                "1",
-                "--keep_last",
-                "1",
-                "--eval_every",
-                "100",
-            ]
-        )
-    except Killed:
-        pass
-    monkeypatch.undo()
-    assert_checkpoints_complete(out, unpruned=False)
+    assert killed_child(SAVE_AND_KILL, kill, out, "1", "1:old", "2:new") == held
+    assert recover_as_distill_does(out) == out / "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir()) == kept
+    assert_holds(out / "checkpoint-2", tmp_path / "2-new.pt")
+    if "checkpoint-1" in kept:
+        assert_holds(out / "checkpoint-1", tmp_path / "1-old.pt")
+
+
+@linux_only
+def test_a_run_resumed_after_a_kill_mid_replacement_starts_from_the_new_copy(
+    trained_run, protbert_teacher_dir, tmp_path, capsys
+):
+    # A run resumed from checkpoint-2 saves step 4 again, and is killed with the old checkpoint-4
+    # moved aside and the new one not yet renamed in.
+    out = shutil.copytree(trained_run, tmp_path / "run")
+    data_path = trained_run.parent / "data"
+    kill = {"call": "replace", "names": ["checkpoint-4", ".checkpoint-4.old"], "when": "after"}
+    again = trained_run_argv(data_path, out, protbert_teacher_dir, "--resume", str(out / "checkpoint-2"))
+    held = killed_child(DISTILL_AND_KILL, kill, out, *again)
+    assert "checkpoint-4" not in held and held[".checkpoint-4.old"] and held[".checkpoint-4.tmp"]
+
+    capsys.readouterr()
+    distill.main(trained_run_argv(data_path, out, protbert_teacher_dir, "--resume", "auto", "--max_steps", "6"))
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in capsys.readouterr().out
+    # checkpoint-4 is the copy of the killed run: the one that records its --resume
+    assert load_student(out / "checkpoint-4").metadata["distill_args"]["resume"] == str(out / "checkpoint-2")
+    assert [p.name for p in assert_checkpoints_complete(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 # --------------------------------------------------------------------------------------------
