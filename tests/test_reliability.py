@@ -12,7 +12,6 @@ import importlib
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -901,20 +900,26 @@ class CreatesFile:
         return open, (self.target, "w")
 
 
-def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_path):
+def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_path, capsys):
     out = shutil.copytree(trained_run, tmp_path / "run")
     payload_ran = tmp_path / "payload-ran"
-    torch.save({"position": CreatesFile(payload_ran)}, out / "checkpoint-4" / TRAINING_STATE)
+    state = out / "checkpoint-4" / TRAINING_STATE
+    torch.save({"position": CreatesFile(payload_ran)}, state)
     argv = [a.format(**inputs, out=out) for a in DISTILL] + [
         "--resume",
         "auto",
         "--data_path",
         str(trained_run.parent / "data"),
     ]
-    # Refused by torch.load(weights_only=True); how the refusal reads is the xfail test above's.
-    with pytest.raises((SystemExit, pickle.UnpicklingError)):
-        cli.run(distill.main, argv)
+    before = snapshot(out)
+    # Refused by torch.load(weights_only=True): exit 2, one line naming the file, nothing written.
+    code, stderr = run_in_process("distill", argv, capsys)
+    assert_user_error(code, stderr, f"{state}: unreadable or unsafe training state")
     assert not payload_ran.exists()
+    assert snapshot(out) == before
+    # The control: the same file does run its code when fully unpickled, so the refusal mattered.
+    torch.load(state, weights_only=False)
+    assert payload_ran.exists()
 
 
 def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkeypatch, capsys):
