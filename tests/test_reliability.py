@@ -107,9 +107,17 @@ TINY_STUDENT = [
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, protbert_teacher_dir) -> Path:
+def trained_run_and_inputs(tmp_path_factory, protbert_teacher_dir) -> tuple[Path, list]:
     """A finished 4-step run (checkpoint-2, checkpoint-4) on a split folder whose training split
-    holds a 100,000-residue protein, two all-X sequences and two records with the same id."""
+    holds a 100,000-residue protein, two all-X sequences and two records with the same id; and
+    what the student saw: (training?, input_ids) of every Student.forward call of the run."""
+    seen = []
+    real_forward = Student.forward
+
+    def recording_forward(self, input_ids=None, *args, **kwargs):
+        seen.append((self.training, input_ids.detach().clone()))
+        return real_forward(self, input_ids, *args, **kwargs)
+
     root = tmp_path_factory.mktemp("trained")
     split = root / "data"
     proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:50]
@@ -125,30 +133,37 @@ def trained_run(tmp_path_factory, protbert_teacher_dir) -> Path:
     data.write_fasta(split / "val.fasta", cropped[40:46] + odd[:1])
     data.write_fasta(split / "test.fasta", cropped[46:])
     out = root / "run"
-    distill.main(
-        [
-            "--data_path",
-            str(split),
-            "--output_dir",
-            str(out),
-            "--teacher_model",
-            str(protbert_teacher_dir),
-            *TINY_STUDENT,
-            "--batch_size",
-            "16",
-            "--max_steps",
-            "4",
-            "--save_every",
-            "2",
-            "--eval_every",
-            "2",
-            "--keep_last",
-            "0",
-            "--log_every",
-            "1",
-        ]
-    )
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Student, "forward", recording_forward)
+        distill.main(
+            [
+                "--data_path",
+                str(split),
+                "--output_dir",
+                str(out),
+                "--teacher_model",
+                str(protbert_teacher_dir),
+                *TINY_STUDENT,
+                "--batch_size",
+                "16",
+                "--max_steps",
+                "4",
+                "--save_every",
+                "2",
+                "--eval_every",
+                "2",
+                "--keep_last",
+                "0",
+                "--log_every",
+                "1",
+            ]
+        )
+    return out, seen
+
+
+@pytest.fixture(scope="module")
+def trained_run(trained_run_and_inputs) -> Path:
+    return trained_run_and_inputs[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,15 +451,37 @@ def test_resume_from_a_damaged_training_state_is_one_line(damage, trained_run, i
 # --------------------------------------------------------------------------------------------
 
 
-def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicate_ids(trained_run):
+def crop_starts(huge: str, tokenizer, input_ids: torch.Tensor) -> list[int]:
+    """Where in `huge` each row of input_ids that is a window of it starts: the offset whose
+    30 residues the row's 30 agree with best, where most agree (masking changes about 13%)."""
+    windows = np.lib.stride_tricks.sliding_window_view(tokenizer.encode(huge)[1:-1].numpy(), 30)
+    starts = []
+    for row in input_ids[:, 1:31].numpy():
+        agreement = (windows == row).mean(1) if len(row) == 30 else np.zeros(1)
+        if agreement.max() > 0.6:  # another protein agrees with its best window on about a fifth
+            starts.append(int(agreement.argmax()))
+    return starts
+
+
+def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicate_ids(trained_run_and_inputs):
+    trained_run, seen = trained_run_and_inputs
     train = data.read_fasta(trained_run.parent / "data" / "train.fasta")
-    assert len(train) == 45 and max(len(p.sequence) for p in train) == HUGE
+    huge = next(p.sequence for p in train if p.id == "huge")
+    assert len(train) == 45 and len(huge) == HUGE
     assert [p.id for p in train].count("dup") == 2 and sum(set(p.sequence) == {"X"} for p in train) == 2
     summary = json.loads((trained_run / "summary.json").read_text())
     # 45 sequences in batches of 16: the 4 steps see all of them, each cropped to 30 residues
-    assert summary["steps"] == 4 and summary["elapsed_s"] < 60
+    assert summary["steps"] == 4
     assert [p.name for p in list_checkpoints(trained_run)] == ["checkpoint-2", "checkpoint-4"]
     assert finite_weights(trained_run / "checkpoint-4")
+    # What the student was given: never more than --max_seq_len 32 tokens; the huge protein as a
+    # 30-residue window, a random one in training and the N-terminal one in validation.
+    assert seen and all(ids.shape[1] <= 32 for _, ids in seen)
+    tokenizer = load_student(trained_run / "checkpoint-4").tokenizer
+    trained = [s for training, ids in seen if training for s in crop_starts(huge, tokenizer, ids)]
+    validated = [s for training, ids in seen if not training for s in crop_starts(huge, tokenizer, ids)]
+    assert trained and all(start > 0 for start in trained), trained
+    assert validated == [0, 0, 0, 0], validated  # validation at steps 0, 2, 3 (the end of epoch 0) and 4
 
 
 def test_evaluate_crops_a_100000_residue_protein_and_scores_all_x(inputs, tmp_path):
