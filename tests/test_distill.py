@@ -221,13 +221,29 @@ def test_max_time_stops_on_the_budget_with_a_final_evaluation_and_checkpoint(
             "100000",
             "--save_every",
             "100000",
+            "--log_every",
+            "1",
         )
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert 6 <= summary["elapsed_s"] < 20
     records = read_metrics(out)
-    last_train = [r for r in records if r["split"] == "train"][-1]
-    assert last_train["lr"] < 0.2 * 3e-3  # decayed with the budget, not with a step count
+    train = [r for r in records if r["split"] == "train"]
+    budget_s, total_steps = 6.0, 6 * 10000  # 0.1 min; 96 training sequences / 16 a step x 10,000 epochs
+    # Every step is logged with the clock the budget is checked on (the elapsed_s of its step):
+    # the run stops after the first step on the budget, never before it and never a step later,
+    # however fast or slow the machine.
+    assert [r["step"] for r in train] == list(range(1, summary["steps"] + 1))
+    assert summary["steps"] < total_steps
+    assert all(r["elapsed_s"] < budget_s for r in train[:-1]) and train[-1]["elapsed_s"] >= budget_s
+    assert summary["elapsed_s"] >= train[-1]["elapsed_s"]
+    # The learning rate decays with the share of the budget used at each step, not with a step
+    # count: half of 3e-3 after the first of 2 warmup steps, then 3e-3 x (1 - elapsed_s / budget)
+    # from step 2, exactly 0 at the last step.
+    assert train[0]["lr"] == pytest.approx(1.5e-3)
+    for r in train[1:]:
+        used = min(max(r["elapsed_s"] / budget_s, r["step"] / total_steps), 1.0)
+        assert r["lr"] == pytest.approx(3e-3 * (1 - used), rel=1e-9, abs=1e-15), r
+    assert train[-1]["lr"] == 0.0
     assert records[-1]["split"] == "val" and records[-1]["step"] == summary["steps"]
     assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{summary['steps']}"]
 
