@@ -1,8 +1,12 @@
 """distill.py end to end on CPU with a tiny ProtBert-vocabulary teacher."""
 
+import io
 import json
+import os
 import shutil
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +134,65 @@ def test_existing_run_is_refused_without_resume_or_overwrite(protbert_teacher_di
     (out / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match="already holds a training run"):
         distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "1"))
+
+
+class Crashed(BaseException):
+    """Stands for a kill in the middle of a write: nothing after it runs."""
+
+
+class HalfWrite:
+    """A file whose first write puts 10 bytes on disk and then crashes."""
+
+    def __init__(self, file, written: list):
+        self.file, self.written = file, written
+
+    def write(self, text):
+        self.file.write(text[:10])
+        self.file.flush()
+        self.written.append(text[:10])
+        raise Crashed
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="names open file descriptors through /proc")
+def test_a_crash_while_summary_json_is_written_keeps_the_earlier_one(
+    protbert_teacher_dir, small_fasta, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, out, "--max_steps", "2", "--eval_every", "100"))
+    earlier = (out / "summary.json").read_bytes()
+    assert json.loads(earlier)["steps"] == 2
+
+    # Resumed to step 4, then killed half-way through the write of its summary.json: whatever
+    # file the summary is written to (summary.json itself, or a temporary file beside it).
+    real_open, written = io.open, []
+
+    def open_crashing_summary_writes(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fspath(file)
+        if "summary.json" in Path(name).name and any(c in mode for c in "wax+"):
+            return HalfWrite(handle, written)
+        return handle
+
+    monkeypatch.setattr(io, "open", open_crashing_summary_writes)
+    with pytest.raises(Crashed):
+        distill.main(
+            tiny_args(
+                protbert_teacher_dir, small_fasta, out, "--max_steps", "4", "--eval_every", "100", "--resume", "auto"
+            )
+        )
+    monkeypatch.undo()
+    assert len(written) == 1 and (out / "checkpoint-4").is_dir()  # it did crash in the summary's write
+    assert (out / "summary.json").read_bytes() == earlier  # the earlier summary, whole
+    assert sorted(p.name for p in out.iterdir() if "summary" in p.name) == ["summary.json"]  # no leftovers
 
 
 @pytest.mark.parametrize(
