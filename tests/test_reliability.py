@@ -27,11 +27,11 @@ import torch
 
 import distill
 import evaluate
-from architecture import Student, StudentConfig, load_student, save_student
+from architecture import ResidueTokenizer, Student, StudentConfig, load_student, save_student
 from conftest import tiny_student, write_short_uniprot
 from pepemb import cli, data, teacher_targets
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
-from pepemb.teacher import load_teacher
+from pepemb.teacher import PROTBERT_VOCAB, load_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 100_000  # residues of the longest protein fed to every script
@@ -1022,3 +1022,46 @@ def test_writable_folder_refuses_a_read_only_folder_without_creating_anything(tm
     with pytest.raises(cli.UserError, match=f"no permission to write in {locked}"):
         cli.writable_folder(locked / "a" / "b", "--output_dir")
     assert list(locked.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# File modes: every file a script writes follows the user's umask
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_written_follows_the_umask(umask, inputs, interrupt_fasta, tmp_path, capsys):
+    tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
+    mapped = Student(
+        StudentConfig.from_tokenizer(tokenizer, d_model=32, num_heads=2, num_layers=1, teacher_hidden_size=8)
+    )
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKTAYIAKQR\n>b\nGSHMSLFDFF\n")
+    root = tmp_path / "written"
+    teacher, student = inputs["teacher"], inputs["student"]
+    runs = [
+        ("distill", [*DISTILL, "--max_steps", "1"]),
+        ("evaluate", EVALUATE),
+        ("embed", [student, str(fasta), str(root / "embed")]),
+        ("embed", [str(root / "mapped"), "--export_hf", str(root / "hf")]),  # with teacher_map.safetensors
+        ("visualization", [*VISUALIZE, "--sequence", "MKTV"]),
+        ("download_sample_data", DOWNLOAD),
+        ("cache_teacher", ["--data_path", str(interrupt_fasta), "--teacher_model", teacher, "--max_seq_len", "32"]),
+    ]
+    previous = os.umask(umask)
+    try:
+        save_student(mapped, root / "mapped")
+        for i, (script, argv) in enumerate(runs):
+            out = root / f"{script}-{i}"
+            argv = [a.format(**inputs, out=out) for a in argv]
+            if script == "cache_teacher":
+                argv += ["--teacher_cache", str(out)]
+            code, stderr = run_in_process(script, argv, capsys)
+            assert code == 0, stderr
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(root): p.stat().st_mode & 0o777 for p in root.rglob("*")}
+    expected = {p: (0o777 if (root / p).is_dir() else 0o666) & ~umask for p in modes}
+    assert {p: oct(m) for p, m in modes.items()} == {p: oct(m) for p, m in expected.items()}
+    assert {p.name for p in modes} >= {"model.safetensors", "teacher_map.safetensors", "summary.json", "model.pt"}
