@@ -959,7 +959,7 @@ def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_pat
     assert payload_ran.exists()
 
 
-def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkeypatch, capsys):
+def test_remote_code_runs_only_when_asked(protbert_teacher_dir, inputs, tmp_path, monkeypatch, capsys):
     from pepemb import teacher as teacher_module
 
     calls = []
@@ -976,11 +976,25 @@ def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkey
     calls.clear()
     fasta = tmp_path / "in.fasta"
     fasta.write_text(">a\nMKTAYIAKQR\n")
-    for flags, expected in (([], False), (["--trust_remote_code"], True)):
-        out = tmp_path / f"out{len(flags)}"
-        assert run_in_process("embed", [str(protbert_teacher_dir), str(fasta), str(out), *flags], capsys)[0] == 0
-        assert calls == [("AutoTokenizer", expected), ("AutoModelForMaskedLM", expected)]
-        calls.clear()
+    teacher = ["--teacher_model", str(protbert_teacher_dir)]
+    runs = {
+        "distill": [*DISTILL, "--max_steps", "1"],
+        "evaluate": [*EVALUATE, *teacher, "--mutation_proteins", "0", "--embedding_proteins", "0"],
+        "cache_teacher": ["--data_path", "{good}", "--teacher_cache", "{out}", *teacher, "--max_seq_len", "32"],
+        "embed": [str(protbert_teacher_dir), str(fasta), "{out}"],
+        "visualization": [*VISUALIZE, "--sequence", "MKTAYIAKQR", *teacher],
+    }
+    for script, argv in runs.items():
+        for flags, expected in (([], False), (["--trust_remote_code"], True)):
+            out = tmp_path / f"{script}{len(flags)}"
+            code, stderr = run_in_process(script, [a.format(**inputs, out=out) for a in argv] + flags, capsys)
+            if script == "visualization" and flags:  # it has no such flag: never runs a teacher's code
+                assert code == 2 and "unrecognized arguments: --trust_remote_code" in stderr
+                assert calls == [] and not out.exists()
+                continue
+            assert code == 0, stderr
+            assert calls == [("AutoTokenizer", expected), ("AutoModelForMaskedLM", expected)], script
+            calls.clear()
 
 
 def test_wandb_key_is_never_printed_or_written(protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch, capfd):
