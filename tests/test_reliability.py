@@ -31,7 +31,7 @@ from architecture import ResidueTokenizer, Student, StudentConfig, load_student,
 from conftest import tiny_student, write_short_uniprot
 from pepemb import cli, data, teacher_targets
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
-from pepemb.teacher import PROTBERT_VOCAB, load_teacher
+from pepemb.teacher import PROTBERT_VOCAB, load_teacher, save_random_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 100_000  # residues of the longest protein fed to every script
@@ -84,6 +84,8 @@ def inputs(tmp_path_factory, protbert_teacher_dir, esm_teacher_dir) -> dict[str,
     (root / "truncated_checkpoint").mkdir()
     (root / "truncated_checkpoint" / "model.pt").write_bytes(model_pt[: len(model_pt) // 2])
     (root / "truncated_checkpoint" / TRAINING_STATE).write_bytes(b"")
+    # ProtBert's vocabulary with 64 learned positions: it takes at most 62 residues.
+    save_random_teacher(root / "short_teacher", kind="protbert", max_positions=64)
     names = {p.name.split(".")[0]: str(p) for p in root.iterdir()}
     return {
         **names,
@@ -321,6 +323,12 @@ BAD_INPUT = [
         "visualization",
         [*VISUALIZE, "--fasta", "{huge}"],
         "100,000 residues, more than --max_length 1022",
+    ),
+    (
+        "visualization: longer than the teacher's positions",
+        "visualization",
+        [*VISUALIZE, "--sequence", "MKTAYIAKQR" * 8, "--teacher_model", "{short_teacher}"],
+        "takes at most 62",  # 64 positions less the start and end tokens
     ),
     (
         "visualization: output folder inside a file",
