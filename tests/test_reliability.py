@@ -17,8 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -684,6 +686,73 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_auto_finishes(protbert_
     assert last.process.wait(timeout=120) == 0, last.stderr
     assert f"resumed from {out / f'checkpoint-{step}'}" in last.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+
+
+class HeldRequest(BaseHTTPRequestHandler):
+    """Answers nothing until the test lets it go: a download that waits on the network."""
+
+    def do_GET(self):
+        self.server.arrived.set()
+        self.server.release.wait(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def fifo_has_a_reader(fifo: Path, writers: list) -> bool:
+    """Whether a process has opened `fifo` to read (and now waits for its data); keeps the
+    writing end open in `writers`, so that the reader waits on."""
+    try:
+        writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        return True
+    except OSError:  # ENXIO: nobody reads it yet
+        return False
+
+
+@linux_only
+@pytest.mark.parametrize("script", ["evaluate", "embed", "download_sample_data"])
+def test_ctrl_c_outside_training_prints_interrupted_and_exits_130(script, inputs, tmp_path):
+    # A real SIGINT to a real process while it waits: for the FASTA it reads (a named pipe that
+    # gets no data), or for UniProt's answer (a local server that never gives one).
+    out, fifo, writers = tmp_path / "out", tmp_path / "proteins.fasta", []
+    os.mkfifo(fifo)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeldRequest)
+    server.daemon_threads, server.arrived, server.release = True, threading.Event(), threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    argv, waiting = {
+        "evaluate": ([a.format(**inputs, out=out) for a in EVALUATE] + ["--data_path", str(fifo)], None),
+        "embed": ([inputs["student"], str(fifo), str(out)], None),
+        "download_sample_data": (
+            ["--output_dir", str(out), "--base_url", f"http://127.0.0.1:{server.server_address[1]}", "--retries", "0"],
+            server.arrived.is_set,
+        ),
+    }[script]
+    waiting = waiting or (lambda: fifo_has_a_reader(fifo, writers))
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / f"{script}.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=ONE_THREAD,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not waiting():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        for fd in writers:
+            os.close(fd)
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted", stderr
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []  # nothing half written
 
 
 def process_state(pid: int) -> str:
