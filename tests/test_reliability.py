@@ -943,6 +943,64 @@ def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
     assert math.isfinite(summary["final_val"]["loss"])
 
 
+def test_a_non_finite_loss_goes_backward_then_its_gradients_are_dropped_before_any_step(
+    protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
+):
+    # The order of the finiteness check: backward runs on every loss (under DDP every rank must
+    # join the gradient all-reduce, whatever its loss), the check comes after it, and a non-finite
+    # loss's gradients are cleared before the next step, which never sees them.
+    live, real_backward, real_step = (
+        teacher_targets.TeacherTargets.__call__,
+        torch.Tensor.backward,
+        distill.optimizer_step,
+    )
+    events, training_batches = [], []
+
+    def third_batch_poisoned(self, batch, variant):
+        out = live(self, batch, variant)
+        if variant != data.VALIDATION_VARIANT:
+            training_batches.append(variant)
+            if len(training_batches) == 3:
+                out["logits"] = torch.full_like(out["logits"], float("nan"))
+        return out
+
+    def recorded_backward(self, *args, **kwargs):
+        events.append(("backward", bool(torch.isfinite(self).all())))
+        return real_backward(self, *args, **kwargs)
+
+    def recorded_step(trainer, *args, **kwargs):
+        grads = [p.grad for p in trainer.student.parameters() if p.grad is not None]
+        events.append(("step", bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)))
+        return real_step(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(teacher_targets.TeacherTargets, "__call__", third_batch_poisoned)
+    monkeypatch.setattr(torch.Tensor, "backward", recorded_backward)
+    monkeypatch.setattr(distill, "optimizer_step", recorded_step)
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 3; step skipped"):
+        distill.main(
+            [
+                "--data_path",
+                str(interrupt_fasta),
+                "--output_dir",
+                str(tmp_path / "run"),
+                "--teacher_model",
+                str(protbert_teacher_dir),
+                *TINY_STUDENT,
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "5",
+                "--eval_every",
+                "100",
+                "--save_every",
+                "100",
+            ]
+        )
+    backward, step = ("backward", True), ("step", True)
+    # batches 1, 2: stepped; 3 (NaN): backward, no step; 4, 5, 6: stepped on finite gradients only
+    assert events == [backward, step, backward, step, ("backward", False), *[backward, step] * 3]
+
+
 @pytest.fixture(scope="module")
 def nan_teacher_dir(protbert_teacher_dir, tmp_path_factory) -> Path:
     """The tiny teacher with one NaN weight: every logit it gives is NaN."""
