@@ -1179,7 +1179,7 @@ def test_writable_folder_refuses_a_read_only_folder_without_creating_anything(tm
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_every_file_written_follows_the_umask(umask, inputs, interrupt_fasta, tmp_path, capsys):
     tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
     mapped = Student(

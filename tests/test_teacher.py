@@ -153,7 +153,7 @@ def test_missing_antiberty_package_is_a_user_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_antiberty_cache_and_random_teachers_follow_the_umask(umask, tmp_path, monkeypatch):
     from transformers import BertConfig
 
