@@ -52,6 +52,7 @@ from pepemb.cli import UserError
 from pepemb.data import MaskedBatches
 from pepemb.devices import resolve_device, resolve_precision
 from pepemb.distributed import World, all_reduce, barrier
+from pepemb.files import atomic_open
 from pepemb.losses import WINDOW_SUMS, new_window
 from pepemb.monitoring import RunLog, plot_training_curves, progress_line, seconds_left, start_wandb, train_record
 from pepemb.progress import is_terminal, progress
@@ -480,7 +481,8 @@ def finish(run: Run, stopped_by: str | None) -> dict | None:
         "last_checkpoint": str(final_checkpoint),
         "args": vars(args),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic_open(output_dir / "summary.json", "w") as handle:  # a kill mid-write keeps the earlier one
+        handle.write(json.dumps(summary, indent=2, default=str))
     run.log.finish_wandb(final_metrics)
     print(
         f"done: {step} steps in {elapsed / 60:.1f} min; val masked acc {final_metrics['masked_acc']:.3f} "

@@ -26,6 +26,7 @@ from architecture import (
     StudentCheckpoint,
     to_esm_state_dict,
 )
+from pepemb.files import atomic_open
 
 # What a model card says of the teachers this toolkit is used with: licence and citation.
 TEACHER_CARDS = {
@@ -122,21 +123,21 @@ def export_native(
     }
     # Written under the canonical names rather than by save_pretrained, whose on-disk names vary
     # between transformers versions; from_pretrained reads these.
-    safetensors.torch.save_file(
-        {k: v.detach().cpu().contiguous() for k, v in weights.items()},
-        str(directory / EXPORTED_WEIGHTS),
-        metadata={"format": "pt"},
-    )
+    write_safetensors(directory / EXPORTED_WEIGHTS, weights)
     config.save_pretrained(directory)
     esm_tokenizer(checkpoint, directory).save_pretrained(directory)
     if student.teacher_map is not None:
-        safetensors.torch.save_file(
-            {k: v.detach().cpu().contiguous() for k, v in student.teacher_map.state_dict().items()},
-            str(directory / TEACHER_MAP_WEIGHTS),
-            metadata={"format": "pt"},
-        )
+        write_safetensors(directory / TEACHER_MAP_WEIGHTS, student.teacher_map.state_dict())
     (directory / "README.md").write_text(model_card(checkpoint, eval_report, command))
     return directory
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A .safetensors file, atomically, with the mode open() gives (safetensors' own save_file
+    renames a private 0600 temporary file into place)."""
+    payload = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"format": "pt"})
+    with atomic_open(path) as handle:
+        handle.write(payload)
 
 
 def model_card(checkpoint: StudentCheckpoint, eval_report: dict | None, command: str) -> str:

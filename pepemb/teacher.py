@@ -37,6 +37,7 @@ from transformers import (
 
 from architecture import STANDARD_RESIDUES, ResidueTokenizer
 from pepemb.cli import UserError
+from pepemb.files import follow_umask
 
 ANTIBERTY = "antiberty"
 ANTIBERTY_VERSION = "0.1.3"
@@ -356,6 +357,7 @@ def antiberty_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        follow_umask([staging, *staging.rglob("*")])  # mkdtemp's 0700, save_pretrained's 0600 weights
         try:
             staging.rename(folder)
         except OSError:
@@ -459,6 +461,7 @@ def save_random_teacher(
         model = model_class(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    follow_umask(directory.glob("*.safetensors"))  # save_pretrained writes the weights 0600
     return directory
 
 

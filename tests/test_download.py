@@ -27,6 +27,7 @@ RECORDS = [
     for i in range(PAGE * PAGES)
 ]
 FAST = ["--retries", "3", "--backoff", "0.01"]
+ENDLESS_CAP = 96 * 2**20  # where the endless page gives up, should a client read on and on
 
 
 class FakeUniProt(BaseHTTPRequestHandler):
@@ -49,6 +50,12 @@ class FakeUniProt(BaseHTTPRequestHandler):
                 return self.reply(500, "internal error")
             if fault == "429":
                 return self.reply(429, "slow down", {"Retry-After": "0"})
+            if fault == "429-an-hour":
+                return self.reply(429, "slow down", {"Retry-After": "3600"})
+            if fault == "429-a-date":
+                return self.reply(429, "slow down", {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"})
+            if fault == "endless":
+                return self.stream_endlessly()
             if fault == "slow":
                 time.sleep(1.5)
             page = RECORDS[cursor * PAGE : (cursor + 1) * PAGE]
@@ -56,19 +63,46 @@ class FakeUniProt(BaseHTTPRequestHandler):
             if cursor + 1 < PAGES:
                 host, port = self.server.server_address
                 headers["Link"] = f'<http://{host}:{port}/uniref/search?cursor={cursor + 1}&size={PAGE}>; rel="next"'
-            self.reply(200, "".join(f">{id_} n=1\n{seq}\n" for id_, seq in page), headers)
+            body = "".join(f">{id_} n=1\n{seq}\n" for id_, seq in page)
+            if fault == "streamed":
+                return self.reply(200, body, headers, content_length=False)
+            self.reply(200, body, headers)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up on a stalled page, as intended
 
-    def reply(self, status, body, headers=()):
+    def reply(self, status, body, headers=(), content_length=True):
+        """Without content_length, the body is sent in pieces and ends where the connection
+        closes (HTTP/1.0): the client learns its size only by reading it."""
         payload = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(payload)))
+        if content_length:
+            self.send_header("Content-Length", str(len(payload)))
         for key, value in dict(headers).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(payload)
+        for start in range(0, len(payload), 100) if not content_length else ():
+            self.wfile.write(payload[start : start + 100])
+            self.wfile.flush()
+        if content_length:
+            self.wfile.write(payload)
+
+    def stream_endlessly(self):
+        """A FASTA body with no Content-Length that goes on until the client hangs up (or
+        ENDLESS_CAP bytes); server.sent says how much was sent."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        record, sent = b">UniRef50_X n=1\n" + b"M" * 65_000 + b"\n", 0
+        try:
+            while sent < ENDLESS_CAP:
+                self.wfile.write(record)
+                sent += len(record)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.server.sent = sent
+            self.server.stream_ended.set()
 
     def log_message(self, *args):
         pass
@@ -79,6 +113,7 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeUniProt)
     httpd.daemon_threads = True
     httpd.faults, httpd.log = {}, []
+    httpd.sent, httpd.stream_ended = None, threading.Event()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -141,6 +176,33 @@ def test_retry_after_is_honoured(server):
         text, next_url = dl.fetch_page(session, f"{server.url}/uniref/search", None, 5.0, retries=1, backoff=30.0)
     assert time.monotonic() - start < 10  # Retry-After: 0 beat the 30 s backoff
     assert text.startswith(f">{RECORDS[0][0]}") and next_url.endswith("cursor=1&size=10")
+
+
+def test_retry_after_is_capped_at_60_s_and_a_date_falls_back_to_the_backoff(server, monkeypatch):
+    server.faults = {0: ["429-an-hour", "429-a-date", "429"]}
+    slept = []
+    monkeypatch.setattr(dl.time, "sleep", slept.append)  # the waits, without waiting
+    with requests.Session() as session:
+        text, _ = dl.fetch_page(session, f"{server.url}/uniref/search", None, 5.0, retries=3, backoff=2.0)
+    assert text.startswith(f">{RECORDS[0][0]}")
+    # an hour asked: 60 s (MAX_RETRY_AFTER_S); an HTTP date: the own backoff, 2 s x 2 at the
+    # second attempt; 0 asked: 0
+    assert slept == [60.0, 4.0, 0.0]
+    assert [fault for _, _, fault in server.log] == ["429-an-hour", "429-a-date", "429", None]
+
+
+def test_a_page_without_content_length_is_read_whole_or_refused_once_over_the_limit(server, monkeypatch):
+    server.faults = {0: ["streamed"], 1: ["endless"]}
+    with requests.Session() as session:
+        streamed, next_url = dl.fetch_page(session, f"{server.url}/uniref/search", None, 5.0, retries=0, backoff=0)
+        assert streamed == "".join(f">{id_} n=1\n{seq}\n" for id_, seq in RECORDS[:PAGE])
+        monkeypatch.setattr(dl, "MAX_PAGE_BYTES", 2**18)
+        with pytest.raises(UserError, match="sent a page over 262,144 bytes"):
+            dl.fetch_page(session, next_url, None, 5.0, retries=0, backoff=0)
+    assert server.stream_ended.wait(30)
+    # It stopped reading at the limit: what the server got out is the limit plus what the
+    # sockets' buffers took (a few MB), not the whole 96 MiB.
+    assert 2**18 < server.sent < 32 * 2**20, server.sent
 
 
 @pytest.mark.parametrize(

@@ -272,8 +272,60 @@ def test_fidelity_measures_match_a_hand_computation(report, student_dir, teacher
     reps = measured["representations"]
     assert reps["cka_tokens"] == n
     assert reps["cka"] == pytest.approx((hsic(x, y) / torch.sqrt(hsic(x, x) * hsic(y, y))).item(), rel=1e-6)
-    # 3 proteins: each one's 2 other proteins are its neighbours in any space
-    assert (reps["knn_k"], reps["knn_overlap"], reps["knn_chance"]) == (2, 1.0, 1.0)
+    # 3 proteins: k = 10 is clipped to the 2 others, each one's neighbours in any space (the
+    # overlap itself is checked on 30 proteins below)
+    assert (reps["knn_k"], reps["knn_proteins"], reps["knn_chance"]) == (2, 3, 1.0)
+
+
+def nearest(embeddings: np.ndarray, k: int, cosine=True, farthest=False, itself=False) -> list[set]:
+    """Each item's k nearest other items, by cosine similarity (or, wrongly, by negative Euclidean
+    distance, the farthest ones, or counting the item itself), one item at a time."""
+    found = []
+    for i, x in enumerate(embeddings):
+        if cosine:
+            score = embeddings @ x / (np.linalg.norm(embeddings, axis=1) * np.linalg.norm(x))
+        else:
+            score = -np.linalg.norm(embeddings - x, axis=1)
+        others = sorted((j for j in range(len(embeddings)) if itself or j != i), key=lambda j: score[j])
+        found.append(set(others[:k] if farthest else others[-k:]))
+    return found
+
+
+def test_knn_overlap_of_mean_embeddings_matches_a_hand_computation(student_dir, teacher, tmp_path):
+    # 30 proteins, k = 10 of the 29 others: an overlap that only the right neighbours give
+    sequences = [p.sequence[: MAX_SEQ_LEN - 2] for p in data.read_fasta(data.SHIPPED_UNIPROT)[:30]]
+    fasta = tmp_path / "thirty.fasta"
+    data.write_fasta(fasta, [data.Protein(f"p{i}", "", s) for i, s in enumerate(sequences)])
+    options = {**EVAL_OPTIONS, "speed_batches": 0}
+    report = evaluate.evaluate_checkpoint(student_dir, fasta, tmp_path / "out", **options, mutation_proteins=0)
+    reps = report["fidelity"]["representations"]
+    assert (reps["knn_k"], reps["knn_proteins"]) == (10, 30)
+    assert reps["knn_chance"] == pytest.approx(10 / 29)
+
+    checkpoint = load_student(student_dir)
+    student, tokenizer = checkpoint.model, checkpoint.tokenizer
+
+    def mean_embeddings(model, teacher_model: bool) -> np.ndarray:
+        rows = []
+        for sequence in sequences:  # one at a time: no padding
+            rows.append(residue_states(model, [sequence], tokenizer, teacher_model).mean(0).numpy())
+        return np.array(rows)
+
+    s, t = mean_embeddings(student, False), mean_embeddings(teacher, True)
+    for e in (s, t):  # no near-tie at the 10th neighbour: the right answer is well defined
+        unit = e / np.linalg.norm(e, axis=1, keepdims=True)
+        similarity = np.sort(unit @ unit.T - 2 * np.eye(len(e)), axis=1)[:, ::-1]
+        assert (similarity[:, 9] - similarity[:, 10]).min() > 1e-7
+
+    def overlap(**how) -> float:
+        return np.mean([len(a & b) / 10 for a, b in zip(nearest(t, 10, **how), nearest(s, 10, **how))])
+
+    expected = overlap()
+    assert reps["knn_overlap"] == pytest.approx(expected, abs=1e-9)
+    # what wrong neighbourhoods would give differs: the data tells them apart
+    for wrong in ({"cosine": False}, {"farthest": True}, {"itself": True}):
+        assert abs(overlap(**wrong) - expected) > 0.01, wrong
+    assert expected not in (1.0, reps["knn_chance"])
 
 
 def test_the_report_shows_fidelity_next_to_masked_accuracy(report):

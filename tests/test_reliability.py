@@ -12,14 +12,15 @@ import importlib
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,11 @@ import torch
 
 import distill
 import evaluate
-from architecture import Student, StudentConfig, load_student, save_student
+from architecture import ResidueTokenizer, Student, StudentConfig, load_student, save_student
 from conftest import tiny_student, write_short_uniprot
 from pepemb import checkpoints, cli, data, teacher_targets
 from pepemb.checkpoints import TRAINING_STATE, list_checkpoints
-from pepemb.teacher import load_teacher
+from pepemb.teacher import PROTBERT_VOCAB, load_teacher, save_random_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 100_000  # residues of the longest protein fed to every script
@@ -85,6 +86,8 @@ def inputs(tmp_path_factory, protbert_teacher_dir, esm_teacher_dir) -> dict[str,
     (root / "truncated_checkpoint").mkdir()
     (root / "truncated_checkpoint" / "model.pt").write_bytes(model_pt[: len(model_pt) // 2])
     (root / "truncated_checkpoint" / TRAINING_STATE).write_bytes(b"")
+    # ProtBert's vocabulary with 64 learned positions: it takes at most 62 residues.
+    save_random_teacher(root / "short_teacher", kind="protbert", max_positions=64)
     names = {p.name.split(".")[0]: str(p) for p in root.iterdir()}
     return {
         **names,
@@ -108,9 +111,17 @@ TINY_STUDENT = [
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, protbert_teacher_dir) -> Path:
+def trained_run_and_inputs(tmp_path_factory, protbert_teacher_dir) -> tuple[Path, list]:
     """A finished 4-step run (checkpoint-2, checkpoint-4) on a split folder whose training split
-    holds a 100,000-residue protein, two all-X sequences and two records with the same id."""
+    holds a 100,000-residue protein, two all-X sequences and two records with the same id; and
+    what the student saw: (training?, input_ids) of every Student.forward call of the run."""
+    seen = []
+    real_forward = Student.forward
+
+    def recording_forward(self, input_ids=None, *args, **kwargs):
+        seen.append((self.training, input_ids.detach().clone()))
+        return real_forward(self, input_ids, *args, **kwargs)
+
     root = tmp_path_factory.mktemp("trained")
     split = root / "data"
     proteins = data.read_fasta(data.SHIPPED_UNIPROT)[:50]
@@ -126,8 +137,15 @@ def trained_run(tmp_path_factory, protbert_teacher_dir) -> Path:
     data.write_fasta(split / "val.fasta", cropped[40:46] + odd[:1])
     data.write_fasta(split / "test.fasta", cropped[46:])
     out = root / "run"
-    distill.main(trained_run_argv(split, out, protbert_teacher_dir))
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Student, "forward", recording_forward)
+        distill.main(trained_run_argv(split, out, protbert_teacher_dir))
+    return out, seen
+
+
+@pytest.fixture(scope="module")
+def trained_run(trained_run_and_inputs) -> Path:
+    return trained_run_and_inputs[0]
 
 
 def trained_run_argv(split: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
@@ -313,6 +331,12 @@ BAD_INPUT = [
         "100,000 residues, more than --max_length 1022",
     ),
     (
+        "visualization: longer than the teacher's positions",
+        "visualization",
+        [*VISUALIZE, "--sequence", "MKTAYIAKQR" * 8, "--teacher_model", "{short_teacher}"],
+        "takes at most 62",  # 64 positions less the start and end tokens
+    ),
+    (
         "visualization: output folder inside a file",
         "visualization",
         [*VISUALIZE, "--sequence", "MKTV", "--output_dir", "{file}/out"],
@@ -441,15 +465,37 @@ def test_resume_from_a_damaged_training_state_is_one_line(damage, trained_run, i
 # --------------------------------------------------------------------------------------------
 
 
-def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicate_ids(trained_run):
+def crop_starts(huge: str, tokenizer, input_ids: torch.Tensor) -> list[int]:
+    """Where in `huge` each row of input_ids that is a window of it starts: the offset whose
+    30 residues the row's 30 agree with best, where most agree (masking changes about 13%)."""
+    windows = np.lib.stride_tricks.sliding_window_view(tokenizer.encode(huge)[1:-1].numpy(), 30)
+    starts = []
+    for row in input_ids[:, 1:31].numpy():
+        agreement = (windows == row).mean(1) if len(row) == 30 else np.zeros(1)
+        if agreement.max() > 0.6:  # another protein agrees with its best window on about a fifth
+            starts.append(int(agreement.argmax()))
+    return starts
+
+
+def test_distill_crops_a_100000_residue_protein_and_trains_on_all_x_and_duplicate_ids(trained_run_and_inputs):
+    trained_run, seen = trained_run_and_inputs
     train = data.read_fasta(trained_run.parent / "data" / "train.fasta")
-    assert len(train) == 45 and max(len(p.sequence) for p in train) == HUGE
+    huge = next(p.sequence for p in train if p.id == "huge")
+    assert len(train) == 45 and len(huge) == HUGE
     assert [p.id for p in train].count("dup") == 2 and sum(set(p.sequence) == {"X"} for p in train) == 2
     summary = json.loads((trained_run / "summary.json").read_text())
     # 45 sequences in batches of 16: the 4 steps see all of them, each cropped to 30 residues
-    assert summary["steps"] == 4 and summary["elapsed_s"] < 60
+    assert summary["steps"] == 4
     assert [p.name for p in list_checkpoints(trained_run)] == ["checkpoint-2", "checkpoint-4"]
     assert finite_weights(trained_run / "checkpoint-4")
+    # What the student was given: never more than --max_seq_len 32 tokens; the huge protein as a
+    # 30-residue window, a random one in training and the N-terminal one in validation.
+    assert seen and all(ids.shape[1] <= 32 for _, ids in seen)
+    tokenizer = load_student(trained_run / "checkpoint-4").tokenizer
+    trained = [s for training, ids in seen if training for s in crop_starts(huge, tokenizer, ids)]
+    validated = [s for training, ids in seen if not training for s in crop_starts(huge, tokenizer, ids)]
+    assert trained and all(start > 0 for start in trained), trained
+    assert validated == [0, 0, 0, 0], validated  # validation at steps 0, 2, 3 (the end of epoch 0) and 4
 
 
 def test_evaluate_crops_a_100000_residue_protein_and_scores_all_x(inputs, tmp_path):
@@ -644,6 +690,73 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_resume_auto_finishes(protbert_
     assert last.process.wait(timeout=120) == 0, last.stderr
     assert f"resumed from {out / f'checkpoint-{step}'}" in last.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+
+
+class HeldRequest(BaseHTTPRequestHandler):
+    """Answers nothing until the test lets it go: a download that waits on the network."""
+
+    def do_GET(self):
+        self.server.arrived.set()
+        self.server.release.wait(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def fifo_has_a_reader(fifo: Path, writers: list) -> bool:
+    """Whether a process has opened `fifo` to read (and now waits for its data); keeps the
+    writing end open in `writers`, so that the reader waits on."""
+    try:
+        writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        return True
+    except OSError:  # ENXIO: nobody reads it yet
+        return False
+
+
+@linux_only
+@pytest.mark.parametrize("script", ["evaluate", "embed", "download_sample_data"])
+def test_ctrl_c_outside_training_prints_interrupted_and_exits_130(script, inputs, tmp_path):
+    # A real SIGINT to a real process while it waits: for the FASTA it reads (a named pipe that
+    # gets no data), or for UniProt's answer (a local server that never gives one).
+    out, fifo, writers = tmp_path / "out", tmp_path / "proteins.fasta", []
+    os.mkfifo(fifo)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeldRequest)
+    server.daemon_threads, server.arrived, server.release = True, threading.Event(), threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    argv, waiting = {
+        "evaluate": ([a.format(**inputs, out=out) for a in EVALUATE] + ["--data_path", str(fifo)], None),
+        "embed": ([inputs["student"], str(fifo), str(out)], None),
+        "download_sample_data": (
+            ["--output_dir", str(out), "--base_url", f"http://127.0.0.1:{server.server_address[1]}", "--retries", "0"],
+            server.arrived.is_set,
+        ),
+    }[script]
+    waiting = waiting or (lambda: fifo_has_a_reader(fifo, writers))
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / f"{script}.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=ONE_THREAD,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not waiting():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        for fd in writers:
+            os.close(fd)
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted", stderr
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []  # nothing half written
 
 
 def process_state(pid: int) -> str:
@@ -961,6 +1074,64 @@ def test_one_non_finite_loss_is_skipped_with_a_warning_and_training_goes_on(
     assert math.isfinite(summary["final_val"]["loss"])
 
 
+def test_a_non_finite_loss_goes_backward_then_its_gradients_are_dropped_before_any_step(
+    protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch
+):
+    # The order of the finiteness check: backward runs on every loss (under DDP every rank must
+    # join the gradient all-reduce, whatever its loss), the check comes after it, and a non-finite
+    # loss's gradients are cleared before the next step, which never sees them.
+    live, real_backward, real_step = (
+        teacher_targets.TeacherTargets.__call__,
+        torch.Tensor.backward,
+        distill.optimizer_step,
+    )
+    events, training_batches = [], []
+
+    def third_batch_poisoned(self, batch, variant):
+        out = live(self, batch, variant)
+        if variant != data.VALIDATION_VARIANT:
+            training_batches.append(variant)
+            if len(training_batches) == 3:
+                out["logits"] = torch.full_like(out["logits"], float("nan"))
+        return out
+
+    def recorded_backward(self, *args, **kwargs):
+        events.append(("backward", bool(torch.isfinite(self).all())))
+        return real_backward(self, *args, **kwargs)
+
+    def recorded_step(trainer, *args, **kwargs):
+        grads = [p.grad for p in trainer.student.parameters() if p.grad is not None]
+        events.append(("step", bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)))
+        return real_step(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(teacher_targets.TeacherTargets, "__call__", third_batch_poisoned)
+    monkeypatch.setattr(torch.Tensor, "backward", recorded_backward)
+    monkeypatch.setattr(distill, "optimizer_step", recorded_step)
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 3; step skipped"):
+        distill.main(
+            [
+                "--data_path",
+                str(interrupt_fasta),
+                "--output_dir",
+                str(tmp_path / "run"),
+                "--teacher_model",
+                str(protbert_teacher_dir),
+                *TINY_STUDENT,
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "5",
+                "--eval_every",
+                "100",
+                "--save_every",
+                "100",
+            ]
+        )
+    backward, step = ("backward", True), ("step", True)
+    # batches 1, 2: stepped; 3 (NaN): backward, no step; 4, 5, 6: stepped on finite gradients only
+    assert events == [backward, step, backward, step, ("backward", False), *[backward, step] * 3]
+
+
 @pytest.fixture(scope="module")
 def nan_teacher_dir(protbert_teacher_dir, tmp_path_factory) -> Path:
     """The tiny teacher with one NaN weight: every logit it gives is NaN."""
@@ -1032,23 +1203,29 @@ class CreatesFile:
         return open, (self.target, "w")
 
 
-def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_path):
+def test_resume_never_runs_code_in_a_training_state(trained_run, inputs, tmp_path, capsys):
     out = shutil.copytree(trained_run, tmp_path / "run")
     payload_ran = tmp_path / "payload-ran"
-    torch.save({"position": CreatesFile(payload_ran)}, out / "checkpoint-4" / TRAINING_STATE)
+    state = out / "checkpoint-4" / TRAINING_STATE
+    torch.save({"position": CreatesFile(payload_ran)}, state)
     argv = [a.format(**inputs, out=out) for a in DISTILL] + [
         "--resume",
         "auto",
         "--data_path",
         str(trained_run.parent / "data"),
     ]
-    # Refused by torch.load(weights_only=True); how the refusal reads is the xfail test above's.
-    with pytest.raises((SystemExit, pickle.UnpicklingError)):
-        cli.run(distill.main, argv)
+    before = snapshot(out)
+    # Refused by torch.load(weights_only=True): exit 2, one line naming the file, nothing written.
+    code, stderr = run_in_process("distill", argv, capsys)
+    assert_user_error(code, stderr, f"{state}: unreadable or unsafe training state")
     assert not payload_ran.exists()
+    assert snapshot(out) == before
+    # The control: the same file does run its code when fully unpickled, so the refusal mattered.
+    torch.load(state, weights_only=False)
+    assert payload_ran.exists()
 
 
-def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkeypatch, capsys):
+def test_remote_code_runs_only_when_asked(protbert_teacher_dir, inputs, tmp_path, monkeypatch, capsys):
     from pepemb import teacher as teacher_module
 
     calls = []
@@ -1065,11 +1242,25 @@ def test_remote_code_runs_only_when_asked(protbert_teacher_dir, tmp_path, monkey
     calls.clear()
     fasta = tmp_path / "in.fasta"
     fasta.write_text(">a\nMKTAYIAKQR\n")
-    for flags, expected in (([], False), (["--trust_remote_code"], True)):
-        out = tmp_path / f"out{len(flags)}"
-        assert run_in_process("embed", [str(protbert_teacher_dir), str(fasta), str(out), *flags], capsys)[0] == 0
-        assert calls == [("AutoTokenizer", expected), ("AutoModelForMaskedLM", expected)]
-        calls.clear()
+    teacher = ["--teacher_model", str(protbert_teacher_dir)]
+    runs = {
+        "distill": [*DISTILL, "--max_steps", "1"],
+        "evaluate": [*EVALUATE, *teacher, "--mutation_proteins", "0", "--embedding_proteins", "0"],
+        "cache_teacher": ["--data_path", "{good}", "--teacher_cache", "{out}", *teacher, "--max_seq_len", "32"],
+        "embed": [str(protbert_teacher_dir), str(fasta), "{out}"],
+        "visualization": [*VISUALIZE, "--sequence", "MKTAYIAKQR", *teacher],
+    }
+    for script, argv in runs.items():
+        for flags, expected in (([], False), (["--trust_remote_code"], True)):
+            out = tmp_path / f"{script}{len(flags)}"
+            code, stderr = run_in_process(script, [a.format(**inputs, out=out) for a in argv] + flags, capsys)
+            if script == "visualization" and flags:  # it has no such flag: never runs a teacher's code
+                assert code == 2 and "unrecognized arguments: --trust_remote_code" in stderr
+                assert calls == [] and not out.exists()
+                continue
+            assert code == 0, stderr
+            assert calls == [("AutoTokenizer", expected), ("AutoModelForMaskedLM", expected)], script
+            calls.clear()
 
 
 def test_wandb_key_is_never_printed_or_written(protbert_teacher_dir, interrupt_fasta, tmp_path, monkeypatch, capfd):
@@ -1111,3 +1302,46 @@ def test_writable_folder_refuses_a_read_only_folder_without_creating_anything(tm
     with pytest.raises(cli.UserError, match=f"no permission to write in {locked}"):
         cli.writable_folder(locked / "a" / "b", "--output_dir")
     assert list(locked.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# File modes: every file a script writes follows the user's umask
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_every_file_written_follows_the_umask(umask, inputs, interrupt_fasta, tmp_path, capsys):
+    tokenizer = ResidueTokenizer.from_vocab(PROTBERT_VOCAB)
+    mapped = Student(
+        StudentConfig.from_tokenizer(tokenizer, d_model=32, num_heads=2, num_layers=1, teacher_hidden_size=8)
+    )
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKTAYIAKQR\n>b\nGSHMSLFDFF\n")
+    root = tmp_path / "written"
+    teacher, student = inputs["teacher"], inputs["student"]
+    runs = [
+        ("distill", [*DISTILL, "--max_steps", "1"]),
+        ("evaluate", EVALUATE),
+        ("embed", [student, str(fasta), str(root / "embed")]),
+        ("embed", [str(root / "mapped"), "--export_hf", str(root / "hf")]),  # with teacher_map.safetensors
+        ("visualization", [*VISUALIZE, "--sequence", "MKTV"]),
+        ("download_sample_data", DOWNLOAD),
+        ("cache_teacher", ["--data_path", str(interrupt_fasta), "--teacher_model", teacher, "--max_seq_len", "32"]),
+    ]
+    previous = os.umask(umask)
+    try:
+        save_student(mapped, root / "mapped")
+        for i, (script, argv) in enumerate(runs):
+            out = root / f"{script}-{i}"
+            argv = [a.format(**inputs, out=out) for a in argv]
+            if script == "cache_teacher":
+                argv += ["--teacher_cache", str(out)]
+            code, stderr = run_in_process(script, argv, capsys)
+            assert code == 0, stderr
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(root): p.stat().st_mode & 0o777 for p in root.rglob("*")}
+    expected = {p: (0o777 if (root / p).is_dir() else 0o666) & ~umask for p in modes}
+    assert {p: oct(m) for p, m in modes.items()} == {p: oct(m) for p, m in expected.items()}
+    assert {p.name for p in modes} >= {"model.safetensors", "teacher_map.safetensors", "summary.json", "model.pt"}

@@ -1,6 +1,7 @@
 """Teacher loading: local folders, offline failures, the AntiBERTy conversion, int8."""
 
 import importlib.util
+import os
 import socket
 import sys
 import time
@@ -149,6 +150,32 @@ def test_missing_antiberty_package_is_a_user_error(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=r"pip install antiberty==0\.1\.3"):
             antiberty_folder(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_antiberty_cache_and_random_teachers_follow_the_umask(umask, tmp_path, monkeypatch):
+    from transformers import BertConfig
+
+    from pepemb import teacher as teacher_module
+
+    def tiny_conversion(package):  # the real one reads the antiberty wheel: 100 MB, same writing
+        config = BertConfig(vocab_size=len(PROTBERT_VOCAB), hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+        vocab = {t: i for i, t in enumerate(PROTBERT_VOCAB)}
+        return BertForMaskedLM(config), BertTokenizer(vocab=vocab, do_lower_case=False)
+
+    monkeypatch.setattr(teacher_module, "_antiberty_package", lambda: tmp_path)
+    monkeypatch.setattr(teacher_module, "_convert_antiberty", tiny_conversion)
+    previous = os.umask(umask)
+    try:
+        cached = antiberty_folder(tmp_path / "cache")
+        random_teacher = teacher_module.save_random_teacher(tmp_path / "random", kind="esm2", num_layers=1)
+    finally:
+        os.umask(previous)
+    for folder in (cached, random_teacher):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [folder, *folder.iterdir()]}
+        assert "model.safetensors" in modes
+        assert modes == {n: oct((0o777 if n == folder.name else 0o666) & ~umask) for n in modes}
 
 
 @pytest.fixture(scope="module")
