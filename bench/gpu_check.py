@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import math
 import platform
@@ -374,13 +375,22 @@ def result_line(result: dict) -> str:
 
 
 def device_info(cuda: bool) -> dict:
+    """Versions and devices: torch, CUDA, the GPUs, NCCL and bitsandbytes (None where absent)."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
-    if cuda:
-        count = torch.cuda.device_count()
-        info.update(gpus=[torch.cuda.get_device_name(i) for i in range(count)], gpu_count=count)
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None
-    else:
-        info.update(gpus=[], gpu_count=0, cpu=platform.processor() or platform.machine())
+    if not cuda:
+        return {**info, "gpus": [], "gpu_count": 0, "cpu": platform.processor() or platform.machine()}
+    count = torch.cuda.device_count()
+    info.update(gpus=[torch.cuda.get_device_name(i) for i in range(count)], gpu_count=count)
+    info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    try:  # a tuple (2, 27, 5) in recent torch, an int in older ones
+        version = torch.cuda.nccl.version()
+        info["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    except Exception:  # no NCCL in this build: the 2-process check will say so
+        info["nccl"] = None
+    try:
+        info["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        info["bitsandbytes"] = None
     return info
 
 

@@ -414,3 +414,32 @@ def test_every_check_runs_for_real_on_the_cpu_with_allow_cpu(tmp_path):
     lines = result.stdout.splitlines()
     assert sum(line.split("] ", 1)[-1].startswith(("PASSED", "skipped")) for line in lines) == len(CHECKS)
     assert "skipped fp16: no CUDA" in result.stdout and lines[-1].startswith("gpu_check passed: 5 passed, 0 failed")
+
+
+def test_a_failed_run_is_read_back_with_its_error_and_no_numbers(tmp_path):
+    output = "loading ...\nTraceback (most recent call last):\nRuntimeError: CUDA out of memory\n"
+    result = {"command": "distill.py", "returncode": 1, "timed_out": False, "seconds": 1.0, "log": "x.log"}
+    run = gpu_check_runs.read_run(tmp_path, {**result, "output": output})
+    assert run["error"] == "loading ... | Traceback (most recent call last): | RuntimeError: CUDA out of memory"
+    assert "steps" not in run and run["resumed_at_step"] is None and "output" not in run
+    assert gpu_check.run_failures(run, 400)[0].startswith("distill.py exited with 1: loading ...")
+    timed_out = gpu_check_runs.read_run(tmp_path, {**result, "returncode": -9, "timed_out": True, "output": ""})
+    assert timed_out["error"] == "timed out"
+    resumed = gpu_check_runs.read_run(
+        tmp_path, {**result, "output": "resumed from /o/checkpoint-20 at step 20 (epoch 1, batch 16)\n"}
+    )
+    assert resumed["resumed_at_step"] == 20
+
+
+def test_the_device_information_of_a_cuda_machine(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA H200 #{i}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 5))
+    info = gpu_check.device_info(cuda=True)
+    assert info["gpus"] == ["NVIDIA H200 #0", "NVIDIA H200 #1"] and info["gpu_count"] == 2
+    assert (info["capability"], info["nccl"]) == ("9.0", "2.27.5") and info["bitsandbytes"]
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: 2708)
+    assert gpu_check.device_info(cuda=True)["nccl"] == "2708"
