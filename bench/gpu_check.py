@@ -1,16 +1,18 @@
 """One command for a GPU machine: mixed precision, the 8-bit teacher, torchrun and resume, speed.
 
     pip install -r requirements.txt                # once: nothing is installed at run time
-    bash bench/gpu_check.sh                        # about 5 minutes on one H200, at most 8
-    bash bench/gpu_check.sh --quick                # fewer steps and one student size
+    bash bench/gpu_check.sh                        # estimated 3-5 minutes on one H200, at most 8
+    bash bench/gpu_check.sh --quick                # 200 steps, 20-step resume, one student size
     bash bench/gpu_check.sh --output /tmp/gpu.json --steps 600 --time_limit_s 900
 
 Checks, in this order, on the shipped antibody chains (data/antibody_sample.fasta, split by
 distill.py 80/10/10) with the AntiBERTy teacher (its weights ship in the antiberty wheel):
 
-fp32      distill.py's default student (d_model 384, 6 heads, 4 layers), --steps optimizer steps
-          in fp32 (the reference): it finishes, every logged loss is finite, no step is skipped,
-          and its validation masked accuracy reaches MIN_REFERENCE_ACC (it learned something).
+fp32      distill.py's default student (d_model 384, 6 heads, 4 layers) and schedule (lr 5e-4,
+          100 warmup steps, linear decay), batch 32, --steps optimizer steps (400; --quick
+          200) in fp32, the reference: it finishes, every logged loss is finite, no step is
+          skipped, and (from 200 steps on) its validation masked accuracy reaches
+          MIN_REFERENCE_ACC: it learned.
 fp16      the same steps with --fp16 (autocast + GradScaler, fp16 teacher): as fp32, ran in
           float16, validation masked accuracy within ACC_TOLERANCE of fp32's, and the
           GradScaler's scale in the final checkpoint's training_state.pt positive, finite and
@@ -19,8 +21,8 @@ bf16      the same with --bf16 (no GradScaler).
 teacher_8bit   the --use_8bit teacher (bitsandbytes LLM.int8 on CUDA) against the fp32 teacher:
           top-1 agreement of their logits at the masked positions of every shipped chain
           (validation masks) at least MIN_AGREEMENT.
-torchrun_1     `torchrun --nproc_per_node 1 distill.py`, RESUME_STEPS steps of 1 process x 2
-          micro-batches, dropout off, checkpoints halfway and at the end.
+torchrun_1     `torchrun --nproc_per_node 1 distill.py`, 40 steps (--quick 20) of 1 process
+          x 2 micro-batches, dropout off, checkpoints halfway and at the end.
 resume_plain   torchrun_1's halfway checkpoint, copied and continued with --resume auto by
           `python distill.py` (no launcher): it resumes at the halfway step, finishes all steps,
           and ends within RESUME_LOSS_TOLERANCE of torchrun_1's final validation loss.
@@ -36,6 +38,25 @@ to one JSON file (--output, default outputs/gpu_check.json); the runs' folders a
 the folder beside it (outputs/gpu_check_runs/). Exit status 0 when every check that ran passed,
 1 when one failed or --time_limit_s left some unstarted, 2 without a CUDA GPU:
 `error: ... needs a CUDA GPU ...`.
+
+Thresholds, and why:
+- ACC_TOLERANCE 0.03. Measured on the CPU with the settings above (AntiBERTy int8 teacher
+  cache, 1,717 masked validation tokens): the fp32 reference reached val masked acc 0.559 at
+  step 200, 0.658 at 300, 0.680 at 375 and 0.683 at 400: 400 steps end on the plateau.
+  With the quick start's d_model-128 student, bf16 stayed within 0.005 of fp32 over steps
+  100-200 (0.4246 both at 200), and fp32 itself, perturbed by one warmup step, drifted up to
+  0.015 in the steep part of the curve: 0.03 is twice the largest drift seen, and fp16 keeps
+  more mantissa than bf16.
+- MIN_SCALE 1: the GradScaler starts at 2**16 and halves at every overflow (it grows only
+  after 2,000 clean steps, more than a run here takes), so a scale below 1 means more than 16
+  overflows: gradients that fp16 cannot hold.
+- MIN_AGREEMENT 0.97: the fp32 teacher's top-1 and top-2 logits lie within 0.1 of each other
+  at 0.7% of the masked positions and within 0.5 at 3% (300 shipped chains); torch's dynamic
+  int8 agreed with fp32 at 99.7% there. Below 97%, the int8 error would have to flip
+  positions whose margins are wider than 0.5 logits: broken quantization, not rounding.
+- RESUME_LOSS_TOLERANCE 0.01: without dropout the resumed run takes the same batches in
+  the same order as the uninterrupted one (on the CPU it ends bit for bit equal); on a GPU
+  only summation order differs (DDP's all-reduce, kernel choice), expected far below 0.01.
 
 Tests only: --allow_cpu runs the same orchestration on the CPU at tiny sizes, fp32 only (fp16,
 bf16 and NCCL entries read "skipped: no CUDA"; the 8-bit teacher is torch's dynamic int8 there),
@@ -68,7 +89,7 @@ from pepemb import data  # noqa: E402
 ACC_TOLERANCE = 0.03  # |fp16 or bf16 val masked acc - fp32's| after --steps steps
 MIN_SCALE = 1.0  # the GradScaler starts at 2**16 and halves at every overflow
 MIN_AGREEMENT = 0.97  # top-1 agreement of the 8-bit and fp32 teachers
-MIN_REFERENCE_ACC = 0.3  # the fp32 reference's val masked acc on CUDA (chance is about 0.05)
+MIN_REFERENCE_ACC = 0.4  # fp32 val masked acc after >= 200 steps (the most frequent residue, S: 0.133)
 RESUME_LOSS_TOLERANCE = 0.01  # |resumed final val loss - uninterrupted one|
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_SIZES = (
@@ -113,7 +134,7 @@ def settings_for(args, cuda: bool, gpus: int) -> Settings:
             batch_size=32,
             max_seq_len=160,  # antibody V domains are 101-136 residues: nothing is cropped
             student=(),  # distill.py's default student
-            min_reference_acc=MIN_REFERENCE_ACC,
+            min_reference_acc=MIN_REFERENCE_ACC if (args.steps or 200) >= 200 else 0.0,
             resume_steps=20 if quick else 40,
             agreement_chains=300 if quick else 1000,
             speed_sizes=DEFAULT_SIZES[1:2] if quick else DEFAULT_SIZES,

@@ -101,6 +101,8 @@ def test_settings_of_a_gpu_run_a_quick_one_and_the_cpu_test_run():
     quick = gpu_check.settings_for(gpu_check.parse_args(["--quick"]), cuda=True, gpus=1)
     assert quick.steps == 200 and [s["d_model"] for s in quick.speed_sizes] == [384]
     assert gpu_check.settings_for(gpu_check.parse_args(["--quick", "--steps", "600"]), True, 1).steps == 600
+    short = gpu_check.settings_for(gpu_check.parse_args(["--steps", "50"]), cuda=True, gpus=1)
+    assert (short.steps, short.min_reference_acc) == (50, 0.0)  # too few steps to demand learning
     cpu = gpu_check.settings_for(gpu_check.parse_args(["--allow_cpu"]), cuda=False, gpus=0)
     assert (cpu.device, cpu.student, cpu.min_reference_acc) == ("cpu", gpu_check.TINY_STUDENT, 0.0)
 
