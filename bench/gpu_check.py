@@ -75,7 +75,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -91,6 +91,7 @@ MIN_SCALE = 1.0  # the GradScaler starts at 2**16 and halves at every overflow
 MIN_AGREEMENT = 0.97  # top-1 agreement of the 8-bit and fp32 teachers
 MIN_REFERENCE_ACC = 0.4  # fp32 val masked acc after >= 200 steps (the most frequent residue, S: 0.133)
 RESUME_LOSS_TOLERANCE = 0.01  # |resumed final val loss - uninterrupted one|
+GRACE_S = 60.0  # a subprocess still running this long after --time_limit_s is killed
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_SIZES = (
     {"d_model": 128, "num_heads": 4, "num_layers": 4},  # the quick start's student (0.8M)
@@ -104,7 +105,8 @@ TINY_STUDENT = ("--d_model", "32", "--num_heads", "2", "--num_layers", "1")
 class Settings:
     """What the checks run: device, data, batching, the precision runs' steps and student flags
     (none: distill.py's defaults), the resume runs' steps, the chains of the teacher check, the
-    speed check's student sizes and batches, and the longest a subprocess may take."""
+    speed check's student sizes and batches, and the longest a subprocess may take: timeout_s,
+    and never past `deadline` (time.monotonic(); main sets it GRACE_S after --time_limit_s)."""
 
     device: str
     gpus: int
@@ -119,6 +121,7 @@ class Settings:
     speed_sizes: tuple[dict, ...]
     speed_batches: int
     timeout_s: float = 300.0
+    deadline: float = math.inf
 
 
 def settings_for(args, cuda: bool, gpus: int) -> Settings:
@@ -436,7 +439,7 @@ def assemble_report(results: dict, settings: Settings, args, info: dict, seconds
         "failed": lines,
         "device": info,
         "options": {k: getattr(args, k) for k in ("steps", "quick", "allow_cpu", "time_limit_s", "output")},
-        "settings": asdict(settings),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "deadline"},
         "thresholds": {
             "acc_tolerance": ACC_TOLERANCE,
             "min_scale": MIN_SCALE,
@@ -483,7 +486,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="fewer steps, one student size in the speed check")
     p.add_argument(
-        "--time_limit_s", type=positive(float), default=480.0, help="start no new check after this many seconds"
+        "--time_limit_s",
+        type=positive(float),
+        default=420.0,
+        help=f"start no new check after this many seconds; kill a run still going {GRACE_S:.0f} s later",
     )
     p.add_argument("--fasta", default=str(data.SHIPPED_ANTIBODIES), help="antibody chains (the shipped sample)")
     p.add_argument(
@@ -508,6 +514,7 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of the in-process teachers
     settings = settings_for(args, cuda, torch.cuda.device_count() if cuda else 0)
+    settings = replace(settings, deadline=time.monotonic() + args.time_limit_s + GRACE_S)
     output = Path(args.output).resolve()
     workdir = output.with_name(f"{output.stem}_runs")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -2,7 +2,7 @@
 # One command for a GPU machine (bench/gpu_check.py says what it checks):
 #
 #   pip install -r requirements.txt     # once; nothing is installed at run time
-#   bash bench/gpu_check.sh             # about 5 minutes on one H200, at most 8
+#   bash bench/gpu_check.sh             # estimated 3-5 minutes on one H200, at most 8
 #   bash bench/gpu_check.sh --quick --output /tmp/gpu_check.json
 #
 # Writes outputs/gpu_check.json (--output) and the runs' logs beside it; exit 0 when every check

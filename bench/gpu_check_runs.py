@@ -82,6 +82,12 @@ def distill_command(settings, output_dir: Path, *extra: str, processes: int | No
     ]
 
 
+def timeout_of(settings) -> float:
+    """A subprocess's time: settings.timeout_s, cut to what is left before settings.deadline
+    (time.monotonic()), but at least 10 s."""
+    return max(10.0, min(settings.timeout_s, settings.deadline - time.monotonic()))
+
+
 def run_logged(command: list[str], log: Path, timeout_s: float) -> dict:
     """Run a command from the repository root, its output (stdout and stderr) kept in `log`;
     after timeout_s its whole session (torchrun and its workers) is killed."""
@@ -159,7 +165,7 @@ def precision_run(precision: str, settings, workdir: Path) -> dict:
         *("--max_steps", steps, "--eval_every", steps, "--save_every", steps, "--log_every", "10"),
         *("--keep_last", "1", "--overwrite", *flags),
     )
-    return read_run(output_dir, run_logged(command, workdir / f"{precision}.log", settings.timeout_s))
+    return read_run(output_dir, run_logged(command, workdir / f"{precision}.log", timeout_of(settings)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ def torchrun_run(settings, workdir: Path) -> dict:
         *("--keep_last", "0", "--grad_accumulation_steps", "2", "--overwrite"),
         processes=1,
     )
-    run = read_run(output_dir, run_logged(command, workdir / "torchrun_1.log", settings.timeout_s))
+    run = read_run(output_dir, run_logged(command, workdir / "torchrun_1.log", timeout_of(settings)))
     run["halfway_checkpoint"] = str(output_dir / f"checkpoint-{steps // 2}")
     return run
 
@@ -209,7 +215,7 @@ def resume_run(settings, workdir: Path, first: dict, processes: int | None) -> d
         *("--grad_accumulation_steps", str(accumulate), "--resume", "auto"),
         processes=processes,
     )
-    return read_run(output_dir, run_logged(command, workdir / f"{name}.log", settings.timeout_s))
+    return read_run(output_dir, run_logged(command, workdir / f"{name}.log", timeout_of(settings)))
 
 
 # --------------------------------------------------------------------------------------------

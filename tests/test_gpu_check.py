@@ -82,7 +82,7 @@ def test_without_cuda_it_refuses_in_one_line_with_exit_2(script, tmp_path):
 def test_arguments_defaults_and_refusals(capsys):
     args = gpu_check.parse_args([])
     assert Path(args.output) == REPO / "outputs" / "gpu_check.json"
-    assert (args.steps, args.quick, args.allow_cpu, args.time_limit_s) == (None, False, False, 480.0)
+    assert (args.steps, args.quick, args.allow_cpu, args.time_limit_s) == (None, False, False, 420.0)
     assert Path(args.fasta) == data.SHIPPED_ANTIBODIES
     args = gpu_check.parse_args(["--steps", "50", "--quick", "--time_limit_s", "90", "--output", "x.json"])
     assert (args.steps, args.quick, args.time_limit_s, args.output) == (50, True, 90.0, "x.json")
@@ -416,6 +416,23 @@ def test_every_check_runs_for_real_on_the_cpu_with_allow_cpu(tmp_path):
     lines = result.stdout.splitlines()
     assert sum(line.split("] ", 1)[-1].startswith(("PASSED", "skipped")) for line in lines) == len(CHECKS)
     assert "skipped fp16: no CUDA" in result.stdout and lines[-1].startswith("gpu_check passed: 5 passed, 0 failed")
+
+
+def test_a_run_past_its_time_is_killed_with_its_session_and_the_time_left_bounds_every_run(tmp_path):
+    import time
+    from dataclasses import replace
+
+    sleeper = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])",
+    ]
+    result = gpu_check_runs.run_logged(sleeper, tmp_path / "sleep.log", timeout_s=2)
+    assert result["timed_out"] and result["returncode"] == -9 and result["seconds"] < 30
+    settings = gpu_check.settings_for(gpu_check.parse_args([]), cuda=True, gpus=1)
+    assert gpu_check_runs.timeout_of(settings) == settings.timeout_s == 300.0
+    assert 100 < gpu_check_runs.timeout_of(replace(settings, deadline=time.monotonic() + 120)) <= 120
+    assert gpu_check_runs.timeout_of(replace(settings, deadline=time.monotonic() - 5)) == 10.0
 
 
 def test_a_failed_run_is_read_back_with_its_error_and_no_numbers(tmp_path):
