@@ -53,3 +53,36 @@ def protbert_teacher_dir(tmp_path_factory) -> Path:
 def esm_teacher_dir(tmp_path_factory) -> Path:
     """A 2-layer, d=64 random EsmForMaskedLM with ESM-2's exact 33-token vocabulary."""
     return save_random_teacher(tmp_path_factory.mktemp("esm_teacher"), kind="esm2")
+
+
+@pytest.fixture(scope="session")
+def small_fasta(tmp_path_factory):
+    """120 real UniProt sequences, cropped to 60 residues so that a step takes milliseconds."""
+    return write_short_uniprot(tmp_path_factory.mktemp("data") / "small.fasta", 120, 60)
+
+
+def tiny_args(teacher_dir, fasta, output_dir, *extra):
+    """distill.py's arguments for a short run of the tiny student on `fasta`; `extra` comes last
+    (a repeated flag overrides)."""
+    return [
+        "--data_path",
+        str(fasta),
+        "--output_dir",
+        str(output_dir),
+        "--teacher_model",
+        str(teacher_dir),
+        *tiny_student(num_layers=2),
+        "--batch_size",
+        "16",
+        "--max_seq_len",
+        "64",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "2",
+        "--log_every",
+        "2",
+        "--seed",
+        "7",
+        *extra,
+    ]

@@ -12,42 +12,11 @@ import torch
 
 import distill
 from architecture import load_student
-from conftest import tiny_student, write_short_uniprot
+from conftest import tiny_args
 from pepemb.checkpoints import list_checkpoints
 from pepemb.cli import UserError
 from pepemb.devices import CPU_FP16
 from pepemb.schedule import budget_schedule
-
-
-@pytest.fixture(scope="module")
-def small_fasta(tmp_path_factory):
-    """120 real UniProt sequences, cropped to 60 residues so that a step takes milliseconds."""
-    return write_short_uniprot(tmp_path_factory.mktemp("data") / "small.fasta", 120, 60)
-
-
-def tiny_args(teacher_dir, fasta, output_dir, *extra):
-    return [
-        "--data_path",
-        str(fasta),
-        "--output_dir",
-        str(output_dir),
-        "--teacher_model",
-        str(teacher_dir),
-        *tiny_student(num_layers=2),
-        "--batch_size",
-        "16",
-        "--max_seq_len",
-        "64",
-        "--learning_rate",
-        "3e-3",
-        "--warmup_steps",
-        "2",
-        "--log_every",
-        "2",
-        "--seed",
-        "7",
-        *extra,
-    ]
 
 
 def read_metrics(output_dir):

@@ -17,7 +17,7 @@ import cache_teacher
 import distill
 import evaluate
 from architecture import load_student
-from conftest import tiny_student, write_short_uniprot
+from conftest import tiny_args
 from pepemb import training_step
 from pepemb.cli import UserError
 from pepemb.devices import CPU_FP16
@@ -26,37 +26,8 @@ from pepemb.teacher import CPU_BNB, load_teacher
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def small_fasta(tmp_path_factory):
-    """120 real UniProt sequences cut to 60 residues: 95 train, 12 val; 6 batches of 16 an epoch."""
-    return write_short_uniprot(tmp_path_factory.mktemp("data") / "small.fasta", 120, 60)
-
-
 def run_args(teacher_dir, fasta, output_dir, *extra):
-    return [
-        "--data_path",
-        str(fasta),
-        "--output_dir",
-        str(output_dir),
-        "--teacher_model",
-        str(teacher_dir),
-        *tiny_student(num_layers=2),
-        "--device",
-        "cpu",
-        "--batch_size",
-        "16",
-        "--max_seq_len",
-        "64",
-        "--learning_rate",
-        "3e-3",
-        "--warmup_steps",
-        "2",
-        "--log_every",
-        "1",
-        "--seed",
-        "7",
-        *extra,
-    ]
+    return tiny_args(teacher_dir, fasta, output_dir, "--device", "cpu", "--log_every", "1", *extra)
 
 
 def summary_of(output_dir):

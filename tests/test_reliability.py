@@ -1150,31 +1150,17 @@ def test_non_finite_losses_in_a_row_stop_the_run_and_keep_the_last_checkpoint(
 ):
     out = shutil.copytree(trained_run, tmp_path / "run")
     before = snapshot(out)
-    argv = [
-        "--data_path",
-        str(trained_run.parent / "data"),
-        "--output_dir",
-        str(out),
-        "--teacher_model",
-        str(nan_teacher_dir),
-        *TINY_STUDENT,
-        "--batch_size",
-        "16",
+    argv = trained_run_argv(
+        trained_run.parent / "data",
+        out,
+        nan_teacher_dir,
         "--max_steps",
         "100",
-        "--save_every",
-        "2",
-        "--eval_every",
-        "2",
-        "--keep_last",
-        "0",
-        "--log_every",
-        "1",
         "--resume",
         "auto",
         "--max_bad_steps",
         "2",
-    ]
+    )
     with pytest.warns(UserWarning, match="non-finite loss") as caught:
         with pytest.raises(SystemExit) as exit_info:
             cli.run(distill.main, argv)
