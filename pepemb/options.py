@@ -4,6 +4,8 @@ the benchmarks build theirs from the same groups, so that all read data, teacher
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from typing import TypeVar
 
 from architecture import StudentConfig
 from pepemb.cli import UserError
@@ -11,6 +13,8 @@ from pepemb.data import Masking, load_sequences
 from pepemb.losses import LossWeights
 from pepemb.schedule import Optimization
 from pepemb.teacher_targets import TeacherSource
+
+T = TypeVar("T")
 
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,15 +276,14 @@ def validate_shared_args(args) -> None:
         raise UserError(f"--dist_timeout must be positive (got {args.dist_timeout})")
 
 
+def from_args(settings: type[T], args) -> T:
+    """The dataclass `settings` filled from the arguments of the same names: each field is a flag."""
+    return settings(**{f.name: getattr(args, f.name) for f in fields(settings)})
+
+
 def masking(args) -> Masking:
     """The data arguments that decide batches and masks."""
-    return Masking(
-        max_seq_len=args.max_seq_len,
-        mask_prob=args.mask_prob,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-    )
+    return from_args(Masking, args)
 
 
 def training_sequences(args) -> tuple[list[str], list[str]]:
@@ -290,36 +293,17 @@ def training_sequences(args) -> tuple[list[str], list[str]]:
 
 def loss_weights(args) -> LossWeights:
     """The loss arguments: each term's weight and the temperature."""
-    return LossWeights(
-        temperature=args.temperature,
-        distill_weight=args.distill_weight,
-        task_weight=args.task_weight,
-        hidden_weight=args.hidden_weight,
-        embedding_weight=args.embedding_weight,
-    )
+    return from_args(LossWeights, args)
 
 
 def teacher_source(args) -> TeacherSource:
     """The teacher arguments: the model, how it is loaded, and the teacher cache."""
-    return TeacherSource(
-        teacher_model=args.teacher_model,
-        use_8bit=args.use_8bit,
-        trust_remote_code=args.trust_remote_code,
-        teacher_cache=args.teacher_cache,
-        mask_variants=args.mask_variants,
-        distill_positions=args.distill_positions,
-    )
+    return from_args(TeacherSource, args)
 
 
 def optimization(args) -> Optimization:
     """The optimisation arguments the optimizer and its schedule take."""
-    return Optimization(
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        scheduler=args.scheduler,
-        max_time=args.max_time,
-    )
+    return from_args(Optimization, args)
 
 
 def student_config(args, tokenizer, teacher_hidden_size: int | None = None) -> StudentConfig:
