@@ -745,6 +745,10 @@ def test_ctrl_c_outside_training_prints_interrupted_and_exits_130(script, inputs
         while not waiting():
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
             time.sleep(0.01)
+        # A signal that lands between Python's check for signals and the blocking read is only
+        # seen once the read returns, which here is never: send it once the process sleeps in it.
+        while not asleep_in_a_system_call(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -761,6 +765,15 @@ def test_ctrl_c_outside_training_prints_interrupted_and_exits_130(script, inputs
 
 def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def asleep_in_a_system_call(pid: int, settle_s: float = 0.05) -> bool:
+    """Whether the process's main thread sleeps, and still sleeps `settle_s` later (so it is in
+    the wait itself, not passing through a short sleep on the way to it)."""
+    if process_state(pid) != "S":
+        return False
+    time.sleep(settle_s)
+    return process_state(pid) == "S"
 
 
 def checkpoints_being_written(out: Path) -> list[str]:
