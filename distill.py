@@ -336,8 +336,6 @@ def train_loop(run: Run) -> str | None:
             if run.stopped_by or run.should_stop():
                 break
             position["epoch"], position["batch"] = epoch + 1, 0
-            if run.last_eval is None or run.last_eval[0] != position["step"]:
-                run.evaluate(position["step"])
         bar.close()
         if run.stop_signum:
             stop_on_signal(run, run.stop_signum)

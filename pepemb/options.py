@@ -194,7 +194,7 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation, checkpoints, monitoring")
     g.add_argument("--output_dir", default="checkpoints", help="checkpoints, metrics and plots go here")
-    g.add_argument("--eval_every", type=int, default=500, help="evaluate every N steps (and at each epoch end)")
+    g.add_argument("--eval_every", type=int, default=500, help="evaluate every N steps (and at step 0 and the end)")
     g.add_argument("--save_every", type=int, default=1000, help="write checkpoint-STEP/ every N steps")
     g.add_argument("--keep_last", type=int, default=3, help="keep only the newest N checkpoint-STEP folders")
     g.add_argument("--resume", default=None, help="'auto' (newest checkpoint in output_dir) or a checkpoint folder")
