@@ -47,11 +47,12 @@ from pathlib import Path
 import torch
 
 from architecture import Student, save_student
-from pepemb import checkpoints, cli, data, distributed, options
+from pepemb import checkpoints, cli, data, distributed, options, relations
 from pepemb.cli import UserError
 from pepemb.data import MaskedBatches
-from pepemb.devices import resolve_device, resolve_precision
+from pepemb.devices import compiled, resolve_device, resolve_precision
 from pepemb.distributed import World, all_reduce, barrier
+from pepemb.fidelity import residue_token_ids
 from pepemb.files import atomic_open
 from pepemb.losses import WINDOW_SUMS, new_window
 from pepemb.monitoring import RunLog, plot_training_curves, progress_line, seconds_left, start_wandb, train_record
@@ -84,7 +85,8 @@ def validate_args(args) -> None:
 
 def teacher_in_loss(args) -> bool:
     """Whether training reads the teacher; plain masked-LM training needs it for evaluation only."""
-    return args.distill_weight > 0 or args.hidden_weight > 0 or args.embedding_weight > 0
+    terms = ("distill_weight", "hidden_weight", "embedding_weight", "llr_weight", "relation_weight")
+    return any(getattr(args, name) > 0 for name in terms)
 
 
 def mask_variant(epoch: int, args) -> int:
@@ -161,7 +163,15 @@ class Run:
         """Validate, log the record, keep best_model/ when the validation loss improved."""
         t = self.trainer
         metrics = validate(
-            t.student, t.hidden_proj, self.val_teacher, self.val_set, t.weights, t.device, t.autocast_dtype, self.world
+            t.student,
+            t.hidden_proj,
+            self.val_teacher,
+            self.val_set,
+            t.weights,
+            t.device,
+            t.autocast_dtype,
+            self.world,
+            residue_ids=t.residue_ids,
         )
         self.log.write({"split": "val", "step": step, "epoch": self.position["epoch"], **metrics})
         if metrics["loss"] < self.position["best_val_loss"]:
@@ -222,6 +232,7 @@ def set_up(args, world: World, device: torch.device) -> Run:
     )
 
     trainer = set_up_optimization(args, student, hidden_proj, device, autocast_dtype, world, position, total_steps)
+    add_loss_inputs(trainer, args, tokenizer, targets.about["hidden_size"])
     run = Run(args, world, output_dir, targets, trainer, train_seqs, first_epoch, val_set, position, total_steps)
     if resume_from is not None:
         checkpoints.resume(resume_from, weights, state, trainer, position, run.batches_per_step)
@@ -246,6 +257,7 @@ def set_up_teacher(args, train_seqs, val_seqs, world: World, device, autocast_dt
         hidden_states=args.hidden_weight > 0,
         fill_cache=world.size == 1,
         embeddings=args.embedding_weight > 0,
+        relation_layer=options.relation_layers(args)[0] if args.relation_weight > 0 else None,
     )
     if args.teacher_cache and args.num_epochs < args.mask_variants:
         print(
@@ -276,9 +288,23 @@ def set_up_optimization(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     weights, kl, clip = options.loss_weights(args), args.distill_positions, args.max_grad_norm
-    return StudentTrainer(
+    trainer = StudentTrainer(
         student, hidden_proj, optimizer, scheduler, scaler, weights, kl, clip, device, autocast_dtype, world
     )
+    return trainer
+
+
+def add_loss_inputs(trainer: StudentTrainer, args, tokenizer, teacher_width: int) -> None:
+    """What the extra loss terms read besides the outputs: the 20 residues' token ids
+    (--llr_weight) and the hooks on the student layer whose q, k, v give its relations."""
+    if args.llr_weight > 0:
+        trainer.residue_ids = torch.tensor(residue_token_ids(tokenizer), device=trainer.device)
+    if args.relation_weight > 0:
+        try:
+            relations.relation_heads_check(args.relation_heads, args.d_model, teacher_width)
+            trainer.relations = relations.student_capture(trainer.student, options.relation_layers(args)[1])
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
 
 def set_up_outputs(run: Run, resumed: bool) -> None:
@@ -286,6 +312,8 @@ def set_up_outputs(run: Run, resumed: bool) -> None:
     args, world, trainer, about = run.args, run.world, run.trainer, run.targets.about
     # The teacher stays as it is on every rank: frozen, never wrapped.
     trainer.model = distributed.wrap_ddp(trainer.student, trainer.device, world)
+    if args.compile:  # the training forward only; validation and checkpoints use the student itself
+        trainer.model = compiled(trainer.model, trainer.student, args.max_seq_len)
     if world.size > 1:
         distributed.seed_dropout(args.seed, run.position["step"], world)
     barrier(world)  # every rank has read the output folder and checkpoint before rank 0 changes them

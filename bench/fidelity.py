@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"test chains for CKA and 10-NN overlap, as evaluate.py [{FULL['embedding_proteins']}; "
         f"--quick {QUICK['embedding_proteins']}]",
     )
+    p.add_argument(
+        "--score_steps",
+        default="",
+        help="comma-separated steps (1200,2400): also keep and score on the test split each run's checkpoint "
+        "at these steps, for a training-length curve (fidelity.json: 'along')",
+    )
     p.add_argument("--max_steps", type=int, default=None, help="also cap every run at this many steps (for testing)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where students and teacher run")
     p.add_argument("--rerun", action="store_true", help="run again the variants and budgets already in fidelity.json")
@@ -212,6 +218,14 @@ def resolve_args(args) -> argparse.Namespace:
         raise UserError(
             f"--train_sizes {args.train_sizes!r}: give chain counts or 'all' separated by commas, e.g. 500,2000,all"
         ) from None
+    try:
+        args.score_steps = sorted({int(s) for s in args.score_steps.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(
+            f"--score_steps {args.score_steps!r}: give step counts separated by commas, e.g. 1200,2400"
+        ) from None
+    if any(s <= 0 for s in args.score_steps):
+        raise UserError("--score_steps: steps must be positive")
     if not args.train_sizes or any(n is not None and n < args.batch_size for n in args.train_sizes):
         raise UserError(f"--train_sizes: give sizes of at least --batch_size ({args.batch_size}) chains, or 'all'")
     if args.jobs > 1 and any(b.minutes is not None for b in args.budgets):
@@ -293,7 +307,7 @@ def main(argv=None):
         for variant, size in {(v, n) for v, _, _, n in todo if v.cache == "prefilled"}:  # before any run, timed alone
             prefilled_cache(variant, size, args, data_dir, results["caches"])
         for record in trained(todo, args, data_dir, results["caches"]):
-            record = score(record, test_set)
+            record = score(record, test_set, args.score_steps)
             results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(record)] + [record]
             save_results(results, output_dir)
     save_results(results, output_dir)

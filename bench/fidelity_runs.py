@@ -8,6 +8,7 @@ Functions here take the benchmark's resolved arguments (fidelity.resolve_args) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -78,12 +79,21 @@ def distill_command(
         num_epochs=1000,
         eval_every=args.eval_every,
         log_every=5,
+        **checkpoint_flags(args.score_steps),
     )
     if cache_dir is not None:
         command += ["--teacher_cache", str(cache_dir)]
     if args.max_steps and budget.steps is None:
         command += ["--max_steps", str(args.max_steps)]
     return command
+
+
+def checkpoint_flags(score_steps: list[int]) -> dict:
+    """Keep every checkpoint at a multiple of the steps' greatest common divisor when checkpoints
+    along the run are scored; else only the last."""
+    if not score_steps:
+        return {}
+    return {"save_every": math.gcd(*score_steps), "keep_last": 0}
 
 
 def _cache_flags(args, data_dir: Path) -> list[str]:

@@ -97,11 +97,17 @@ class TestSet:
         }
 
 
-def score(record: dict, test_set: TestSet) -> dict:
-    """The record with its final checkpoint's scores on the test split."""
+def score(record: dict, test_set: TestSet, steps_along: list[int] = ()) -> dict:
+    """The record with its final checkpoint's scores on the test split, and in "along" those of
+    its checkpoints at `steps_along` before the last."""
     if "error" in record:
         return record
     record = {**record, "test": test_set.score(record["checkpoint"])}
+    folder = Path(record["checkpoint"]).parent
+    along = [s for s in sorted(steps_along) if s < record["steps"] and (folder / f"checkpoint-{s}").is_dir()]
+    if along:
+        record["along"] = [{"step": s, **test_set.score(folder / f"checkpoint-{s}")} for s in along]
+        record["along"].append({"step": record["steps"], **record["test"]})
     t = record["test"]
     print(
         f"  {record['variant']}, {Budget.of(record).label}, repeat {record.get('repeat', 1)}: {record['steps']} steps in "

@@ -26,7 +26,8 @@ class Variant:
     @property
     def teacher_in_loss(self) -> bool:
         """Whether training reads the teacher (else it only serves the validation agreement)."""
-        return self.loss[self.loss.index("--distill_weight") + 1] != "0" or "--hidden_weight" in self.loss
+        extra = ("--hidden_weight", "--llr_weight", "--relation_weight")
+        return self.loss[self.loss.index("--distill_weight") + 1] != "0" or any(f in self.loss for f in extra)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,18 @@ VARIANTS = {
             "kd at temperature 4, prefilled cache",
             ("--distill_weight", "0.9", "--task_weight", "0.1", "--temperature", "4"),
             cache="prefilled",
+        ),
+        Variant(
+            "kd-cache-llr",
+            "kd + 0.1 squared error of the 20 log-likelihood ratios at masked positions (--llr_weight), prefilled cache",
+            (*KD, "--llr_weight", "0.1"),
+            cache="prefilled",
+        ),
+        Variant(
+            "kd-relation",
+            "kd + MiniLMv2 q/k/v relations of the teacher's and the student's last layers, 8 relation heads "
+            "(--relation_weight 1), live teacher",
+            (*KD, "--relation_weight", "1"),
         ),
         Variant(
             "kd-cache-w0.5",

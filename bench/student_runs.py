@@ -64,10 +64,12 @@ def distill_command(
     num_epochs: int,
     eval_every: int,
     log_every: int,
+    save_every: int = 1_000_000,
+    keep_last: int = 1,
 ) -> list[str]:
     """A distill.py run of one student: `shared` (cache_flags and whatever else the run shares
     with a cache), the loss flags, the student's shape and schedule, the budget (--max_time or
-    --max_steps); only its last checkpoint is kept."""
+    --max_steps); by default only its last checkpoint is kept (keep_last 0: every one)."""
     return script_command(
         "distill.py",
         *shared,
@@ -93,9 +95,9 @@ def distill_command(
         "--log_every",
         str(log_every),
         "--save_every",
-        "1000000",
+        str(save_every),
         "--keep_last",
-        "1",
+        str(keep_last),
     )
 
 

@@ -1,4 +1,5 @@
-"""Where and in what precision models run: the device, the autocast dtype, the autocast context."""
+"""Where and in what precision models run: the device, the autocast dtype, the autocast context,
+and torch.compile of a student (--compile)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,11 @@ def resolve_precision(fp16: bool, bf16: bool, device: torch.device) -> torch.dty
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def compiled(model: torch.nn.Module, student: torch.nn.Module, max_length: int) -> torch.nn.Module:
+    """torch.compile(model) (the student, or a wrapper of it such as DDP's) for every batch shape
+    up to max_length positions: shapes are dynamic, and the student's rotary table is grown to
+    max_length first, since each growth of that buffer would otherwise recompile the graph."""
+    getattr(student, "_orig_mod", student).rotary(max_length)
+    return torch.compile(model, dynamic=True)

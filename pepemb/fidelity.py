@@ -166,7 +166,8 @@ def wild_type_columns(sequences: Sequence[str], sites: Sequence[Site]) -> np.nda
     return np.array(columns, dtype=np.int64)
 
 
-def _residue_token_ids(tokenizer: ResidueTokenizer) -> list[int]:
+def residue_token_ids(tokenizer: ResidueTokenizer) -> list[int]:
+    """The token ids of the 20 standard residues, in STANDARD_RESIDUES order."""
     missing = [a for a in STANDARD_RESIDUES if a not in tokenizer.vocab]
     if missing:
         raise ValueError(f"the vocabulary lacks the standard residues {''.join(missing)}")
@@ -206,7 +207,7 @@ def site_log_probs(
     """
     if max_len is not None and max_len < 3:
         raise ValueError(f"max_len must leave room for a residue and the start/end tokens, got {max_len}")
-    residue_ids = _residue_token_ids(tokenizer)
+    residue_ids = residue_token_ids(tokenizer)
     inputs, where = {}, []  # (protein, start, end, masked token or None) -> input number; per site (input, token)
     for protein, position in sites:
         sequence = sequences[protein]

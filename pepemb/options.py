@@ -24,7 +24,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     add_student_arguments(p)
     add_loss_arguments(p)
     add_optimisation_arguments(p)
-    add_device_arguments(p)
+    add_device_arguments(p, compile=True)
     add_output_arguments(p)
 
 
@@ -95,9 +95,11 @@ def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_device_arguments(p: argparse.ArgumentParser, *, training: bool = True, precision: bool = True):
+def add_device_arguments(
+    p: argparse.ArgumentParser, *, training: bool = True, precision: bool = True, compile: bool = False
+):
     """--device, and --fp16 / --bf16 with `precision`: every script's one declaration of them.
-    `training` adds the GradScaler to the help and --dist_timeout (torchrun)."""
+    `training` adds the GradScaler to the help and --dist_timeout (torchrun); `compile`, --compile."""
     g = p.add_argument_group("precision and device")
     g.add_argument(
         "--device",
@@ -105,6 +107,12 @@ def add_device_arguments(p: argparse.ArgumentParser, *, training: bool = True, p
         default="auto",
         help="where to run (auto: CUDA, else MPS, else CPU)",
     )
+    if compile:
+        g.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile the student (inductor: needs a C++ compiler; the first batches pay the compilation)",
+        )
     if precision and training:
         g.add_argument(
             "--fp16",
@@ -136,6 +144,13 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_layers", type=int, default=4, help="transformer blocks")
     g.add_argument("--d_ff", type=int, default=None, help="feed-forward size (default 4 x d_model)")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in the student")
+    g.add_argument(
+        "--attention_dropout",
+        type=float,
+        default=None,
+        help="dropout of the attention weights (default: --dropout); 0 keeps CPU attention on its fused "
+        "kernel, about 1.5x faster steps (docs/results.md)",
+    )
 
 
 def add_loss_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,6 +176,35 @@ def add_loss_arguments(p: argparse.ArgumentParser) -> None:
         help="weight of a loss that trains a linear map (saved with the student) from the student's "
         "per-protein embedding to the teacher's (mean last hidden state over residues): squared "
         "error over the teacher embeddings' variance, i.e. 1 - R^2; embed.py --space teacher uses it",
+    )
+    g.add_argument(
+        "--llr_weight",
+        type=float,
+        default=0.0,
+        help="weight of the squared error between student and teacher log-likelihood ratios "
+        "log p(a) - log p(wt) over the 20 residues at masked positions (what zero-shot scoring reads); "
+        "works from a teacher cache",
+    )
+    g.add_argument(
+        "--relation_weight",
+        type=float,
+        default=0.0,
+        help="weight of MiniLMv2 attention-relation distillation: KL of the q-q, k-k and v-v relations "
+        "of one teacher and one student layer (needs the live teacher: no --teacher_cache)",
+    )
+    g.add_argument(
+        "--relation_layers",
+        nargs=2,
+        type=int,
+        default=[-1, -1],
+        metavar=("TEACHER", "STUDENT"),
+        help="the teacher's and the student's layer whose relations --relation_weight matches (negative: from the last)",
+    )
+    g.add_argument(
+        "--relation_heads",
+        type=int,
+        default=8,
+        help="relation heads of --relation_weight: must divide the student's d_model and the teacher's hidden size",
     )
 
 
@@ -233,6 +277,8 @@ def validate_training_args(args) -> None:
         "task_weight",
         "hidden_weight",
         "embedding_weight",
+        "llr_weight",
+        "relation_weight",
     ]:
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative (got {getattr(args, name)})")
@@ -242,14 +288,22 @@ def validate_training_args(args) -> None:
         raise UserError(f"head size d_model/num_heads = {args.d_model // args.num_heads} must be even for RoPE")
     if args.temperature <= 0:
         raise UserError(f"--temperature must be > 0 (got {args.temperature})")
-    if args.distill_weight == 0 and args.task_weight == 0 and args.hidden_weight == 0 and args.embedding_weight == 0:
+    weights = ("distill_weight", "task_weight", "hidden_weight", "embedding_weight", "llr_weight", "relation_weight")
+    if all(getattr(args, name) == 0 for name in weights):
         raise UserError("all loss weights are 0: set --distill_weight and/or --task_weight")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    for name in ("dropout", "attention_dropout"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
     if args.learning_rate <= 0:
         raise UserError(f"--learning_rate must be > 0 (got {args.learning_rate})")
     if args.teacher_cache and args.hidden_weight > 0:
         raise UserError("--teacher_cache stores logits only; drop --hidden_weight or the cache")
+    if args.teacher_cache and args.relation_weight > 0:
+        raise UserError("--relation_weight needs the live teacher's attention projections; drop --teacher_cache")
+    if args.relation_weight > 0:
+        relation_layers(args)
+        if args.relation_heads <= 0 or args.d_model % args.relation_heads:
+            raise UserError(f"--relation_heads {args.relation_heads} does not divide --d_model {args.d_model}")
 
 
 def validate_shared_args(args) -> None:
@@ -296,6 +350,14 @@ def loss_weights(args) -> LossWeights:
     return from_args(LossWeights, args)
 
 
+def relation_layers(args) -> tuple[int, int]:
+    """--relation_layers TEACHER STUDENT: the two layer indices, the student's checked."""
+    teacher, student = args.relation_layers
+    if not -args.num_layers <= student < args.num_layers:
+        raise UserError(f"--relation_layers: the student has {args.num_layers} layers; {student} is not one of them")
+    return teacher, student
+
+
 def teacher_source(args) -> TeacherSource:
     """The teacher arguments: the model, how it is loaded, and the teacher cache."""
     return from_args(TeacherSource, args)
@@ -316,5 +378,6 @@ def student_config(args, tokenizer, teacher_hidden_size: int | None = None) -> S
         num_layers=args.num_layers,
         d_ff=args.d_ff,
         dropout=args.dropout,
+        attention_dropout=args.attention_dropout,
         teacher_hidden_size=teacher_hidden_size,
     )

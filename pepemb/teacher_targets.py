@@ -12,6 +12,7 @@ from pepemb import data
 from pepemb.cli import UserError
 from pepemb.data import Masking
 from pepemb.progress import progress
+from pepemb.relations import teacher_capture
 from pepemb.teacher_cache import TeacherCache, data_hash, describe_teacher, run_settings
 
 
@@ -52,8 +53,16 @@ class TeacherTargets:
         about: dict,
         output_hidden_states: bool = False,
         max_seq_len: int | None = None,
+        relation_layer: int | None = None,
     ):
         self.teacher, self.cache, self.tokenizer, self.about = teacher, cache, tokenizer, about
+        # --relation_weight: the live teacher's q, k, v of one layer, served as "relations"
+        self.relations = None
+        if relation_layer is not None:
+            try:
+                self.relations = teacher_capture(teacher.model, relation_layer)
+            except ValueError as err:
+                raise UserError(str(err)) from None
         self.output_hidden_states, self.max_seq_len = output_hidden_states, max_seq_len
         self.batches = {"live": 0, "cached": 0}
         self.embeddings: torch.Tensor | None = None  # [train + val, hidden], when the loss needs them
@@ -85,7 +94,8 @@ class TeacherTargets:
             self.cache.close()
 
     def __call__(self, batch: dict, variant: int) -> dict:
-        """{"logits": [B, L, V] float32} (+ "hidden_states" when asked) for a batch of this mask variant."""
+        """{"logits": [B, L, V] float32} (+ "hidden_states", "relations" when asked) for a batch
+        of this mask variant."""
         if self.cache is not None and self.cache.is_complete(variant):
             self.batches["cached"] += 1
             return self.add_embeddings({"logits": self.cache.read(variant, batch)}, batch, variant)
@@ -95,6 +105,8 @@ class TeacherTargets:
         out = self.teacher(batch["input_ids"], batch["attention_mask"], output_hidden_states=self.output_hidden_states)
         if self.cache is not None:
             out["logits"] = self.cache.write(variant, batch, out["logits"])
+        if self.relations is not None:  # copies outside inference mode, as Teacher's outputs
+            out["relations"] = tuple(x.to(torch.float32, copy=True) for x in self.relations.take())
         return self.add_embeddings(out, batch, variant)
 
 
@@ -120,13 +132,15 @@ def load_teacher_targets(
     hidden_states: bool = False,
     fill_cache: bool = True,
     embeddings: bool = False,
+    relation_layer: int | None = None,
 ) -> TeacherTargets:
     """Where this run's teacher outputs come from (with the last hidden states if asked). With
     the source's cache holding every mask variant in `variants`, the teacher is not loaded at all;
     otherwise it is, and with a cache the variants it lacks are written there as it computes them
     (unless not `fill_cache`: then a cache that lacks any is refused). With `embeddings` the
     targets also serve the teacher's per-protein embedding of each sequence, read from the cache
-    or computed once at the start (and stored in the cache). The targets' max_seq_len is
+    or computed once at the start (and stored in the cache); with `relation_layer`, the live
+    teacher's q, k and v of that layer (relations.teacher_capture). The targets' max_seq_len is
     masking.max_seq_len lowered to what the teacher takes: the crop the run must use."""
     cache = None
     if source.teacher_cache:
@@ -135,7 +149,7 @@ def load_teacher_targets(
             masking = replace(masking, max_seq_len=fit_max_seq_len(masking.max_seq_len, cache.teacher["max_positions"]))
         fingerprint = data_hash(train_seqs, val_seqs)
         cache.check(source.cache_settings(masking, fingerprint))
-        if cache.serves(variants) and (cache.has_embeddings or not embeddings):
+        if cache.serves(variants) and (cache.has_embeddings or not embeddings) and relation_layer is None:
             print(
                 f"teacher: {cache.teacher['name']} not loaded: its outputs for every mask variant of this run "
                 f"are in the teacher cache {source.teacher_cache}"
@@ -170,6 +184,7 @@ def load_teacher_targets(
         describe_teacher(teacher),
         output_hidden_states=hidden_states,
         max_seq_len=masking.max_seq_len,
+        relation_layer=relation_layer,
     )
     if embeddings:
         if cache is not None and cache.has_embeddings:

@@ -12,6 +12,7 @@ import torch
 from pepemb.devices import autocast
 from pepemb.distributed import SINGLE_PROCESS, World, average_gradients, gradient_sync
 from pepemb.losses import LossWeights, add_to_window, loss_terms, masked_metrics
+from pepemb.relations import ProjectionCapture
 
 
 def no_lap(phase: str) -> None:
@@ -23,8 +24,8 @@ class StudentTrainer:
     """A student and what trains it: the hidden-state projection (--hidden_weight), the
     optimizer, its schedule and gradient scaler, the loss weights and KL positions, the clipping
     norm (0: none), the device and autocast dtype (None: fp32) and this process's place in the
-    job. `model` is what the forward pass goes through: the student itself (the default) or its
-    DistributedDataParallel wrapper."""
+    job. `model` is what the forward pass goes through: the student itself (the default), its
+    DistributedDataParallel wrapper or its torch.compile'd form."""
 
     student: torch.nn.Module
     hidden_proj: torch.nn.Module | None
@@ -38,6 +39,8 @@ class StudentTrainer:
     autocast_dtype: torch.dtype | None = None
     world: World = SINGLE_PROCESS
     model: torch.nn.Module | None = None
+    residue_ids: torch.Tensor | None = None  # the 20 standard residues' token ids (--llr_weight)
+    relations: ProjectionCapture | None = None  # the student layer's q, k, v (--relation_weight)
 
     def __post_init__(self):
         if self.model is None:
@@ -89,6 +92,9 @@ def student_backward(
                 trainer.weights,
                 distill_positions=trainer.distill_positions,
                 t_embedding=t,
+                residue_ids=trainer.residue_ids,
+                student_qkv=trainer.relations.take() if trainer.relations is not None else None,
+                teacher_qkv=t.get("relations"),
             )
         lap("loss")
         # A non-finite loss goes backward too, to be dropped with its step by the caller:

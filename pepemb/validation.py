@@ -25,11 +25,14 @@ def validate(
     device,
     autocast_dtype,
     world: World = SINGLE_PROCESS,
+    residue_ids=None,
 ) -> dict:
     """Loss terms, masked accuracy (student and teacher), top-1 agreement with the teacher and
     perplexity on the validation split with fixed masks. `teacher_outputs(i, batch)` returns the
     teacher's (logits, last hidden states, targets with the embeddings) for validation batch i. Each rank evaluates every
-    world.size-th batch; the sums are all-reduced, so that every rank returns the same metrics."""
+    world.size-th batch; the sums are all-reduced, so that every rank returns the same metrics.
+    residue_ids: for the log-ratio term (--llr_weight); the relation term is not validated (the
+    teacher's validation outputs are logits replayed, without its attention projections)."""
     was_training = student.training
     student.eval()
     sums = dict.fromkeys([*TERMS, "n", "student_correct", "teacher_correct", "agree"], 0.0)
@@ -44,7 +47,15 @@ def validate(
             )
         t_logits, t_hidden, t_embedding = teacher_outputs(i, batch)
         terms = loss_terms(
-            out, hidden_proj, t_logits, t_hidden, batch, weights, distill_positions="masked", t_embedding=t_embedding
+            out,
+            hidden_proj,
+            t_logits,
+            t_hidden,
+            batch,
+            weights,
+            distill_positions="masked",
+            t_embedding=t_embedding,
+            residue_ids=residue_ids,
         )
         counts = masked_metrics(out["logits"], t_logits, batch["labels"])
         for k in TERMS:

@@ -321,3 +321,30 @@ def test_masked_lm_only_never_calls_the_teacher_in_training(protbert_teacher_dir
     train = [r for r in read_metrics(out) if r["split"] == "train"]
     assert all(r["agreement"] is None and r["kl"] == 0 for r in train)
     assert summary["final_val"]["agreement"] > 0  # evaluation still compares with the teacher
+
+
+@pytest.mark.slow  # two compilations of the student
+def test_compiled_training_checkpoints_resumes_and_trains_as_eager(protbert_teacher_dir, small_fasta, tmp_path):
+    # no dropout: inductor draws its dropout masks from its own generator, so eager and compiled
+    # runs would differ by their masks and not only by rounding
+    flags = ["--num_epochs", "1", "--max_steps", "6", "--save_every", "3", "--keep_last", "0", "--eval_every", "100"]
+    flags += ["--dropout", "0"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        runs[name] = tmp_path / name
+        distill.main(tiny_args(protbert_teacher_dir, small_fasta, runs[name], *flags, *extra))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(runs["compiled"] / "checkpoint-3", resumed / "checkpoint-3")
+    distill.main(tiny_args(protbert_teacher_dir, small_fasta, resumed, *flags, "--compile", "--resume", "auto"))
+    final = {name: load_student(path / "checkpoint-6").model.state_dict() for name, path in runs.items()}
+    final["resumed"] = load_student(resumed / "checkpoint-6").model.state_dict()
+    assert final["eager"].keys() == final["compiled"].keys() == final["resumed"].keys()  # no _orig_mod. prefix
+    for name, weight in final["compiled"].items():
+        # compiled kernels round differently from eager ones; a resumed compiled run matches its twin
+        assert torch.allclose(weight, final["eager"][name], atol=1e-4), name
+        assert torch.allclose(weight, final["resumed"][name], atol=1e-6), name
+    assert not torch.equal(
+        final["compiled"]["embed_tokens.weight"],
+        load_student(runs["compiled"] / "checkpoint-3").model.state_dict()["embed_tokens.weight"],
+    )

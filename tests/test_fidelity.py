@@ -121,6 +121,20 @@ def test_step_budgets_run_side_by_side_and_join_the_results(quick_run):
 
 
 @pytest.mark.slow
+def test_checkpoints_along_a_run_are_kept_and_scored(quick_run):
+    output_dir, _ = quick_run
+    argv = ["--quick", "--variants", "kd-cache", "--budgets", "4steps", "--score_steps", "2"]
+    fidelity.main([*argv, "--max_steps", str(STEPS), "--output_dir", str(output_dir)])
+    runs = json.loads((output_dir / "fidelity.json").read_text())["runs"]
+    run = next(r for r in runs if r["variant"] == "kd-cache" and r["budget_steps"] == 4)
+    assert "--save_every 2 --keep_last 0" in run["command"]
+    assert [a["step"] for a in run["along"]] == [2, 4] and run["along"][-1] == {"step": 4, **run["test"]}
+    # the step-2 scores are checkpoint-2's own, not the final ones again
+    assert run["along"][0]["kl"] != run["along"][1]["kl"]
+    assert run["along"][0]["masked_tokens"] == run["test"]["masked_tokens"]
+
+
+@pytest.mark.slow
 def test_results_made_otherwise_are_refused(quick_run):
     output_dir, _ = quick_run
     with pytest.raises(UserError, match="other settings"):
