@@ -356,3 +356,21 @@ def test_damaged_exported_folder_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     _reject(tmp_path, "unreadable exported student")
+
+
+def test_attention_dropout_is_set_apart_from_dropout(tokenizer):
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3]])
+
+    def two_training_passes(**dropouts):
+        student = tiny_student(tokenizer, **dropouts).train()
+        return [student(ids)["logits"] for _ in range(2)]
+
+    # only the attention weights dropped: two passes in training mode differ; with it at 0, they match
+    a, b = two_training_passes(dropout=0.0, attention_dropout=0.5)
+    assert not torch.allclose(a, b)
+    a, b = two_training_passes(dropout=0.0, attention_dropout=0.0)
+    assert torch.equal(a, b)
+    default = tiny_student(tokenizer, dropout=0.3)  # None: the attention weights take --dropout
+    assert default.blocks[0].attn.dropout == 0.3 and tiny_student(tokenizer).config.attention_dropout is None
+    kept = tiny_student(tokenizer, dropout=0.3, attention_dropout=0.0)
+    assert kept.blocks[0].attn.dropout == 0.0 and kept.blocks[0].ffn[3].p == 0.3
