@@ -288,10 +288,9 @@ def set_up_optimization(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     weights, kl, clip = options.loss_weights(args), args.distill_positions, args.max_grad_norm
-    trainer = StudentTrainer(
+    return StudentTrainer(
         student, hidden_proj, optimizer, scheduler, scaler, weights, kl, clip, device, autocast_dtype, world
     )
-    return trainer
 
 
 def add_loss_inputs(trainer: StudentTrainer, args, tokenizer, teacher_width: int) -> None:
@@ -301,7 +300,7 @@ def add_loss_inputs(trainer: StudentTrainer, args, tokenizer, teacher_width: int
         trainer.residue_ids = torch.tensor(residue_token_ids(tokenizer), device=trainer.device)
     if args.relation_weight > 0:
         try:
-            relations.relation_heads_check(args.relation_heads, args.d_model, teacher_width)
+            relations.relation_heads_check(args.relation_heads, teacher_width, "the teacher's hidden size")
             trainer.relations = relations.student_capture(trainer.student, options.relation_layers(args)[1])
         except ValueError as err:
             raise UserError(str(err)) from None

@@ -40,6 +40,15 @@ from pepemb import cli, data  # noqa: E402
 from pepemb.speed import measure_speed  # noqa: E402
 
 SPEED_BATCHES, BATCH = 8, 32
+MEASURES = (  # the test scores a row copies
+    "masked_acc",
+    "agreement",
+    "mutation_spearman",
+    "mutation_spearman_within_position",
+    "cka",
+    "knn_overlap",
+    "teacher_masked_acc",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,17 +92,6 @@ def rows_of(results: dict, source: Path) -> list[dict]:
                 }
             )
     return rows
-
-
-MEASURES = (
-    "masked_acc",
-    "agreement",
-    "mutation_spearman",
-    "mutation_spearman_within_position",
-    "cka",
-    "knn_overlap",
-    "teacher_masked_acc",
-)
 
 
 def inference_speed(checkpoint: str, test_fasta: Path) -> dict:

@@ -59,5 +59,5 @@ def compiled(model: torch.nn.Module, student: torch.nn.Module, max_length: int) 
     """torch.compile(model) (the student, or a wrapper of it such as DDP's) for every batch shape
     up to max_length positions: shapes are dynamic, and the student's rotary table is grown to
     max_length first, since each growth of that buffer would otherwise recompile the graph."""
-    getattr(student, "_orig_mod", student).rotary(max_length)
+    student.rotary(max_length)
     return torch.compile(model, dynamic=True)

@@ -8,6 +8,7 @@ from dataclasses import fields
 from typing import TypeVar
 
 from architecture import StudentConfig
+from pepemb import relations
 from pepemb.cli import UserError
 from pepemb.data import Masking, load_sequences
 from pepemb.losses import LossWeights
@@ -302,8 +303,10 @@ def validate_training_args(args) -> None:
         raise UserError("--relation_weight needs the live teacher's attention projections; drop --teacher_cache")
     if args.relation_weight > 0:
         relation_layers(args)
-        if args.relation_heads <= 0 or args.d_model % args.relation_heads:
-            raise UserError(f"--relation_heads {args.relation_heads} does not divide --d_model {args.d_model}")
+        try:
+            relations.relation_heads_check(args.relation_heads, args.d_model, "--d_model")
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
 
 def validate_shared_args(args) -> None:

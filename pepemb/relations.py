@@ -54,7 +54,7 @@ class ProjectionCapture:
 
 def student_capture(student: nn.Module, layer: int) -> ProjectionCapture:
     """Hooks on block `layer` (negative: from the last) of an architecture.Student."""
-    blocks = getattr(student, "_orig_mod", student).blocks
+    blocks = student.blocks
     return ProjectionCapture(fused=blocks[_layer_index(layer, len(blocks), "student")].attn.qkv)
 
 
@@ -100,8 +100,7 @@ def relation_loss(student_qkv, teacher_qkv, attention_mask: torch.Tensor, heads:
     return total
 
 
-def relation_heads_check(heads: int, student_width: int, teacher_width: int) -> None:
-    """--relation_heads must divide both widths."""
-    for whose, width in (("student's d_model", student_width), ("teacher's hidden size", teacher_width)):
-        if heads <= 0 or width % heads:
-            raise ValueError(f"--relation_heads {heads} does not divide the {whose} ({width})")
+def relation_heads_check(heads: int, width: int, what: str) -> None:
+    """--relation_heads must divide the width of both sides (`what` names the one checked)."""
+    if heads <= 0 or width % heads:
+        raise ValueError(f"--relation_heads {heads} does not divide {what} ({width})")
